@@ -1,0 +1,661 @@
+//! The local executor: walks a [`Plan`] in dependency order on a tokio runtime, answers cached
+//! stages from the action cache, runs the rest on blocking threads within resource slots (CPU
+//! threads, GPU ids), commits each finished stage atomically, and records the run.
+
+use crate::artifact::{Artifact, Digest};
+use crate::key::stage_key;
+use crate::kind::{InputRef, ProgressSink, Registry, StageCtx, StageError, Task, TaskStore};
+use crate::plan::Plan;
+use crate::store::{
+    now_ms, ActionRecord, RunRecord, RunState, StageRunRecord, StageState, Store, StoreError,
+};
+use serde::Serialize;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// CPU thread slots shared by running stages.
+    pub jobs: usize,
+    /// GPU ordinals stages may be given.
+    pub gpus: Vec<u32>,
+    /// Keep running independent stages after a failure (default: stop launching).
+    pub keep_going: bool,
+    /// Extra attempts for failures a stage marks transient.
+    pub retries: u32,
+    /// First retry delay; doubles per attempt.
+    pub backoff: Duration,
+    /// Re-hash cached outputs before trusting them.
+    pub verify_cached: bool,
+    /// Run only these stage paths (and what they need); all when empty.
+    pub only: Vec<String>,
+    /// Install a Ctrl-C handler: first press stops launching and asks running stages to stop
+    /// at their next safe point; a second press exits at once (commits are atomic).
+    pub handle_ctrl_c: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            jobs: std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+            gpus: vec![],
+            keep_going: false,
+            retries: 2,
+            backoff: Duration::from_millis(500),
+            verify_cached: true,
+            only: vec![],
+            handle_ctrl_c: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct FailedStage {
+    pub stage: String,
+    pub error: String,
+    pub log_tail: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct RunSummary {
+    pub run: u64,
+    pub state: RunState,
+    pub executed: Vec<String>,
+    pub cached: Vec<String>,
+    pub failed: Vec<FailedStage>,
+    pub skipped: Vec<String>,
+    /// Cached results found corrupt and recomputed.
+    pub recomputed_corrupt: Vec<String>,
+    pub seconds: f64,
+}
+
+/// Adapts the store to what a running stage may do with it.
+pub struct StoreAccess(pub Arc<Store>);
+
+impl TaskStore for StoreAccess {
+    fn get_artifact(&self, digest: &Digest) -> anyhow::Result<Artifact> {
+        Ok(self.0.get_artifact(digest)?)
+    }
+    fn save_checkpoint(&self, key: &Digest, bytes: &[u8]) -> anyhow::Result<()> {
+        Ok(self.0.save_checkpoint(key, bytes)?)
+    }
+    fn load_checkpoint(&self, key: &Digest) -> anyhow::Result<Option<Vec<u8>>> {
+        Ok(self.0.load_checkpoint(key)?)
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Slot {
+    Waiting,
+    Ready,
+    /// Waiting out a retry backoff.
+    Delayed(Instant),
+    Running,
+    Done(BTreeMap<String, Digest>),
+    Failed,
+    Skipped,
+}
+
+enum Next {
+    Released(Vec<usize>),
+    RetryAt(Instant),
+    Nothing,
+}
+
+struct Finished {
+    index: usize,
+    result: Result<(), StageError>,
+    log_tail: Vec<String>,
+    cpus: usize,
+    gpus: Vec<u32>,
+    outputs: BTreeMap<String, Digest>,
+}
+
+/// Runs the plan to completion (or failure, or cancellation) and records it in the store.
+pub fn run_plan(
+    plan: &Plan,
+    registry: &Registry,
+    store: Arc<Store>,
+    options: &RunOptions,
+    progress: Arc<dyn ProgressSink>,
+    cancel: Arc<AtomicBool>,
+) -> anyhow::Result<RunSummary> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .max_blocking_threads(options.jobs.max(1) + options.gpus.len() + 2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(Executor::new(plan, registry, store, options, progress, cancel)?.run())
+}
+
+struct Executor<'a> {
+    plan: &'a Plan,
+    registry: &'a Registry,
+    store: Arc<Store>,
+    options: &'a RunOptions,
+    progress: Arc<dyn ProgressSink>,
+    cancel: Arc<AtomicBool>,
+    slots: Vec<Slot>,
+    records: Vec<StageRunRecord>,
+    dirty: Vec<usize>,
+    waiting_on: Vec<usize>,
+    dependents: Vec<Vec<usize>>,
+    attempts: Vec<u32>,
+    summary: RunSummary,
+    run: RunRecord,
+    stop_launching: bool,
+}
+
+impl<'a> Executor<'a> {
+    fn new(
+        plan: &'a Plan,
+        registry: &'a Registry,
+        store: Arc<Store>,
+        options: &'a RunOptions,
+        progress: Arc<dyn ProgressSink>,
+        cancel: Arc<AtomicBool>,
+    ) -> anyhow::Result<Self> {
+        let n = plan.stages.len();
+        let mut wanted = vec![options.only.is_empty(); n];
+        for path in &options.only {
+            let i = plan
+                .find(path)
+                .ok_or_else(|| anyhow::anyhow!("no stage '{path}' in the plan"))?;
+            wanted[i] = true;
+        }
+        // Everything a wanted stage needs is wanted too (reverse topological walk).
+        for i in (0..n).rev() {
+            if wanted[i] {
+                for edges in plan.stages[i].inputs.values() {
+                    for e in edges {
+                        wanted[e.from] = true;
+                    }
+                }
+            }
+        }
+        let mut dependents = vec![vec![]; n];
+        let mut waiting_on = vec![0; n];
+        for (i, s) in plan.stages.iter().enumerate() {
+            let mut ups: Vec<usize> = s.inputs.values().flatten().map(|e| e.from).collect();
+            ups.sort_unstable();
+            ups.dedup();
+            waiting_on[i] = ups.len();
+            for u in ups {
+                dependents[u].push(i);
+            }
+        }
+        let records: Vec<StageRunRecord> = plan
+            .stages
+            .iter()
+            .map(|s| StageRunRecord::pending(&s.path, &s.kind))
+            .collect();
+        let kept: Vec<StageRunRecord> = records
+            .iter()
+            .zip(&wanted)
+            .filter(|(_, w)| **w)
+            .map(|(r, _)| r.clone())
+            .collect();
+        let run = store.begin_run(&plan.manifest, plan.manifest_digest, &kept)?;
+        let slots = (0..n)
+            .map(|i| {
+                if !wanted[i] {
+                    Slot::Skipped
+                } else if waiting_on[i] == 0 {
+                    Slot::Ready
+                } else {
+                    Slot::Waiting
+                }
+            })
+            .collect();
+        Ok(Executor {
+            plan,
+            registry,
+            store,
+            options,
+            progress,
+            cancel,
+            slots,
+            records,
+            dirty: vec![],
+            waiting_on,
+            dependents,
+            attempts: vec![0; n],
+            summary: RunSummary {
+                run: run.id,
+                state: RunState::Running,
+                executed: vec![],
+                cached: vec![],
+                failed: vec![],
+                skipped: vec![],
+                recomputed_corrupt: vec![],
+                seconds: 0.0,
+            },
+            run,
+            stop_launching: false,
+        })
+    }
+
+    fn flush(&mut self) -> anyhow::Result<()> {
+        if self.dirty.is_empty() {
+            return Ok(());
+        }
+        self.dirty.sort_unstable();
+        self.dirty.dedup();
+        let batch: Vec<StageRunRecord> = self
+            .dirty
+            .drain(..)
+            .map(|i| self.records[i].clone())
+            .collect();
+        self.store.put_stage_runs(self.run.id, &batch)?;
+        Ok(())
+    }
+
+    /// Marks `i`'s dependents one input closer; returns those now ready.
+    fn release_dependents(&mut self, i: usize) -> Vec<usize> {
+        let mut now_ready = vec![];
+        for d in self.dependents[i].clone() {
+            self.waiting_on[d] -= 1;
+            if self.waiting_on[d] == 0 && self.slots[d] == Slot::Waiting {
+                self.slots[d] = Slot::Ready;
+                now_ready.push(d);
+            }
+        }
+        now_ready
+    }
+
+    /// The task for a ready stage: its inputs resolved to digests and its key.
+    fn task(&self, i: usize) -> Task {
+        let stage = &self.plan.stages[i];
+        let mut inputs = BTreeMap::new();
+        let mut digests = BTreeMap::new();
+        for (name, edges) in &stage.inputs {
+            let refs: Vec<InputRef> = edges
+                .iter()
+                .map(|e| {
+                    let Slot::Done(outputs) = &self.slots[e.from] else {
+                        unreachable!("inputs are done before a stage is ready")
+                    };
+                    InputRef {
+                        stage: self.plan.stages[e.from].path.clone(),
+                        output: e.output.clone(),
+                        digest: outputs[&e.output],
+                    }
+                })
+                .collect();
+            digests.insert(name.clone(), refs.iter().map(|r| r.digest).collect());
+            inputs.insert(name.clone(), refs);
+        }
+        Task {
+            key: stage_key(&stage.kind, &stage.version, &stage.params, &digests),
+            kind: stage.kind.clone(),
+            stage: stage.path.clone(),
+            params: stage.params.clone(),
+            inputs,
+            attempt: self.attempts[i],
+        }
+    }
+
+    /// The action cache's answer for a key, verified; a corrupt entry is forgotten.
+    fn cached_outputs(
+        &mut self,
+        i: usize,
+        key: &Digest,
+    ) -> anyhow::Result<Option<BTreeMap<String, Digest>>> {
+        let Some(action) = self.store.action(key)? else {
+            return Ok(None);
+        };
+        for digest in action.outputs.values() {
+            let check = if self.options.verify_cached {
+                self.store.verify_artifact(digest)
+            } else {
+                self.store
+                    .artifact_record(digest)
+                    .and_then(|r| r.map(|_| ()).ok_or(StoreError::NotFound(digest.hex())))
+            };
+            if let Err(e) = check {
+                let path = &self.plan.stages[i].path;
+                tracing::warn!("cached result of {path} is unusable ({e}); recomputing");
+                self.progress
+                    .log(path, &format!("cached result unusable ({e}); recomputing"));
+                self.summary.recomputed_corrupt.push(path.clone());
+                self.store.forget_action(key)?;
+                return Ok(None);
+            }
+        }
+        Ok(Some(action.outputs))
+    }
+
+    async fn run(mut self) -> anyhow::Result<RunSummary> {
+        let started = Instant::now();
+        if self.options.handle_ctrl_c {
+            let cancel = self.cancel.clone();
+            tokio::spawn(async move {
+                while tokio::signal::ctrl_c().await.is_ok() {
+                    if cancel.swap(true, Ordering::SeqCst) {
+                        eprintln!("interrupted again: exiting now (committed stages are kept)");
+                        std::process::exit(130);
+                    }
+                    eprintln!("interrupt: no new stages; running ones stop at their next checkpoint (Ctrl-C again to exit now)");
+                }
+            });
+        }
+        let n = self.plan.stages.len();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Finished>();
+        let mut free_cpus = self.options.jobs.max(1);
+        let mut free_gpus: VecDeque<u32> = self.options.gpus.iter().copied().collect();
+        let mut running = 0usize;
+        let mut last_flush = Instant::now();
+
+        // Stages whose inputs are done, not yet looked up in the action cache.
+        let mut ready: VecDeque<usize> = (0..n).filter(|&i| self.slots[i] == Slot::Ready).collect();
+        // Cache misses waiting for a resource slot, in plan order.
+        let mut queued: VecDeque<(usize, Task)> = VecDeque::new();
+        let mut delayed: Vec<(Instant, usize)> = vec![];
+
+        loop {
+            let cancelled = self.cancel.load(Ordering::Relaxed);
+            let now = Instant::now();
+            delayed.retain(|&(at, i)| {
+                if at <= now {
+                    ready.push_back(i);
+                    false
+                } else {
+                    true
+                }
+            });
+            while let Some(i) = ready.pop_front() {
+                let task = self.task(i);
+                self.records[i].key = Some(task.key);
+                if let Some(outputs) = self.cached_outputs(i, &task.key)? {
+                    self.records[i].state = StageState::Cached;
+                    self.records[i].outputs = outputs.clone();
+                    self.dirty.push(i);
+                    self.summary.cached.push(task.stage.clone());
+                    self.progress
+                        .stage_finished(&task.stage, StageState::Cached);
+                    self.slots[i] = Slot::Done(outputs);
+                    for d in self.release_dependents(i) {
+                        ready.push_back(d);
+                    }
+                } else {
+                    queued.push_back((i, task));
+                }
+            }
+            // Launch queued stages in order while slots are free (no overtaking, so a
+            // big stage is not starved by small ones).
+            while !cancelled && !self.stop_launching {
+                let Some((i, _)) = queued.front() else { break };
+                let i = *i;
+                let stage = &self.plan.stages[i];
+                let want_cpus =
+                    (stage.resources.cpus.max(1) as usize).min(self.options.jobs.max(1));
+                let want_gpus = stage.resources.gpus as usize;
+                if want_gpus > self.options.gpus.len() {
+                    queued.pop_front();
+                    let have = self.options.gpus.len();
+                    self.fail(
+                        i,
+                        format!(
+                            "stage needs {want_gpus} GPU(s) but the run has {have} (pass --gpus)"
+                        ),
+                        vec![],
+                    );
+                    continue;
+                }
+                if want_cpus > free_cpus || want_gpus > free_gpus.len() {
+                    break;
+                }
+                let (i, task) = queued.pop_front().expect("front exists");
+                free_cpus -= want_cpus;
+                let gpus: Vec<u32> = free_gpus.drain(..want_gpus).collect();
+                self.slots[i] = Slot::Running;
+                running += 1;
+                let record = &mut self.records[i];
+                record.state = StageState::Running;
+                record.started_ms = Some(now_ms());
+                record.attempt = task.attempt;
+                record.worker = Some(worker_name(&gpus));
+                self.dirty.push(i);
+                self.spawn(i, task, want_cpus, gpus, tx.clone());
+            }
+            if now.duration_since(last_flush) > Duration::from_millis(250) {
+                self.flush()?;
+                last_flush = Instant::now();
+            }
+            let stopping = cancelled || self.stop_launching;
+            if running == 0 && (stopping || (queued.is_empty() && delayed.is_empty())) {
+                break;
+            }
+            // Wait for a stage to finish, or a tick (delayed retries, cancellation, flushing).
+            let finished = tokio::select! {
+                f = rx.recv() => f,
+                _ = tokio::time::sleep(Duration::from_millis(100)) => None,
+            };
+            if let Some(f) = finished {
+                running -= 1;
+                free_cpus += f.cpus;
+                free_gpus.extend(f.gpus.iter().copied());
+                let i = f.index;
+                match self.finish(f) {
+                    Next::Released(ds) => ready.extend(ds),
+                    Next::RetryAt(at) => delayed.push((at, i)),
+                    Next::Nothing => {}
+                }
+            }
+        }
+
+        let cancelled = self.cancel.load(Ordering::Relaxed);
+        for i in 0..n {
+            if matches!(
+                self.slots[i],
+                Slot::Waiting | Slot::Ready | Slot::Delayed(_)
+            ) {
+                // Includes queued cache misses never launched (their slot is still Ready).
+                self.slots[i] = Slot::Skipped;
+                self.records[i].state = StageState::Skipped;
+                self.dirty.push(i);
+                self.summary.skipped.push(self.plan.stages[i].path.clone());
+            }
+        }
+        self.flush()?;
+        self.summary.state = if !self.summary.failed.is_empty() {
+            RunState::Failed
+        } else if cancelled && !self.summary.skipped.is_empty() {
+            RunState::Cancelled
+        } else {
+            RunState::Succeeded
+        };
+        self.run.state = self.summary.state;
+        self.run.ended_ms = Some(now_ms());
+        self.run.error = self
+            .summary
+            .failed
+            .first()
+            .map(|f| format!("{}: {}", f.stage, f.error));
+        self.store.update_run(&self.run)?;
+        self.summary.seconds = started.elapsed().as_secs_f64();
+        Ok(self.summary)
+    }
+
+    fn spawn(
+        &self,
+        i: usize,
+        task: Task,
+        cpus: usize,
+        gpus: Vec<u32>,
+        tx: tokio::sync::mpsc::UnboundedSender<Finished>,
+    ) {
+        let kind = self
+            .registry
+            .get(&task.kind)
+            .expect("planned kinds exist")
+            .clone();
+        let store = self.store.clone();
+        let progress = self.progress.clone();
+        let cancel = self.cancel.clone();
+        let run_id = self.run.id;
+        let version = self.plan.stages[i].version.clone();
+        let mut record = self.records[i].clone();
+        tokio::task::spawn_blocking(move || {
+            let started_ms = now_ms();
+            let access = StoreAccess(store.clone());
+            let mut ctx = StageCtx::new(
+                &task,
+                &access,
+                progress.as_ref(),
+                cancel,
+                cpus,
+                gpus.clone(),
+            );
+            let outcome =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| kind.run(&mut ctx)))
+                    .unwrap_or_else(|panic| {
+                        let msg = panic
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                            .unwrap_or_else(|| "unknown panic".into());
+                        Err(StageError::Fatal(anyhow::anyhow!("stage panicked: {msg}")))
+                    });
+            let log_tail = ctx.log_tail().to_vec();
+            let mut outputs = BTreeMap::new();
+            let result = outcome.and_then(|artifacts| {
+                let names = kind.outputs();
+                if artifacts.len() != names.len() {
+                    return Err(StageError::Fatal(anyhow::anyhow!(
+                        "stage kind '{}' returned {} outputs, declared {}",
+                        task.kind,
+                        artifacts.len(),
+                        names.len()
+                    )));
+                }
+                for (name, a) in names.iter().zip(&artifacts) {
+                    outputs.insert(name.to_string(), a.digest());
+                }
+                let ended = now_ms();
+                let action = ActionRecord {
+                    key: task.key,
+                    kind: task.kind.clone(),
+                    version,
+                    stage: task.stage.clone(),
+                    params: task.params.clone(),
+                    inputs: task
+                        .inputs
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.iter().map(|r| r.digest).collect()))
+                        .collect(),
+                    outputs: outputs.clone(),
+                    run: run_id,
+                    worker: worker_name(&gpus),
+                    attempt: task.attempt,
+                    started_ms,
+                    duration_ms: ended.saturating_sub(started_ms),
+                    log_tail: log_tail.clone(),
+                };
+                record.state = StageState::Succeeded;
+                record.ended_ms = Some(ended);
+                record.outputs = outputs.clone();
+                record.log_tail = log_tail.clone();
+                store
+                    .commit_stage(&action, &artifacts, &record)
+                    .map_err(|e| StageError::Transient(e.into()))
+            });
+            let _ = tx.send(Finished {
+                index: i,
+                result,
+                log_tail,
+                cpus,
+                gpus,
+                outputs,
+            });
+        });
+    }
+
+    fn fail(&mut self, i: usize, error: String, log_tail: Vec<String>) {
+        let path = self.plan.stages[i].path.clone();
+        self.slots[i] = Slot::Failed;
+        let record = &mut self.records[i];
+        record.state = StageState::Failed;
+        record.ended_ms = Some(now_ms());
+        record.error = Some(error.clone());
+        record.log_tail = log_tail.clone();
+        self.dirty.push(i);
+        self.progress.log(&path, &format!("FAILED: {error}"));
+        self.progress.stage_finished(&path, StageState::Failed);
+        self.summary.failed.push(FailedStage {
+            stage: path,
+            error,
+            log_tail,
+        });
+        if !self.options.keep_going {
+            self.stop_launching = true;
+        }
+    }
+
+    fn finish(&mut self, f: Finished) -> Next {
+        let i = f.index;
+        let path = self.plan.stages[i].path.clone();
+        match f.result {
+            Ok(()) => {
+                // The commit wrote the final record; a pending batched write of the
+                // "running" record must not overwrite it, so write the final one again.
+                let record = &mut self.records[i];
+                record.state = StageState::Succeeded;
+                record.outputs = f.outputs.clone();
+                record.ended_ms = Some(now_ms());
+                record.log_tail = f.log_tail;
+                record.error = None;
+                self.dirty.push(i);
+                self.progress.stage_finished(&path, StageState::Succeeded);
+                self.summary.executed.push(path);
+                self.slots[i] = Slot::Done(f.outputs);
+                Next::Released(self.release_dependents(i))
+            }
+            Err(StageError::Cancelled) => {
+                self.slots[i] = Slot::Skipped;
+                self.records[i].state = StageState::Skipped;
+                self.records[i].error = Some("cancelled".into());
+                self.records[i].log_tail = f.log_tail;
+                self.dirty.push(i);
+                self.progress.stage_finished(&path, StageState::Skipped);
+                self.summary.skipped.push(path);
+                Next::Nothing
+            }
+            Err(StageError::Transient(e)) if self.attempts[i] < self.options.retries => {
+                self.attempts[i] += 1;
+                let delay = self.options.backoff * 2u32.pow(self.attempts[i] - 1);
+                self.progress.log(
+                    &path,
+                    &format!(
+                        "transient failure ({e:#}); retry {} in {:.1}s",
+                        self.attempts[i],
+                        delay.as_secs_f64()
+                    ),
+                );
+                self.records[i].error = Some(format!("{e:#}"));
+                self.records[i].state = StageState::Pending;
+                self.dirty.push(i);
+                let at = Instant::now() + delay;
+                self.slots[i] = Slot::Delayed(at);
+                Next::RetryAt(at)
+            }
+            Err(e) => {
+                self.fail(i, e.to_string(), f.log_tail);
+                Next::Nothing
+            }
+        }
+    }
+}
+
+fn worker_name(gpus: &[u32]) -> String {
+    if gpus.is_empty() {
+        "local:cpu".into()
+    } else {
+        let ids: Vec<String> = gpus.iter().map(|g| g.to_string()).collect();
+        format!("local:gpu{}", ids.join(","))
+    }
+}

@@ -1,0 +1,354 @@
+//! What a stage kind declares (params, inputs, outputs, resources, code version) and the
+//! context it runs in. A kind reaches its inputs, checkpoints and progress only through
+//! [`StageCtx`], never through shared in-process state, so a task can later run on a remote
+//! worker behind the same interface.
+
+use crate::artifact::{Artifact, Digest};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// The type a param must have; checked when the manifest is planned.
+#[derive(Clone, Debug)]
+pub enum ParamType {
+    Int,
+    Float,
+    Bool,
+    Str,
+    /// One of a fixed set of strings (checked with did-you-mean).
+    Choice(&'static [&'static str]),
+    List(Box<ParamType>),
+    /// Any JSON value; the kind validates it itself.
+    Any,
+}
+
+impl ParamType {
+    pub fn describe(&self) -> String {
+        match self {
+            ParamType::Int => "an integer".into(),
+            ParamType::Float => "a number".into(),
+            ParamType::Bool => "true or false".into(),
+            ParamType::Str => "a string".into(),
+            ParamType::Choice(c) => format!("one of {}", c.join(", ")),
+            ParamType::List(t) => format!("a list of {}", t.describe().trim_start_matches("a ")),
+            ParamType::Any => "any value".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct ParamSpec {
+    pub name: &'static str,
+    pub ty: ParamType,
+    /// `None` means the param is required.
+    pub default: Option<Value>,
+    pub help: &'static str,
+}
+
+impl ParamSpec {
+    pub fn required(name: &'static str, ty: ParamType, help: &'static str) -> Self {
+        ParamSpec {
+            name,
+            ty,
+            default: None,
+            help,
+        }
+    }
+    pub fn optional(name: &'static str, ty: ParamType, default: Value, help: &'static str) -> Self {
+        ParamSpec {
+            name,
+            ty,
+            default: Some(default),
+            help,
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct InputSpec {
+    pub name: &'static str,
+    /// Takes the outputs of many upstream stages (`{from: x, all: true}` in a manifest).
+    pub many: bool,
+    pub optional: bool,
+    pub help: &'static str,
+}
+
+/// What a stage needs from the machine while it runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resources {
+    pub cpus: u32,
+    pub gpus: u32,
+    pub mem_mb: u64,
+}
+
+impl Default for Resources {
+    fn default() -> Self {
+        Resources {
+            cpus: 1,
+            gpus: 0,
+            mem_mb: 512,
+        }
+    }
+}
+
+/// How a stage failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    /// Worth retrying (with backoff): e.g. an I/O hiccup, a lost worker.
+    #[error("transient: {0:#}")]
+    Transient(anyhow::Error),
+    #[error("{0:#}")]
+    Fatal(anyhow::Error),
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl From<anyhow::Error> for StageError {
+    fn from(e: anyhow::Error) -> Self {
+        StageError::Fatal(e)
+    }
+}
+
+/// An input as the stage sees it: one upstream output, in the order the plan lists them.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InputRef {
+    pub stage: String,
+    pub output: String,
+    pub digest: Digest,
+}
+
+/// A serializable stage invocation: everything a worker needs besides store access.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Task {
+    pub key: Digest,
+    pub kind: String,
+    pub stage: String,
+    pub params: Value,
+    pub inputs: BTreeMap<String, Vec<InputRef>>,
+    pub attempt: u32,
+}
+
+/// The store operations a running stage may use.
+pub trait TaskStore: Send + Sync {
+    fn get_artifact(&self, digest: &Digest) -> anyhow::Result<Artifact>;
+    fn save_checkpoint(&self, key: &Digest, bytes: &[u8]) -> anyhow::Result<()>;
+    fn load_checkpoint(&self, key: &Digest) -> anyhow::Result<Option<Vec<u8>>>;
+}
+
+/// Where a stage reports progress and log lines.
+pub trait ProgressSink: Send + Sync {
+    fn progress(&self, stage: &str, done: u64, total: u64, unit: &str);
+    fn log(&self, stage: &str, line: &str);
+    /// The stage reached a final state for this run (cached, succeeded, failed, skipped).
+    fn stage_finished(&self, _stage: &str, _state: crate::store::StageState) {}
+}
+
+pub struct StageCtx<'a> {
+    pub task: &'a Task,
+    store: &'a dyn TaskStore,
+    progress: &'a dyn ProgressSink,
+    cancel: Arc<AtomicBool>,
+    log_tail: Vec<String>,
+    /// Threads the stage may use (its resource slot).
+    pub threads: usize,
+    /// GPU ordinals assigned to this stage.
+    pub gpus: Vec<u32>,
+}
+
+const LOG_TAIL: usize = 50;
+
+impl<'a> StageCtx<'a> {
+    pub fn new(
+        task: &'a Task,
+        store: &'a dyn TaskStore,
+        progress: &'a dyn ProgressSink,
+        cancel: Arc<AtomicBool>,
+        threads: usize,
+        gpus: Vec<u32>,
+    ) -> Self {
+        StageCtx {
+            task,
+            store,
+            progress,
+            cancel,
+            log_tail: vec![],
+            threads,
+            gpus,
+        }
+    }
+
+    pub fn params(&self) -> &Value {
+        &self.task.params
+    }
+
+    /// A param, deserialized (defaults were filled in at plan time).
+    pub fn param<T: serde::de::DeserializeOwned>(&self, name: &str) -> anyhow::Result<T> {
+        let value = self.task.params.get(name).cloned().unwrap_or(Value::Null);
+        serde_json::from_value(value)
+            .map_err(|e| anyhow::anyhow!("param '{name}' of stage {}: {e}", self.task.stage))
+    }
+
+    /// The single artifact bound to input `name`.
+    pub fn input(&self, name: &str) -> anyhow::Result<Artifact> {
+        let refs = self.input_refs(name)?;
+        match refs {
+            [one] => self.store.get_artifact(&one.digest),
+            _ => anyhow::bail!(
+                "input '{name}' of stage {} has {} artifacts, expected 1",
+                self.task.stage,
+                refs.len()
+            ),
+        }
+    }
+
+    pub fn input_refs(&self, name: &str) -> anyhow::Result<&[InputRef]> {
+        self.task
+            .inputs
+            .get(name)
+            .map(|v| v.as_slice())
+            .ok_or_else(|| anyhow::anyhow!("stage {} has no input '{name}'", self.task.stage))
+    }
+
+    pub fn has_input(&self, name: &str) -> bool {
+        self.task.inputs.get(name).is_some_and(|v| !v.is_empty())
+    }
+
+    pub fn artifact(&self, digest: &Digest) -> anyhow::Result<Artifact> {
+        self.store.get_artifact(digest)
+    }
+
+    pub fn progress(&self, done: u64, total: u64, unit: &str) {
+        self.progress.progress(&self.task.stage, done, total, unit);
+    }
+
+    pub fn log(&mut self, line: impl Into<String>) {
+        let line = line.into();
+        self.progress.log(&self.task.stage, &line);
+        if self.log_tail.len() == LOG_TAIL {
+            self.log_tail.remove(0);
+        }
+        self.log_tail.push(line);
+    }
+
+    pub fn log_tail(&self) -> &[String] {
+        &self.log_tail
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.load(Ordering::Relaxed)
+    }
+
+    /// Returns `Err(Cancelled)` when the run is being stopped: call it at safe points.
+    pub fn check_cancelled(&self) -> Result<(), StageError> {
+        if self.is_cancelled() {
+            Err(StageError::Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Commits a checkpoint for this stage key (replacing the previous one).
+    pub fn save_checkpoint(&self, bytes: &[u8]) -> anyhow::Result<()> {
+        self.store.save_checkpoint(&self.task.key, bytes)
+    }
+
+    pub fn load_checkpoint(&self) -> anyhow::Result<Option<Vec<u8>>> {
+        self.store.load_checkpoint(&self.task.key)
+    }
+}
+
+/// A stage kind. Implementations live in `stages/` (ML) and [`crate::builtin`] (generic).
+pub trait StageKind: Send + Sync + 'static {
+    fn name(&self) -> &'static str;
+    /// Bump when the kind's code changes its outputs: it is part of every stage key.
+    fn version(&self) -> &'static str;
+    fn description(&self) -> &'static str;
+    fn params(&self) -> Vec<ParamSpec>;
+    fn inputs(&self) -> Vec<InputSpec>;
+    fn outputs(&self) -> Vec<&'static str>;
+    fn resources(&self, _params: &Value) -> Resources {
+        Resources::default()
+    }
+    /// Relative amount of work, for `plan`'s estimate (arbitrary units; 1 = trivial).
+    fn estimate(&self, _params: &Value) -> f64 {
+        1.0
+    }
+    /// Extra checks on the (type-checked, default-filled) params; errors name the param.
+    fn validate(&self, _params: &Value) -> Result<(), (String, String)> {
+        Ok(())
+    }
+    /// Runs the stage and returns one artifact per declared output, in declaration order.
+    fn run(&self, ctx: &mut StageCtx) -> Result<Vec<Artifact>, StageError>;
+}
+
+/// The stage kinds a binary knows.
+#[derive(Default, Clone)]
+pub struct Registry {
+    kinds: BTreeMap<&'static str, Arc<dyn StageKind>>,
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Registry::default()
+    }
+    pub fn register(&mut self, kind: impl StageKind) {
+        self.kinds.insert(kind.name(), Arc::new(kind));
+    }
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn StageKind>> {
+        self.kinds.get(name)
+    }
+    pub fn names(&self) -> Vec<&'static str> {
+        self.kinds.keys().copied().collect()
+    }
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<dyn StageKind>> {
+        self.kinds.values()
+    }
+}
+
+/// Checks one param value against its type, coercing integers to floats where a number is
+/// expected (so `lr: 1` and `lr: 1.0` give the same key). Returns a message on mismatch.
+pub fn check_param(ty: &ParamType, value: &Value) -> Result<Value, String> {
+    let bad = || format!("expected {}, found {}", ty.describe(), short_json(value));
+    match ty {
+        ParamType::Int => value
+            .as_i64()
+            .map(Value::from)
+            .or_else(|| value.as_u64().map(Value::from))
+            .ok_or_else(bad),
+        ParamType::Float => value.as_f64().map(Value::from).ok_or_else(bad),
+        ParamType::Bool => value.as_bool().map(Value::from).ok_or_else(bad),
+        ParamType::Str => value.as_str().map(Value::from).ok_or_else(bad),
+        ParamType::Choice(choices) => {
+            let s = value.as_str().ok_or_else(bad)?;
+            if choices.contains(&s) {
+                Ok(value.clone())
+            } else {
+                Err(format!(
+                    "unknown value '{s}'{}; expected {}",
+                    crate::did_you_mean(s, choices.iter().copied()),
+                    ty.describe()
+                ))
+            }
+        }
+        ParamType::List(inner) => {
+            let items = value.as_array().ok_or_else(bad)?;
+            items
+                .iter()
+                .map(|v| check_param(inner, v))
+                .collect::<Result<Vec<_>, _>>()
+                .map(Value::from)
+        }
+        ParamType::Any => Ok(value.clone()),
+    }
+}
+
+fn short_json(value: &Value) -> String {
+    let s = value.to_string();
+    if s.len() > 40 {
+        format!("{}…", &s[..40])
+    } else {
+        s
+    }
+}

@@ -1,0 +1,170 @@
+//! YAML manifests: the raw schema (parsed with serde-saphyr, which keeps line/column spans)
+//! and the errors that point into the file. Expansion into stages is in [`crate::plan`].
+//! The schema is documented for users in `manifests/README.md`.
+
+use serde::Deserialize;
+use serde_json::Value;
+use serde_saphyr::{Location, Spanned};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// An error in a manifest, with the place it points at.
+#[derive(Debug, Clone)]
+pub struct ManifestError {
+    pub file: PathBuf,
+    pub line: u64,
+    pub column: u64,
+    pub message: String,
+    /// The offending source line, for display.
+    pub snippet: Option<String>,
+}
+
+impl fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file.display(),
+            self.line,
+            self.column,
+            self.message
+        )?;
+        if let Some(line) = &self.snippet {
+            let gutter = self.line.to_string();
+            write!(
+                f,
+                "\n {gutter} | {line}\n {} | {}^",
+                " ".repeat(gutter.len()),
+                " ".repeat(self.column.saturating_sub(1) as usize)
+            )?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ManifestError {}
+
+/// The manifest source, kept to point errors at lines.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub path: PathBuf,
+    pub text: String,
+}
+
+impl Source {
+    pub fn read(path: &Path) -> Result<Source, ManifestError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ManifestError {
+            file: path.into(),
+            line: 0,
+            column: 0,
+            message: format!("cannot read manifest: {e}"),
+            snippet: None,
+        })?;
+        Ok(Source {
+            path: path.into(),
+            text,
+        })
+    }
+
+    pub fn error_at(&self, loc: &Location, message: impl Into<String>) -> ManifestError {
+        self.error_at_line(loc.line(), loc.column(), message)
+    }
+
+    pub fn error_at_line(
+        &self,
+        line: u64,
+        column: u64,
+        message: impl Into<String>,
+    ) -> ManifestError {
+        let snippet = (line > 0)
+            .then(|| self.text.lines().nth(line as usize - 1).map(str::to_string))
+            .flatten();
+        ManifestError {
+            file: self.path.clone(),
+            line,
+            column,
+            message: message.into(),
+            snippet,
+        }
+    }
+}
+
+/// Top level of a manifest.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawManifest {
+    #[serde(default)]
+    pub name: Option<String>,
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Axes: name → values. A stage lists the axes it is instanced over in `over:`.
+    #[serde(default)]
+    pub grid: BTreeMap<String, Spanned<Vec<Spanned<Value>>>>,
+    /// Params applied to every stage of a kind: kind → param → value.
+    #[serde(default)]
+    pub defaults: BTreeMap<String, Spanned<BTreeMap<String, Spanned<Value>>>>,
+    pub stages: BTreeMap<String, Spanned<RawStage>>,
+    #[serde(default)]
+    pub overrides: Vec<Spanned<RawOverride>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStage {
+    pub kind: Spanned<String>,
+    #[serde(default)]
+    pub over: Vec<Spanned<String>>,
+    #[serde(default)]
+    pub params: BTreeMap<String, Spanned<Value>>,
+    /// input name → `stage`, `stage.output`, or `{from: stage.output, all: true}`.
+    #[serde(default)]
+    pub inputs: BTreeMap<String, Spanned<Value>>,
+    #[serde(default)]
+    pub resources: Option<Spanned<RawResources>>,
+}
+
+#[derive(Debug, Deserialize, Clone, Copy)]
+#[serde(deny_unknown_fields)]
+pub struct RawResources {
+    pub cpus: Option<u32>,
+    pub gpus: Option<u32>,
+    pub mem_mb: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawOverride {
+    /// The stage this override applies to (all stages when absent).
+    #[serde(default)]
+    pub stage: Option<Spanned<String>>,
+    /// Axis values an instance must have for the override to apply.
+    #[serde(default)]
+    pub when: BTreeMap<String, Spanned<Value>>,
+    #[serde(default)]
+    pub params: BTreeMap<String, Spanned<Value>>,
+    #[serde(default)]
+    pub resources: Option<Spanned<RawResources>>,
+}
+
+/// Parses the YAML text; syntax, type and unknown-key errors carry line and column.
+pub fn parse(source: &Source) -> Result<RawManifest, ManifestError> {
+    serde_saphyr::from_str::<RawManifest>(&source.text).map_err(|e| {
+        let (line, column) = e
+            .location()
+            .map(|l| (l.line(), l.column()))
+            .unwrap_or((0, 0));
+        let message = first_line_of(&e.to_string());
+        source.error_at_line(line, column, message)
+    })
+}
+
+/// serde-saphyr renders a snippet of its own; we keep its message and render ours.
+fn first_line_of(rendered: &str) -> String {
+    let first = rendered.lines().next().unwrap_or(rendered).trim();
+    // Strip a trailing " at line X, column Y" that we print as a prefix anyway.
+    match first.rfind(" at line ") {
+        Some(i) => first[..i].to_string(),
+        None => first.to_string(),
+    }
+}

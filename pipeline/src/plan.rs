@@ -1,0 +1,564 @@
+//! Expands a manifest into a DAG of stage instances: the grid's cartesian product per stage
+//! template, params merged (kind defaults < manifest defaults < stage params < overrides, grid
+//! values fixed), inputs matched on shared axis values, everything type-checked against the
+//! stage kinds with errors pointing at the manifest's lines.
+
+use crate::artifact::Digest;
+use crate::did_you_mean;
+use crate::kind::{check_param, Registry, Resources};
+use crate::manifest::{self, ManifestError, RawManifest, RawResources, Source};
+use petgraph::graph::{DiGraph, NodeIndex};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use serde_saphyr::{Location, Spanned};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+/// One upstream output feeding an input.
+#[derive(Clone, Debug, Serialize)]
+pub struct Edge {
+    /// Index of the upstream stage in [`Plan::stages`].
+    pub from: usize,
+    pub output: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct StageInstance {
+    /// `template[axis=value,…]`, unique in the plan.
+    pub path: String,
+    pub template: String,
+    pub kind: String,
+    pub version: String,
+    pub params: Value,
+    pub axes: BTreeMap<String, Value>,
+    pub inputs: BTreeMap<String, Vec<Edge>>,
+    pub outputs: Vec<String>,
+    pub resources: Resources,
+    pub estimate: f64,
+}
+
+/// A planned run: stages in topological order (every input points to an earlier index).
+#[derive(Clone, Debug, Serialize)]
+pub struct Plan {
+    pub manifest: String,
+    pub manifest_digest: Digest,
+    pub name: String,
+    pub stages: Vec<StageInstance>,
+}
+
+impl Plan {
+    pub fn graph(&self) -> DiGraph<&str, String> {
+        let mut g = DiGraph::new();
+        let nodes: Vec<NodeIndex> = self
+            .stages
+            .iter()
+            .map(|s| g.add_node(s.path.as_str()))
+            .collect();
+        for (i, s) in self.stages.iter().enumerate() {
+            for (name, edges) in &s.inputs {
+                for e in edges {
+                    g.add_edge(nodes[e.from], nodes[i], format!("{}→{}", e.output, name));
+                }
+            }
+        }
+        g
+    }
+
+    pub fn counts_by_kind(&self) -> BTreeMap<&str, usize> {
+        let mut counts = BTreeMap::new();
+        for s in &self.stages {
+            *counts.entry(s.kind.as_str()).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    pub fn find(&self, path: &str) -> Option<usize> {
+        self.stages.iter().position(|s| s.path == path)
+    }
+}
+
+/// Reads, parses and expands a manifest file.
+pub fn plan_file(path: &Path, registry: &Registry) -> Result<Plan, ManifestError> {
+    let source = Source::read(path)?;
+    plan_source(&source, registry)
+}
+
+pub fn plan_source(source: &Source, registry: &Registry) -> Result<Plan, ManifestError> {
+    let raw = manifest::parse(source)?;
+    Expander {
+        source,
+        registry,
+        raw: &raw,
+    }
+    .expand()
+}
+
+struct Expander<'a> {
+    source: &'a Source,
+    registry: &'a Registry,
+    raw: &'a RawManifest,
+}
+
+/// An input binding as written: `stage`, `stage.output` or `{from: …, all: true}`.
+struct Binding {
+    stage: String,
+    output: Option<String>,
+    all: bool,
+    loc: Location,
+}
+
+fn value_label(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+impl<'a> Expander<'a> {
+    fn err(&self, loc: &Location, msg: impl Into<String>) -> ManifestError {
+        self.source.error_at(loc, msg)
+    }
+
+    fn parse_binding(&self, spanned: &Spanned<Value>) -> Result<Binding, ManifestError> {
+        let loc = spanned.referenced;
+        let (target, all) = match &spanned.value {
+            Value::String(s) => (s.clone(), false),
+            Value::Object(map) => {
+                for key in map.keys() {
+                    if key != "from" && key != "all" {
+                        return Err(self.err(
+                            &loc,
+                            format!("unknown key '{key}' in input binding; expected 'from' and optionally 'all'"),
+                        ));
+                    }
+                }
+                let from = map.get("from").and_then(Value::as_str).ok_or_else(|| {
+                    self.err(&loc, "input binding needs 'from: <stage>[.<output>]'")
+                })?;
+                let all = match map.get("all") {
+                    None => false,
+                    Some(Value::Bool(b)) => *b,
+                    Some(other) => {
+                        return Err(self.err(&loc, format!("'all' must be true or false, found {other}")))
+                    }
+                };
+                (from.to_string(), all)
+            }
+            other => {
+                return Err(self.err(
+                    &loc,
+                    format!("expected an input binding ('stage', 'stage.output' or {{from: stage, all: true}}), found {other}"),
+                ))
+            }
+        };
+        let (stage, output) = match target.split_once('.') {
+            Some((s, o)) => (s.to_string(), Some(o.to_string())),
+            None => (target, None),
+        };
+        Ok(Binding {
+            stage,
+            output,
+            all,
+            loc,
+        })
+    }
+
+    fn expand(&self) -> Result<Plan, ManifestError> {
+        let raw = self.raw;
+        // Grid axes: non-empty lists of scalars.
+        for (axis, values) in &raw.grid {
+            if values.value.is_empty() {
+                return Err(self.err(
+                    &values.referenced,
+                    format!("grid axis '{axis}' has no values"),
+                ));
+            }
+            for v in &values.value {
+                if v.value.is_object() || v.value.is_array() || v.value.is_null() {
+                    return Err(self.err(
+                        &v.referenced,
+                        format!("grid axis '{axis}': values must be strings, numbers or booleans"),
+                    ));
+                }
+            }
+        }
+        for (kind, params) in &raw.defaults {
+            if self.registry.get(kind).is_none() {
+                return Err(self.err(
+                    &params.referenced,
+                    format!(
+                        "defaults for unknown stage kind '{kind}'{}",
+                        did_you_mean(kind, self.registry.names().into_iter())
+                    ),
+                ));
+            }
+        }
+
+        // Template graph: stage → the stages its inputs name.
+        let names: Vec<&String> = raw.stages.keys().collect();
+        let index: HashMap<&str, usize> = names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.as_str(), i))
+            .collect();
+        let mut bindings: Vec<BTreeMap<String, Binding>> = Vec::new();
+        let mut graph = DiGraph::<usize, ()>::new();
+        let nodes: Vec<NodeIndex> = (0..names.len()).map(|i| graph.add_node(i)).collect();
+        for (i, name) in names.iter().enumerate() {
+            let stage = &raw.stages[*name].value;
+            let mut b = BTreeMap::new();
+            for (input, spanned) in &stage.inputs {
+                let binding = self.parse_binding(spanned)?;
+                let Some(&from) = index.get(binding.stage.as_str()) else {
+                    return Err(self.err(
+                        &binding.loc,
+                        format!(
+                            "input '{input}' of stage '{name}' names unknown stage '{}'{}",
+                            binding.stage,
+                            did_you_mean(&binding.stage, names.iter().map(|s| s.as_str()))
+                        ),
+                    ));
+                };
+                graph.add_edge(nodes[from], nodes[i], ());
+                b.insert(input.clone(), binding);
+            }
+            bindings.push(b);
+        }
+        let order = petgraph::algo::toposort(&graph, None).map_err(|cycle| {
+            let name = names[graph[cycle.node_id()]];
+            self.err(
+                &raw.stages[name].referenced,
+                format!("stage '{name}' is part of a cycle of inputs"),
+            )
+        })?;
+
+        let mut stages: Vec<StageInstance> = Vec::new();
+        // template → indices of its instances
+        let mut instances: HashMap<&str, Vec<usize>> = HashMap::new();
+        for node in order {
+            let t = graph[node];
+            let name = names[t];
+            let spanned_stage = &raw.stages[name];
+            let stage = &spanned_stage.value;
+            let kind_name = &stage.kind.value;
+            let kind = self.registry.get(kind_name).ok_or_else(|| {
+                self.err(
+                    &stage.kind.referenced,
+                    format!(
+                        "unknown stage kind '{kind_name}'{}; known kinds: {}",
+                        did_you_mean(kind_name, self.registry.names().into_iter()),
+                        self.registry.names().join(", ")
+                    ),
+                )
+            })?;
+            let specs = kind.params();
+            let spec_names: Vec<&str> = specs.iter().map(|s| s.name).collect();
+
+            // Axes this template varies over.
+            let mut axes: Vec<(&str, &Vec<Spanned<Value>>)> = Vec::new();
+            for axis in &stage.over {
+                let Some(values) = raw.grid.get(&axis.value) else {
+                    return Err(self.err(
+                        &axis.referenced,
+                        format!(
+                            "stage '{name}' is over unknown grid axis '{}'{}",
+                            axis.value,
+                            did_you_mean(&axis.value, raw.grid.keys().map(|s| s.as_str()))
+                        ),
+                    ));
+                };
+                if !spec_names.contains(&axis.value.as_str()) {
+                    return Err(self.err(&axis.referenced, format!(
+                        "grid axis '{}' is not a param of stage kind '{kind_name}' (its params: {})",
+                        axis.value,
+                        spec_names.join(", ")
+                    )));
+                }
+                if stage.params.contains_key(&axis.value) {
+                    return Err(self.err(&stage.params[&axis.value].referenced, format!(
+                        "param '{}' of stage '{name}' is set by the grid axis it is over; remove it here",
+                        axis.value
+                    )));
+                }
+                axes.push((axis.value.as_str(), &values.value));
+            }
+
+            // Base params with provenance: (value, location or None for kind defaults).
+            let mut base: BTreeMap<String, (Value, Option<Location>)> = BTreeMap::new();
+            for spec in &specs {
+                if let Some(d) = &spec.default {
+                    base.insert(spec.name.into(), (d.clone(), None));
+                }
+            }
+            let layer = |params: &BTreeMap<String, Spanned<Value>>,
+                         base: &mut BTreeMap<String, (Value, Option<Location>)>|
+             -> Result<(), ManifestError> {
+                for (k, v) in params {
+                    if !spec_names.contains(&k.as_str()) {
+                        return Err(self.err(
+                            &v.referenced,
+                            format!(
+                            "unknown param '{k}' for stage kind '{kind_name}'{}; its params: {}",
+                            did_you_mean(k, spec_names.iter().copied()),
+                            spec_names.join(", ")
+                        ),
+                        ));
+                    }
+                    base.insert(k.clone(), (v.value.clone(), Some(v.referenced)));
+                }
+                Ok(())
+            };
+            if let Some(d) = raw.defaults.get(kind_name) {
+                layer(&d.value, &mut base)?;
+            }
+            layer(&stage.params, &mut base)?;
+
+            let mut resources = kind.resources(&Value::Null);
+            if let Some(r) = &stage.resources {
+                apply_resources(&mut resources, &r.value);
+            }
+
+            // Inputs declared by the kind.
+            let input_specs = kind.inputs();
+            for (input, binding) in &bindings[t] {
+                if !input_specs.iter().any(|s| s.name == input) {
+                    return Err(self.err(
+                        &binding.loc,
+                        format!(
+                            "stage kind '{kind_name}' has no input '{input}'{}; its inputs: {}",
+                            did_you_mean(input, input_specs.iter().map(|s| s.name)),
+                            input_specs
+                                .iter()
+                                .map(|s| s.name)
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    ));
+                }
+            }
+            for spec in &input_specs {
+                if !spec.optional && !bindings[t].contains_key(spec.name) {
+                    return Err(self.err(
+                        &spanned_stage.referenced,
+                        format!(
+                        "stage '{name}' (kind '{kind_name}') is missing required input '{}' ({})",
+                        spec.name, spec.help
+                    ),
+                    ));
+                }
+            }
+
+            // Cartesian product of the axes.
+            let mut points: Vec<Vec<&Spanned<Value>>> = vec![vec![]];
+            for (_, values) in &axes {
+                points = points
+                    .into_iter()
+                    .flat_map(|p| {
+                        values.iter().map(move |v| {
+                            let mut q = p.clone();
+                            q.push(v);
+                            q
+                        })
+                    })
+                    .collect();
+            }
+
+            let mut mine = Vec::with_capacity(points.len());
+            for point in points {
+                let axis_values: BTreeMap<String, Value> = axes
+                    .iter()
+                    .zip(&point)
+                    .map(|((a, _), v)| (a.to_string(), v.value.clone()))
+                    .collect();
+                let path = if axes.is_empty() {
+                    name.to_string()
+                } else {
+                    let parts: Vec<String> = axes
+                        .iter()
+                        .zip(&point)
+                        .map(|((a, _), v)| format!("{a}={}", value_label(&v.value)))
+                        .collect();
+                    format!("{name}[{}]", parts.join(","))
+                };
+                let mut params = base.clone();
+                let mut res = resources;
+                for ov in &raw.overrides {
+                    let ov_v = &ov.value;
+                    if let Some(s) = &ov_v.stage {
+                        if s.value != *name {
+                            continue;
+                        }
+                    }
+                    let applies = ov_v.when.iter().all(|(axis, want)| {
+                        axis_values
+                            .get(axis)
+                            .is_some_and(|have| *have == want.value)
+                    });
+                    if applies {
+                        layer(&ov_v.params, &mut params)?;
+                        if let Some(r) = &ov_v.resources {
+                            apply_resources(&mut res, &r.value);
+                        }
+                    }
+                }
+                for ((axis, _), v) in axes.iter().zip(&point) {
+                    params.insert(axis.to_string(), (v.value.clone(), Some(v.referenced)));
+                }
+                // Type-check and fill.
+                let mut checked = Map::new();
+                for spec in &specs {
+                    match params.get(spec.name) {
+                        None => {
+                            return Err(self.err(
+                                &spanned_stage.referenced,
+                                format!(
+                                    "stage '{name}' (kind '{kind_name}') needs param '{}': {}",
+                                    spec.name, spec.help
+                                ),
+                            ))
+                        }
+                        Some((v, loc)) => {
+                            let v = check_param(&spec.ty, v).map_err(|msg| {
+                                let loc = loc.unwrap_or(spanned_stage.referenced);
+                                self.err(
+                                    &loc,
+                                    format!("param '{}' of stage '{name}': {msg}", spec.name),
+                                )
+                            })?;
+                            checked.insert(spec.name.to_string(), v);
+                        }
+                    }
+                }
+                let params = Value::Object(checked);
+                if let Err((param, msg)) = kind.validate(&params) {
+                    let loc = base
+                        .get(&param)
+                        .and_then(|(_, l)| *l)
+                        .unwrap_or(spanned_stage.referenced);
+                    return Err(self.err(&loc, format!("param '{param}' of stage '{name}': {msg}")));
+                }
+                let estimate = kind.estimate(&params);
+                stages.push(StageInstance {
+                    path,
+                    template: name.to_string(),
+                    kind: kind_name.clone(),
+                    version: kind.version().to_string(),
+                    params,
+                    axes: axis_values,
+                    inputs: BTreeMap::new(),
+                    outputs: kind.outputs().iter().map(|s| s.to_string()).collect(),
+                    resources: res,
+                    estimate,
+                });
+                mine.push(stages.len() - 1);
+            }
+
+            // Bind inputs: upstream instances that agree on the shared axes.
+            for (input, binding) in &bindings[t] {
+                let spec = input_specs
+                    .iter()
+                    .find(|s| s.name == input)
+                    .expect("checked above");
+                let upstream = &instances[binding.stage.as_str()];
+                let up_kind = &stages[upstream[0]].outputs;
+                let output = match &binding.output {
+                    Some(o) if up_kind.contains(o) => o.clone(),
+                    Some(o) => {
+                        return Err(self.err(
+                            &binding.loc,
+                            format!(
+                                "stage '{}' has no output '{o}'{}; its outputs: {}",
+                                binding.stage,
+                                did_you_mean(o, up_kind.iter().map(|s| s.as_str())),
+                                up_kind.join(", ")
+                            ),
+                        ))
+                    }
+                    None if up_kind.len() == 1 => up_kind[0].clone(),
+                    None => {
+                        return Err(self.err(
+                            &binding.loc,
+                            format!(
+                                "stage '{}' has several outputs ({}); write '{}.<output>'",
+                                binding.stage,
+                                up_kind.join(", "),
+                                binding.stage
+                            ),
+                        ))
+                    }
+                };
+                if binding.all && !spec.many {
+                    return Err(self.err(&binding.loc, format!(
+                        "input '{input}' of kind '{kind_name}' takes one artifact; remove 'all: true'"
+                    )));
+                }
+                let up_axes: Vec<String> = stages[upstream[0]].axes.keys().cloned().collect();
+                let mut by_projection: HashMap<Vec<Value>, Vec<usize>> = HashMap::new();
+                for &u in upstream {
+                    let key: Vec<Value> = up_axes
+                        .iter()
+                        .filter(|a| stage.over.iter().any(|o| o.value == **a))
+                        .map(|a| stages[u].axes[a].clone())
+                        .collect();
+                    by_projection.entry(key).or_default().push(u);
+                }
+                for &d in &mine {
+                    let key: Vec<Value> = up_axes
+                        .iter()
+                        .filter(|a| stages[d].axes.contains_key(*a))
+                        .map(|a| stages[d].axes[a].clone())
+                        .collect();
+                    let matched = by_projection.get(&key).cloned().unwrap_or_default();
+                    if !binding.all && matched.len() != 1 {
+                        let extra: Vec<&String> = up_axes
+                            .iter()
+                            .filter(|a| !stages[d].axes.contains_key(*a))
+                            .collect();
+                        return Err(self.err(&binding.loc, format!(
+                            "input '{input}' of stage '{}' matches {} instances of '{}' (it varies over {:?}, which '{name}' is not over); write {{from: {}, all: true}} or add those axes to '{name}'",
+                            stages[d].path,
+                            matched.len(),
+                            binding.stage,
+                            extra,
+                            binding.stage
+                        )));
+                    }
+                    let edges = matched
+                        .into_iter()
+                        .map(|from| Edge {
+                            from,
+                            output: output.clone(),
+                        })
+                        .collect();
+                    stages[d].inputs.insert(input.clone(), edges);
+                }
+            }
+            instances.insert(name.as_str(), mine);
+        }
+
+        Ok(Plan {
+            manifest: self.source.path.display().to_string(),
+            manifest_digest: Digest::of(self.source.text.as_bytes()),
+            name: raw.name.clone().unwrap_or_else(|| {
+                self.source
+                    .path
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            }),
+            stages,
+        })
+    }
+}
+
+fn apply_resources(r: &mut Resources, raw: &RawResources) {
+    if let Some(c) = raw.cpus {
+        r.cpus = c;
+    }
+    if let Some(g) = raw.gpus {
+        r.gpus = g;
+    }
+    if let Some(m) = raw.mem_mb {
+        r.mem_mb = m;
+    }
+}

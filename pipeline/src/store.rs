@@ -1,0 +1,860 @@
+//! The content-addressed store: one redb file holding artifacts (chunked, deduplicated),
+//! the action cache (stage key → outputs), training checkpoints and run records.
+//!
+//! Invariants:
+//! - An artifact is addressed by the BLAKE3 of its bytes and stored as fixed-size chunks, each
+//!   keyed by its own BLAKE3, under an artifact record listing them (redb copies a value on
+//!   write and rounds it up to a power-of-two run of pages, so large values are never stored
+//!   whole).
+//! - A stage's outputs, its action record and its run record are committed in ONE write
+//!   transaction: after a crash a stage either fully exists or does not.
+//! - Every read verifies chunk digests and the whole-artifact digest.
+//! - One process writes (`SingleWriter`); read-only handles (`status`, `ls`, `inspect`) follow
+//!   its commits concurrently. A second writer is refused with [`StoreError::Busy`].
+
+use crate::artifact::{Artifact, ArtifactHeader, Digest};
+use redb::{
+    ConcurrencyMode, Database, DatabaseError, ReadOnlyDatabase, ReadTransaction, ReadableDatabase,
+    ReadableTable, TableDefinition, WriteTransaction,
+};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// Chunk payload size: 4 MiB less one page, so a chunk plus its leaf header fits a 4 MiB run.
+pub const CHUNK_SIZE: usize = 4 * 1024 * 1024 - 4096;
+
+const CHUNKS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("chunks");
+const ARTIFACTS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("artifacts");
+const ACTIONS: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("actions");
+const CHECKPOINT_META: TableDefinition<&[u8; 32], &[u8]> = TableDefinition::new("checkpoint_meta");
+const CHECKPOINT_CHUNKS: TableDefinition<(&[u8; 32], u32), &[u8]> =
+    TableDefinition::new("checkpoint_chunks");
+const RUNS: TableDefinition<u64, &[u8]> = TableDefinition::new("runs");
+const STAGE_RUNS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("stage_runs");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store {path} is in use by another deeprepair process (a run is writing to it); wait for it to finish or use another --store")]
+    Busy { path: PathBuf },
+    #[error("no store at {path} (run a manifest first, or pass --store)")]
+    Missing { path: PathBuf },
+    #[error("{0} not found in the store")]
+    NotFound(String),
+    #[error("artifact {digest} is corrupt: {detail}")]
+    Corrupt { digest: Digest, detail: String },
+    #[error("store {path}: {detail}")]
+    Db { path: PathBuf, detail: String },
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Where an artifact's bytes live.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ArtifactRecord {
+    pub digest: Digest,
+    pub header: ArtifactHeader,
+    pub size: u64,
+    pub chunks: Vec<Digest>,
+}
+
+/// The action cache entry: a stage key and what executing it produced.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ActionRecord {
+    pub key: Digest,
+    pub kind: String,
+    pub version: String,
+    pub stage: String,
+    pub params: serde_json::Value,
+    pub inputs: BTreeMap<String, Vec<Digest>>,
+    pub outputs: BTreeMap<String, Digest>,
+    pub run: u64,
+    pub worker: String,
+    pub attempt: u32,
+    pub started_ms: u64,
+    pub duration_ms: u64,
+    #[serde(default)]
+    pub log_tail: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub id: u64,
+    pub manifest: String,
+    pub manifest_digest: Digest,
+    pub pid: u32,
+    pub started_ms: u64,
+    pub ended_ms: Option<u64>,
+    pub state: RunState,
+    pub stages_total: usize,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StageState {
+    Pending,
+    Running,
+    Cached,
+    Succeeded,
+    Failed,
+    /// Not run because an upstream stage failed or the run was cancelled.
+    Skipped,
+}
+
+impl StageState {
+    pub fn is_done(self) -> bool {
+        matches!(self, StageState::Cached | StageState::Succeeded)
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StageRunRecord {
+    pub stage: String,
+    pub kind: String,
+    pub state: StageState,
+    pub key: Option<Digest>,
+    pub started_ms: Option<u64>,
+    pub ended_ms: Option<u64>,
+    pub worker: Option<String>,
+    pub attempt: u32,
+    pub error: Option<String>,
+    #[serde(default)]
+    pub log_tail: Vec<String>,
+    #[serde(default)]
+    pub outputs: BTreeMap<String, Digest>,
+}
+
+impl StageRunRecord {
+    pub fn pending(stage: &str, kind: &str) -> Self {
+        StageRunRecord {
+            stage: stage.into(),
+            kind: kind.into(),
+            state: StageState::Pending,
+            key: None,
+            started_ms: None,
+            ended_ms: None,
+            worker: None,
+            attempt: 0,
+            error: None,
+            log_tail: vec![],
+            outputs: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CheckpointMeta {
+    pub digest: Digest,
+    pub size: u64,
+    pub chunks: u32,
+    pub saved_ms: u64,
+}
+
+/// What `gc` found and (unless dry) removed.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct GcReport {
+    pub runs_dropped: usize,
+    pub actions_dropped: usize,
+    pub artifacts_dropped: usize,
+    pub chunks_dropped: usize,
+    pub bytes_dropped: u64,
+    pub artifacts_kept: usize,
+}
+
+enum Handle {
+    Writer(Database),
+    Reader(ReadOnlyDatabase),
+}
+
+pub struct Store {
+    handle: Handle,
+    path: PathBuf,
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn json<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("records serialize")
+}
+
+impl Store {
+    /// Opens (creating if needed) the store for writing. Only one process may write.
+    pub fn open_writer(path: &Path) -> StoreResult<Store> {
+        if let Some(dir) = path.parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir).map_err(|e| StoreError::Db {
+                    path: path.into(),
+                    detail: format!("cannot create directory {}: {e}", dir.display()),
+                })?;
+            }
+        }
+        let db = Database::builder()
+            .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+            .create(path)
+            .map_err(|e| map_open_error(path, e))?;
+        let store = Store {
+            handle: Handle::Writer(db),
+            path: path.into(),
+        };
+        store.init_tables()?;
+        Ok(store)
+    }
+
+    /// Opens the store for reading, alongside a running writer if there is one. A store that
+    /// needs crash recovery and has no writer is opened as a writer, which repairs it.
+    pub fn open_reader(path: &Path) -> StoreResult<Store> {
+        if !path.exists() {
+            return Err(StoreError::Missing { path: path.into() });
+        }
+        match Database::builder()
+            .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+            .open_read_only(path)
+        {
+            Ok(db) => Ok(Store {
+                handle: Handle::Reader(db),
+                path: path.into(),
+            }),
+            Err(DatabaseError::RepairAborted) | Err(DatabaseError::Storage(_)) => {
+                Store::open_writer(path)
+            }
+            Err(e) => Err(map_open_error(path, e)),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn writer(&self) -> StoreResult<&Database> {
+        match &self.handle {
+            Handle::Writer(db) => Ok(db),
+            Handle::Reader(_) => Err(self.err("store opened read-only")),
+        }
+    }
+
+    fn err(&self, detail: impl std::fmt::Display) -> StoreError {
+        StoreError::Db {
+            path: self.path.clone(),
+            detail: detail.to_string(),
+        }
+    }
+
+    fn init_tables(&self) -> StoreResult<()> {
+        let txn = self.begin_write()?;
+        {
+            let e = |e: redb::TableError| self.err(e);
+            txn.open_table(CHUNKS).map_err(e)?;
+            txn.open_table(ARTIFACTS).map_err(e)?;
+            txn.open_table(ACTIONS).map_err(e)?;
+            txn.open_table(CHECKPOINT_META).map_err(e)?;
+            txn.open_table(CHECKPOINT_CHUNKS).map_err(e)?;
+            txn.open_table(RUNS).map_err(e)?;
+            txn.open_table(STAGE_RUNS).map_err(e)?;
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    fn begin_write(&self) -> StoreResult<WriteTransaction> {
+        self.writer()?.begin_write().map_err(|e| self.err(e))
+    }
+
+    fn begin_read(&self) -> StoreResult<ReadTransaction> {
+        match &self.handle {
+            Handle::Writer(db) => db.begin_read(),
+            Handle::Reader(db) => db.begin_read(),
+        }
+        .map_err(|e| self.err(e))
+    }
+
+    // ---- artifacts ------------------------------------------------------------------------
+
+    /// Stores artifacts and returns their digests (one transaction).
+    pub fn put_artifacts(&self, artifacts: &[Artifact]) -> StoreResult<Vec<Digest>> {
+        let txn = self.begin_write()?;
+        let digests = artifacts
+            .iter()
+            .map(|a| self.put_artifact_in(&txn, a))
+            .collect::<StoreResult<Vec<_>>>()?;
+        txn.commit().map_err(|e| self.err(e))?;
+        Ok(digests)
+    }
+
+    fn put_artifact_in(&self, txn: &WriteTransaction, artifact: &Artifact) -> StoreResult<Digest> {
+        let digest = artifact.digest();
+        let mut chunks_table = txn.open_table(CHUNKS).map_err(|e| self.err(e))?;
+        let mut chunks = Vec::with_capacity(artifact.bytes.len() / CHUNK_SIZE + 1);
+        for chunk in artifact.bytes.chunks(CHUNK_SIZE) {
+            let chunk_digest = Digest::of(chunk);
+            // Deduplicate, but replace a stored chunk whose bytes no longer match its digest.
+            let present = match chunks_table.get(&chunk_digest.0).map_err(|e| self.err(e))? {
+                Some(existing) => Digest::of(existing.value()) == chunk_digest,
+                None => false,
+            };
+            if !present {
+                chunks_table
+                    .insert(&chunk_digest.0, chunk)
+                    .map_err(|e| self.err(e))?;
+            }
+            chunks.push(chunk_digest);
+        }
+        let record = ArtifactRecord {
+            digest,
+            header: artifact.header.clone(),
+            size: artifact.bytes.len() as u64,
+            chunks,
+        };
+        let mut artifacts = txn.open_table(ARTIFACTS).map_err(|e| self.err(e))?;
+        artifacts
+            .insert(&digest.0, json(&record).as_slice())
+            .map_err(|e| self.err(e))?;
+        Ok(digest)
+    }
+
+    pub fn artifact_record(&self, digest: &Digest) -> StoreResult<Option<ArtifactRecord>> {
+        let txn = self.begin_read()?;
+        let table = txn.open_table(ARTIFACTS).map_err(|e| self.err(e))?;
+        let value = table.get(&digest.0).map_err(|e| self.err(e))?;
+        value
+            .map(|v| serde_json::from_slice(v.value()).map_err(|e| self.err(e)))
+            .transpose()
+    }
+
+    /// Reads and verifies a whole artifact.
+    pub fn get_artifact(&self, digest: &Digest) -> StoreResult<Artifact> {
+        let record = self
+            .artifact_record(digest)?
+            .ok_or_else(|| StoreError::NotFound(format!("artifact {digest}")))?;
+        let mut bytes = Vec::with_capacity(record.size as usize);
+        self.reader(&record)?.read_to_end(&mut bytes).map_err(|e| {
+            match e
+                .into_inner()
+                .and_then(|inner| inner.downcast::<StoreError>().ok())
+            {
+                Some(store_err) => *store_err,
+                None => StoreError::Corrupt {
+                    digest: *digest,
+                    detail: "read failed".into(),
+                },
+            }
+        })?;
+        Ok(Artifact {
+            header: record.header,
+            bytes,
+        })
+    }
+
+    /// Streams an artifact chunk by chunk, verifying each chunk and, at the end, the whole.
+    pub fn reader(&self, record: &ArtifactRecord) -> StoreResult<ArtifactReader> {
+        let txn = self.begin_read()?;
+        let table = txn.open_table(CHUNKS).map_err(|e| self.err(e))?;
+        Ok(ArtifactReader {
+            table,
+            record: record.clone(),
+            next_chunk: 0,
+            buffer: Vec::new(),
+            pos: 0,
+            hasher: blake3::Hasher::new(),
+            read: 0,
+        })
+    }
+
+    /// Checks that an artifact is present and its bytes match its digest.
+    pub fn verify_artifact(&self, digest: &Digest) -> StoreResult<()> {
+        let record = self
+            .artifact_record(digest)?
+            .ok_or_else(|| StoreError::NotFound(format!("artifact {digest}")))?;
+        let mut reader = self.reader(&record)?;
+        std::io::copy(&mut reader, &mut std::io::sink()).map_err(|e| {
+            match e
+                .into_inner()
+                .and_then(|inner| inner.downcast::<StoreError>().ok())
+            {
+                Some(store_err) => *store_err,
+                None => StoreError::Corrupt {
+                    digest: *digest,
+                    detail: "read failed".into(),
+                },
+            }
+        })?;
+        Ok(())
+    }
+
+    pub fn artifacts(&self) -> StoreResult<Vec<ArtifactRecord>> {
+        let txn = self.begin_read()?;
+        let table = txn.open_table(ARTIFACTS).map_err(|e| self.err(e))?;
+        let mut out = vec![];
+        for entry in table.iter().map_err(|e| self.err(e))? {
+            let (_, v) = entry.map_err(|e| self.err(e))?;
+            out.push(serde_json::from_slice(v.value()).map_err(|e| self.err(e))?);
+        }
+        Ok(out)
+    }
+
+    /// Resolves a digest prefix (at least 4 hex digits) to artifact digests.
+    pub fn resolve_artifact_prefix(&self, prefix: &str) -> StoreResult<Vec<Digest>> {
+        let prefix = prefix.to_ascii_lowercase();
+        Ok(self
+            .artifacts()?
+            .into_iter()
+            .map(|r| r.digest)
+            .filter(|d| d.hex().starts_with(&prefix))
+            .collect())
+    }
+
+    /// Verifies every artifact and that every action's outputs exist; returns the problems.
+    pub fn verify_all(&self) -> StoreResult<Vec<String>> {
+        let mut problems = vec![];
+        for record in self.artifacts()? {
+            if let Err(e) = self.verify_artifact(&record.digest) {
+                problems.push(e.to_string());
+            }
+        }
+        for action in self.actions()? {
+            for (name, digest) in &action.outputs {
+                if self.artifact_record(digest)?.is_none() {
+                    problems.push(format!(
+                        "stage {} output {name}: artifact {digest} missing",
+                        action.stage
+                    ));
+                }
+            }
+        }
+        Ok(problems)
+    }
+
+    // ---- action cache --------------------------------------------------------------------
+
+    pub fn action(&self, key: &Digest) -> StoreResult<Option<ActionRecord>> {
+        let txn = self.begin_read()?;
+        let table = txn.open_table(ACTIONS).map_err(|e| self.err(e))?;
+        let value = table.get(&key.0).map_err(|e| self.err(e))?;
+        value
+            .map(|v| serde_json::from_slice(v.value()).map_err(|e| self.err(e)))
+            .transpose()
+    }
+
+    pub fn actions(&self) -> StoreResult<Vec<ActionRecord>> {
+        let txn = self.begin_read()?;
+        let table = txn.open_table(ACTIONS).map_err(|e| self.err(e))?;
+        let mut out = vec![];
+        for entry in table.iter().map_err(|e| self.err(e))? {
+            let (_, v) = entry.map_err(|e| self.err(e))?;
+            out.push(serde_json::from_slice(v.value()).map_err(|e| self.err(e))?);
+        }
+        Ok(out)
+    }
+
+    /// Drops an action record whose outputs turned out corrupt, so the stage runs again.
+    pub fn forget_action(&self, key: &Digest) -> StoreResult<()> {
+        let txn = self.begin_write()?;
+        txn.open_table(ACTIONS)
+            .map_err(|e| self.err(e))?
+            .remove(&key.0)
+            .map_err(|e| self.err(e))?;
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    /// Commits a finished stage atomically: its output artifacts, its action record, its run
+    /// record, and the removal of its training checkpoint.
+    pub fn commit_stage(
+        &self,
+        action: &ActionRecord,
+        outputs: &[Artifact],
+        stage_run: &StageRunRecord,
+    ) -> StoreResult<()> {
+        let txn = self.begin_write()?;
+        for artifact in outputs {
+            self.put_artifact_in(&txn, artifact)?;
+        }
+        txn.open_table(ACTIONS)
+            .map_err(|e| self.err(e))?
+            .insert(&action.key.0, json(action).as_slice())
+            .map_err(|e| self.err(e))?;
+        self.put_stage_run_in(&txn, action.run, stage_run)?;
+        self.delete_checkpoint_in(&txn, &action.key)?;
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    // ---- checkpoints ---------------------------------------------------------------------
+
+    /// Replaces the stage's checkpoint (one per stage key, not deduplicated: it is rewritten
+    /// every epoch and dropped when the stage commits).
+    pub fn save_checkpoint(&self, key: &Digest, bytes: &[u8]) -> StoreResult<()> {
+        let txn = self.begin_write()?;
+        self.delete_checkpoint_in(&txn, key)?;
+        {
+            let mut chunks = txn.open_table(CHECKPOINT_CHUNKS).map_err(|e| self.err(e))?;
+            for (i, chunk) in bytes.chunks(CHUNK_SIZE).enumerate() {
+                chunks
+                    .insert((&key.0, i as u32), chunk)
+                    .map_err(|e| self.err(e))?;
+            }
+            let meta = CheckpointMeta {
+                digest: Digest::of(bytes),
+                size: bytes.len() as u64,
+                chunks: bytes.chunks(CHUNK_SIZE).count() as u32,
+                saved_ms: now_ms(),
+            };
+            txn.open_table(CHECKPOINT_META)
+                .map_err(|e| self.err(e))?
+                .insert(&key.0, json(&meta).as_slice())
+                .map_err(|e| self.err(e))?;
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    /// The stage's last checkpoint, verified; a corrupt checkpoint is reported as such.
+    pub fn load_checkpoint(&self, key: &Digest) -> StoreResult<Option<Vec<u8>>> {
+        let txn = self.begin_read()?;
+        let meta_table = txn.open_table(CHECKPOINT_META).map_err(|e| self.err(e))?;
+        let Some(meta) = meta_table.get(&key.0).map_err(|e| self.err(e))? else {
+            return Ok(None);
+        };
+        let meta: CheckpointMeta = serde_json::from_slice(meta.value()).map_err(|e| self.err(e))?;
+        let chunks = txn.open_table(CHECKPOINT_CHUNKS).map_err(|e| self.err(e))?;
+        let mut bytes = Vec::with_capacity(meta.size as usize);
+        for i in 0..meta.chunks {
+            let chunk = chunks
+                .get((&key.0, i))
+                .map_err(|e| self.err(e))?
+                .ok_or_else(|| StoreError::Corrupt {
+                    digest: meta.digest,
+                    detail: format!("checkpoint chunk {i} missing"),
+                })?;
+            bytes.extend_from_slice(chunk.value());
+        }
+        if Digest::of(&bytes) != meta.digest {
+            return Err(StoreError::Corrupt {
+                digest: meta.digest,
+                detail: "checkpoint bytes do not match their digest".into(),
+            });
+        }
+        Ok(Some(bytes))
+    }
+
+    fn delete_checkpoint_in(&self, txn: &WriteTransaction, key: &Digest) -> StoreResult<()> {
+        let mut meta_table = txn.open_table(CHECKPOINT_META).map_err(|e| self.err(e))?;
+        let old = meta_table.remove(&key.0).map_err(|e| self.err(e))?;
+        if let Some(old) = old {
+            let meta: CheckpointMeta =
+                serde_json::from_slice(old.value()).map_err(|e| self.err(e))?;
+            let mut chunks = txn.open_table(CHECKPOINT_CHUNKS).map_err(|e| self.err(e))?;
+            for i in 0..meta.chunks {
+                chunks.remove((&key.0, i)).map_err(|e| self.err(e))?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn checkpoint_meta(&self, key: &Digest) -> StoreResult<Option<CheckpointMeta>> {
+        let txn = self.begin_read()?;
+        let table = txn.open_table(CHECKPOINT_META).map_err(|e| self.err(e))?;
+        let value = table.get(&key.0).map_err(|e| self.err(e))?;
+        value
+            .map(|v| serde_json::from_slice(v.value()).map_err(|e| self.err(e)))
+            .transpose()
+    }
+
+    // ---- runs ----------------------------------------------------------------------------
+
+    /// Starts a run record with a fresh id.
+    pub fn begin_run(
+        &self,
+        manifest: &str,
+        manifest_digest: Digest,
+        stages: &[StageRunRecord],
+    ) -> StoreResult<RunRecord> {
+        let txn = self.begin_write()?;
+        let id = {
+            let runs = txn.open_table(RUNS).map_err(|e| self.err(e))?;
+            let last = runs.last().map_err(|e| self.err(e))?;
+            last.map(|(k, _)| k.value() + 1).unwrap_or(1)
+        };
+        let record = RunRecord {
+            id,
+            manifest: manifest.into(),
+            manifest_digest,
+            pid: std::process::id(),
+            started_ms: now_ms(),
+            ended_ms: None,
+            state: RunState::Running,
+            stages_total: stages.len(),
+            error: None,
+        };
+        txn.open_table(RUNS)
+            .map_err(|e| self.err(e))?
+            .insert(id, json(&record).as_slice())
+            .map_err(|e| self.err(e))?;
+        for stage in stages {
+            self.put_stage_run_in(&txn, id, stage)?;
+        }
+        txn.commit().map_err(|e| self.err(e))?;
+        Ok(record)
+    }
+
+    pub fn update_run(&self, record: &RunRecord) -> StoreResult<()> {
+        let txn = self.begin_write()?;
+        txn.open_table(RUNS)
+            .map_err(|e| self.err(e))?
+            .insert(record.id, json(record).as_slice())
+            .map_err(|e| self.err(e))?;
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    /// Records many stage state changes in one transaction.
+    pub fn put_stage_runs(&self, run: u64, stages: &[StageRunRecord]) -> StoreResult<()> {
+        if stages.is_empty() {
+            return Ok(());
+        }
+        let txn = self.begin_write()?;
+        for stage in stages {
+            self.put_stage_run_in(&txn, run, stage)?;
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    fn put_stage_run_in(
+        &self,
+        txn: &WriteTransaction,
+        run: u64,
+        stage: &StageRunRecord,
+    ) -> StoreResult<()> {
+        txn.open_table(STAGE_RUNS)
+            .map_err(|e| self.err(e))?
+            .insert((run, stage.stage.as_str()), json(stage).as_slice())
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    pub fn runs(&self) -> StoreResult<Vec<RunRecord>> {
+        let txn = self.begin_read()?;
+        let table = txn.open_table(RUNS).map_err(|e| self.err(e))?;
+        let mut out = vec![];
+        for entry in table.iter().map_err(|e| self.err(e))? {
+            let (_, v) = entry.map_err(|e| self.err(e))?;
+            out.push(serde_json::from_slice(v.value()).map_err(|e| self.err(e))?);
+        }
+        Ok(out)
+    }
+
+    pub fn stage_runs(&self, run: u64) -> StoreResult<Vec<StageRunRecord>> {
+        let txn = self.begin_read()?;
+        let table = txn.open_table(STAGE_RUNS).map_err(|e| self.err(e))?;
+        let mut out = vec![];
+        for entry in table
+            .range((run, "")..(run + 1, ""))
+            .map_err(|e| self.err(e))?
+        {
+            let (_, v) = entry.map_err(|e| self.err(e))?;
+            out.push(serde_json::from_slice(v.value()).map_err(|e| self.err(e))?);
+        }
+        Ok(out)
+    }
+
+    // ---- garbage collection --------------------------------------------------------------
+
+    /// Drops runs older than the newest `keep_runs`, the actions no kept run references, and
+    /// every artifact and chunk no kept action or stage record reaches.
+    pub fn gc(&self, keep_runs: Option<usize>, dry_run: bool) -> StoreResult<GcReport> {
+        let mut report = GcReport::default();
+        let runs = self.runs()?;
+        let cut = keep_runs.map(|k| runs.len().saturating_sub(k)).unwrap_or(0);
+        let (dropped_runs, kept_runs) = runs.split_at(cut);
+        report.runs_dropped = dropped_runs.len();
+
+        let mut live_keys = BTreeSet::new();
+        let mut live_artifacts = BTreeSet::new();
+        for run in kept_runs {
+            for stage in self.stage_runs(run.id)? {
+                if let Some(key) = stage.key {
+                    live_keys.insert(key);
+                }
+                live_artifacts.extend(stage.outputs.values().copied());
+            }
+        }
+        let actions = self.actions()?;
+        let mut dead_actions = vec![];
+        for action in &actions {
+            if live_keys.contains(&action.key) {
+                live_artifacts.extend(action.outputs.values().copied());
+            } else {
+                dead_actions.push(action.key);
+            }
+        }
+        report.actions_dropped = dead_actions.len();
+
+        let mut live_chunks = BTreeSet::new();
+        let mut dead_artifacts = vec![];
+        for record in self.artifacts()? {
+            if live_artifacts.contains(&record.digest) {
+                live_chunks.extend(record.chunks.iter().copied());
+                report.artifacts_kept += 1;
+            } else {
+                dead_artifacts.push(record.digest);
+            }
+        }
+        report.artifacts_dropped = dead_artifacts.len();
+
+        let txn_read = self.begin_read()?;
+        let chunk_table = txn_read.open_table(CHUNKS).map_err(|e| self.err(e))?;
+        let mut dead_chunks = vec![];
+        for entry in chunk_table.iter().map_err(|e| self.err(e))? {
+            let (k, v) = entry.map_err(|e| self.err(e))?;
+            let digest = Digest(*k.value());
+            if !live_chunks.contains(&digest) {
+                report.bytes_dropped += v.value().len() as u64;
+                dead_chunks.push(digest);
+            }
+        }
+        drop(chunk_table);
+        drop(txn_read);
+        report.chunks_dropped = dead_chunks.len();
+        if dry_run {
+            return Ok(report);
+        }
+
+        let txn = self.begin_write()?;
+        {
+            let mut t = txn.open_table(RUNS).map_err(|e| self.err(e))?;
+            let mut s = txn.open_table(STAGE_RUNS).map_err(|e| self.err(e))?;
+            for run in dropped_runs {
+                t.remove(run.id).map_err(|e| self.err(e))?;
+                let paths: Vec<String> = self
+                    .stage_runs(run.id)?
+                    .into_iter()
+                    .map(|r| r.stage)
+                    .collect();
+                for path in paths {
+                    s.remove((run.id, path.as_str())).map_err(|e| self.err(e))?;
+                }
+            }
+            let mut a = txn.open_table(ACTIONS).map_err(|e| self.err(e))?;
+            for key in &dead_actions {
+                a.remove(&key.0).map_err(|e| self.err(e))?;
+            }
+            let mut r = txn.open_table(ARTIFACTS).map_err(|e| self.err(e))?;
+            for digest in &dead_artifacts {
+                r.remove(&digest.0).map_err(|e| self.err(e))?;
+            }
+            let mut c = txn.open_table(CHUNKS).map_err(|e| self.err(e))?;
+            for digest in &dead_chunks {
+                c.remove(&digest.0).map_err(|e| self.err(e))?;
+            }
+        }
+        txn.commit().map_err(|e| self.err(e))?;
+        Ok(report)
+    }
+
+    /// Reclaims free pages after a gc (redb needs exclusive access for this).
+    pub fn compact(&mut self) -> StoreResult<()> {
+        let path = self.path.clone();
+        match &mut self.handle {
+            Handle::Writer(db) => db.compact().map(|_| ()).map_err(|e| StoreError::Db {
+                path,
+                detail: e.to_string(),
+            }),
+            Handle::Reader(_) => Err(self.err("store opened read-only")),
+        }
+    }
+}
+
+fn map_open_error(path: &Path, e: DatabaseError) -> StoreError {
+    match e {
+        DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch => {
+            StoreError::Busy { path: path.into() }
+        }
+        other => StoreError::Db {
+            path: path.into(),
+            detail: other.to_string(),
+        },
+    }
+}
+
+/// Streams an artifact's chunks, verifying as it goes (an `io::Error` wrapping
+/// [`StoreError::Corrupt`] on mismatch).
+pub struct ArtifactReader {
+    table: redb::ReadOnlyTable<&'static [u8; 32], &'static [u8]>,
+    record: ArtifactRecord,
+    next_chunk: usize,
+    buffer: Vec<u8>,
+    pos: usize,
+    hasher: blake3::Hasher,
+    read: u64,
+}
+
+impl ArtifactReader {
+    fn corrupt(&self, detail: String) -> std::io::Error {
+        std::io::Error::other(StoreError::Corrupt {
+            digest: self.record.digest,
+            detail,
+        })
+    }
+
+    fn fill(&mut self) -> std::io::Result<bool> {
+        if self.next_chunk == self.record.chunks.len() {
+            if self.read != self.record.size {
+                return Err(self.corrupt(format!(
+                    "{} bytes read, {} expected",
+                    self.read, self.record.size
+                )));
+            }
+            if Digest(*self.hasher.finalize().as_bytes()) != self.record.digest {
+                return Err(self.corrupt("bytes do not match the artifact digest".into()));
+            }
+            return Ok(false);
+        }
+        let expected = self.record.chunks[self.next_chunk];
+        let value = self
+            .table
+            .get(&expected.0)
+            .map_err(std::io::Error::other)?
+            .ok_or_else(|| {
+                self.corrupt(format!("chunk {} ({expected:?}) missing", self.next_chunk))
+            })?;
+        let bytes = value.value();
+        if Digest::of(bytes) != expected {
+            return Err(self.corrupt(format!(
+                "chunk {} ({expected:?}) does not match its digest",
+                self.next_chunk
+            )));
+        }
+        self.hasher.update(bytes);
+        self.read += bytes.len() as u64;
+        self.buffer.clear();
+        self.buffer.extend_from_slice(bytes);
+        self.pos = 0;
+        self.next_chunk += 1;
+        Ok(true)
+    }
+}
+
+impl Read for ArtifactReader {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.buffer.len() {
+            if !self.fill()? {
+                return Ok(0);
+            }
+        }
+        let n = out.len().min(self.buffer.len() - self.pos);
+        out[..n].copy_from_slice(&self.buffer[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}

@@ -1,0 +1,775 @@
+//! The subcommands. Each prints for a person by default and JSON with `--json` where a script
+//! would want it.
+
+use crate::store_path;
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand, ValueEnum};
+use deeprepair_pipeline::render::{self, PlannedState};
+use deeprepair_pipeline::store::{RunRecord, RunState, StageRunRecord, StageState};
+use deeprepair_pipeline::{
+    plan_file, progress::Progress, run_plan, Artifact, ArtifactHeader, ArtifactKind, Digest,
+    Registry, RunOptions, Store,
+};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+pub fn registry() -> Registry {
+    let mut registry = Registry::new();
+    deeprepair_pipeline::builtin::register(&mut registry);
+    deeprepair_stages::register(&mut registry);
+    registry
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum PlanFormat {
+    Text,
+    Dot,
+    Mermaid,
+    Json,
+}
+
+#[derive(Args)]
+pub struct PlanArgs {
+    manifest: PathBuf,
+    #[arg(long, value_enum, default_value = "text")]
+    format: PlanFormat,
+    /// List every stage with its state and inputs.
+    #[arg(long, short)]
+    verbose: bool,
+    #[arg(long)]
+    store: Option<PathBuf>,
+}
+
+pub fn plan(args: PlanArgs, registry: &Registry) -> anyhow::Result<ExitCode> {
+    let plan = plan_file(&args.manifest, registry)?;
+    let path = store_path(args.store, Some(&args.manifest));
+    // Only read a store that exists; a plan never creates one.
+    let store = if path.exists() {
+        Some(Store::open_reader(&path)?)
+    } else {
+        None
+    };
+    let status = render::plan_status(&plan, store.as_ref())?;
+    let out = match args.format {
+        PlanFormat::Text => {
+            let mut s = render::text(&plan, &status);
+            if args.verbose {
+                s.push_str(&render::text_stages(&plan, &status));
+            }
+            s
+        }
+        PlanFormat::Dot => render::dot(&plan, &status),
+        PlanFormat::Mermaid => render::mermaid(&plan, &status),
+        PlanFormat::Json => render::json(&plan, &status),
+    };
+    print!("{out}");
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    manifest: PathBuf,
+    #[arg(long)]
+    store: Option<PathBuf>,
+    /// CPU thread slots for concurrently running stages (default: all cores).
+    #[arg(long, short)]
+    jobs: Option<usize>,
+    /// GPU ordinals to use, e.g. `0,1,2,3`.
+    #[arg(long, value_delimiter = ',')]
+    gpus: Vec<u32>,
+    /// Keep running independent stages after a failure.
+    #[arg(long)]
+    keep_going: bool,
+    /// Extra attempts for transient failures.
+    #[arg(long, default_value_t = 2)]
+    retries: u32,
+    /// Run only these stages (and what they need).
+    #[arg(long)]
+    only: Vec<String>,
+    /// Plain log lines instead of progress bars.
+    #[arg(long)]
+    plain: bool,
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: RunArgs, registry: &Registry) -> anyhow::Result<ExitCode> {
+    let plan = plan_file(&args.manifest, registry)?;
+    let path = store_path(args.store, Some(&args.manifest));
+    let store = Arc::new(Store::open_writer(&path)?);
+    let mut options = RunOptions {
+        gpus: args.gpus,
+        keep_going: args.keep_going,
+        retries: args.retries,
+        only: args.only,
+        handle_ctrl_c: true,
+        ..RunOptions::default()
+    };
+    if let Some(j) = args.jobs {
+        options.jobs = j.max(1);
+    }
+    let progress = Arc::new(Progress::new(plan.stages.len() as u64, args.plain));
+    let summary = run_plan(
+        &plan,
+        registry,
+        store,
+        &options,
+        progress.clone(),
+        Arc::new(AtomicBool::new(false)),
+    )?;
+    progress.finish();
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!(
+            "run {}: {:?} in {:.1}s — {} executed, {} cached, {} failed, {} skipped (store {})",
+            summary.run,
+            summary.state,
+            summary.seconds,
+            summary.executed.len(),
+            summary.cached.len(),
+            summary.failed.len(),
+            summary.skipped.len(),
+            path.display()
+        );
+        for stage in &summary.recomputed_corrupt {
+            println!("  recomputed {stage}: its cached result was corrupt or missing");
+        }
+    }
+    for f in &summary.failed {
+        eprintln!("\nstage {} failed: {}", f.stage, f.error);
+        if !f.log_tail.is_empty() {
+            eprintln!("  last log lines:");
+            for line in &f.log_tail {
+                eprintln!("    {line}");
+            }
+        }
+    }
+    Ok(match summary.state {
+        RunState::Succeeded => ExitCode::SUCCESS,
+        RunState::Cancelled => ExitCode::from(130),
+        _ => ExitCode::FAILURE,
+    })
+}
+
+#[derive(Args)]
+pub struct StoreArgs {
+    /// The store (default: $DEEPREPAIR_STORE, else .deeprepair/store.redb next to --manifest
+    /// or in the current directory).
+    #[arg(long)]
+    store: Option<PathBuf>,
+    /// Find the store next to this manifest.
+    #[arg(long)]
+    manifest: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    fn open(&self) -> anyhow::Result<Store> {
+        let path = store_path(self.store.clone(), self.manifest.as_deref());
+        Ok(Store::open_reader(&path)?)
+    }
+}
+
+fn when(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+}
+
+fn pid_alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// A run still marked running whose process is gone was interrupted (killed or crashed).
+fn run_state_label(run: &RunRecord) -> String {
+    match run.state {
+        RunState::Running if run.pid != std::process::id() && !pid_alive(run.pid) => {
+            "interrupted".into()
+        }
+        s => format!("{s:?}").to_lowercase(),
+    }
+}
+
+fn pick_run(store: &Store, run: Option<u64>) -> anyhow::Result<RunRecord> {
+    let runs = store.runs()?;
+    match run {
+        Some(id) => runs
+            .into_iter()
+            .find(|r| r.id == id)
+            .with_context(|| format!("no run {id} in the store")),
+        None => runs.into_iter().last().context("the store has no runs yet"),
+    }
+}
+
+#[derive(Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    #[arg(long)]
+    run: Option<u64>,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let store = args.store.open()?;
+    let run = pick_run(&store, args.run)?;
+    let stages = store.stage_runs(run.id)?;
+    if args.json {
+        let out = serde_json::json!({"run": run, "state": run_state_label(&run), "stages": stages});
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let secs = run
+        .ended_ms
+        .unwrap_or_else(deeprepair_pipeline::store::now_ms)
+        - run.started_ms;
+    println!(
+        "run {} of {}: {} (started {}, {:.1}s, pid {})",
+        run.id,
+        run.manifest,
+        run_state_label(&run),
+        when(run.started_ms),
+        secs as f64 / 1000.0,
+        run.pid
+    );
+    let count = |s: StageState| stages.iter().filter(|r| r.state == s).count();
+    println!(
+        "stages: {} total — {} cached, {} succeeded, {} running, {} pending, {} failed, {} skipped",
+        stages.len(),
+        count(StageState::Cached),
+        count(StageState::Succeeded),
+        count(StageState::Running),
+        count(StageState::Pending),
+        count(StageState::Failed),
+        count(StageState::Skipped)
+    );
+    println!(
+        "{:<10} {:>8} {:<11} {:>3}  stage",
+        "state", "time", "worker", "try"
+    );
+    for r in &stages {
+        let time = match (r.started_ms, r.ended_ms) {
+            (Some(s), Some(e)) => format!("{:.1}s", (e - s) as f64 / 1000.0),
+            (Some(_), None) => "…".into(),
+            _ => "".into(),
+        };
+        println!(
+            "{:<10} {:>8} {:<11} {:>3}  {}",
+            format!("{:?}", r.state).to_lowercase(),
+            time,
+            r.worker.clone().unwrap_or_default(),
+            r.attempt,
+            r.stage
+        );
+        if let Some(e) = &r.error {
+            println!("{:>35}error: {e}", "");
+        }
+    }
+    if let Some(e) = &run.error {
+        println!("run error: {e}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args)]
+pub struct LsArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Only stages of this kind.
+    #[arg(long)]
+    stage: Option<String>,
+    /// Stages of this run (default: the last run).
+    #[arg(long)]
+    run: Option<u64>,
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn ls(args: LsArgs) -> anyhow::Result<ExitCode> {
+    let store = args.store.open()?;
+    let run = pick_run(&store, args.run)?;
+    let mut rows = vec![];
+    for r in store.stage_runs(run.id)? {
+        if args.stage.as_deref().is_some_and(|k| k != r.kind) {
+            continue;
+        }
+        for (name, digest) in &r.outputs {
+            let rec = store.artifact_record(digest)?;
+            rows.push(serde_json::json!({
+                "stage": r.stage, "kind": r.kind, "output": name, "digest": digest,
+                "artifact_kind": rec.as_ref().map(|a| a.header.kind.as_str()),
+                "size": rec.as_ref().map(|a| a.size),
+            }));
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("run {}: {} artifacts", run.id, rows.len());
+    println!(
+        "{:<12} {:<10} {:>10}  {:<10} stage",
+        "digest", "kind", "bytes", "output"
+    );
+    for row in rows {
+        println!(
+            "{:<12} {:<10} {:>10}  {:<10} {}",
+            &row["digest"].as_str().unwrap_or("")[..12],
+            row["artifact_kind"].as_str().unwrap_or("missing"),
+            row["size"]
+                .as_u64()
+                .map(|s| s.to_string())
+                .unwrap_or_default(),
+            row["output"].as_str().unwrap_or(""),
+            row["stage"].as_str().unwrap_or("")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args)]
+pub struct InspectArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// A stage path (`repair[corruption=fog,method=augmix]`) or an artifact digest prefix.
+    target: String,
+    #[arg(long)]
+    json: bool,
+}
+
+/// Finds the newest record of a stage path across runs.
+fn find_stage(store: &Store, path: &str) -> anyhow::Result<Option<(u64, StageRunRecord)>> {
+    for run in store.runs()?.iter().rev() {
+        if let Some(r) = store
+            .stage_runs(run.id)?
+            .into_iter()
+            .find(|r| r.stage == path)
+        {
+            return Ok(Some((run.id, r)));
+        }
+    }
+    Ok(None)
+}
+
+fn preview(a: &Artifact) -> Option<String> {
+    let textual =
+        a.header.media_type.starts_with("text/") || a.header.media_type == "application/json";
+    (textual && a.bytes.len() <= 16 * 1024).then(|| String::from_utf8_lossy(&a.bytes).into_owned())
+}
+
+pub fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
+    let store = args.store.open()?;
+    if let Some((run, record)) = find_stage(&store, &args.target)? {
+        let action = match record.key {
+            Some(k) => store.action(&k)?,
+            None => None,
+        };
+        let checkpoint = match record.key {
+            Some(k) => store.checkpoint_meta(&k)?,
+            None => None,
+        };
+        if args.json {
+            let out = serde_json::json!({"run": run, "record": record, "action": action, "checkpoint": checkpoint});
+            println!("{}", serde_json::to_string_pretty(&out)?);
+            return Ok(ExitCode::SUCCESS);
+        }
+        println!(
+            "stage {} (kind {}), run {run}: {:?}",
+            record.stage, record.kind, record.state
+        );
+        if let Some(k) = record.key {
+            println!("key {k}");
+        }
+        if let Some(a) = &action {
+            println!(
+                "produced by run {} on {} (attempt {}), {} at {}",
+                a.run,
+                a.worker,
+                a.attempt,
+                format!("{:.1}s", a.duration_ms as f64 / 1000.0),
+                when(a.started_ms)
+            );
+            println!(
+                "code version {}\nparams {}",
+                a.version,
+                serde_json::to_string_pretty(&a.params)?
+            );
+            for (name, digests) in &a.inputs {
+                let ds: Vec<String> = digests.iter().map(|d| d.short()).collect();
+                println!("input {name}: {}", ds.join(", "));
+            }
+        }
+        if let Some(c) = &checkpoint {
+            println!("checkpoint: {} bytes saved at {}", c.size, when(c.saved_ms));
+        }
+        for (name, digest) in &record.outputs {
+            match store.get_artifact(digest) {
+                Ok(a) => {
+                    println!(
+                        "output {name}: {} {} ({} bytes) {}",
+                        digest.short(),
+                        a.header.kind.as_str(),
+                        a.bytes.len(),
+                        a.header.meta
+                    );
+                    if let Some(p) = preview(&a) {
+                        for line in p.lines().take(60) {
+                            println!("  | {line}");
+                        }
+                    }
+                }
+                Err(e) => println!("output {name}: {} unreadable: {e}", digest.short()),
+            }
+        }
+        if let Some(e) = &record.error {
+            println!("error: {e}");
+        }
+        if !record.log_tail.is_empty() {
+            println!("log tail:");
+            for line in &record.log_tail {
+                println!("  {line}");
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let digest = resolve_digest(&store, &args.target)?;
+    let artifact = store.get_artifact(&digest)?;
+    let producers: Vec<_> = store
+        .actions()?
+        .into_iter()
+        .filter(|a| a.outputs.values().any(|d| *d == digest))
+        .collect();
+    if args.json {
+        let out = serde_json::json!({"digest": digest, "header": artifact.header, "size": artifact.bytes.len(), "producers": producers});
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "artifact {digest}\nkind {} ({}), {} bytes",
+        artifact.header.kind.as_str(),
+        artifact.header.media_type,
+        artifact.bytes.len()
+    );
+    println!("meta {}", artifact.header.meta);
+    for p in &producers {
+        println!(
+            "produced by stage {} (kind {} v{}, run {}, key {})",
+            p.stage,
+            p.kind,
+            p.version,
+            p.run,
+            p.key.short()
+        );
+    }
+    if let Some(p) = preview(&artifact) {
+        for line in p.lines().take(60) {
+            println!("  | {line}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn resolve_digest(store: &Store, target: &str) -> anyhow::Result<Digest> {
+    if target.len() < 4 || !target.chars().all(|c| c.is_ascii_hexdigit()) {
+        bail!(
+            "'{target}' is neither a stage path in the store nor a digest prefix (4+ hex digits)"
+        );
+    }
+    let matches = store.resolve_artifact_prefix(target)?;
+    match matches.as_slice() {
+        [one] => Ok(*one),
+        [] => bail!("no artifact or stage matches '{target}'"),
+        many => bail!(
+            "'{target}' matches {} artifacts; give more digits",
+            many.len()
+        ),
+    }
+}
+
+#[derive(Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Artifact digest (or prefix).
+    digest: String,
+    #[arg(long)]
+    out: PathBuf,
+}
+
+pub fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
+    let store = args.store.open()?;
+    let digest = resolve_digest(&store, &args.digest)?;
+    let artifact = store.get_artifact(&digest)?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let file = args
+        .out
+        .join(format!("{}.{}", digest.short(), artifact.header.extension));
+    write_atomically(&file, &artifact.bytes)?;
+    let producers: Vec<_> = store
+        .actions()?
+        .into_iter()
+        .filter(|a| a.outputs.values().any(|d| *d == digest))
+        .collect();
+    let provenance =
+        serde_json::json!({"digest": digest, "header": artifact.header, "producers": producers});
+    let meta_file = args.out.join(format!("{}.artifact.json", digest.short()));
+    write_atomically(
+        &meta_file,
+        serde_json::to_string_pretty(&provenance)?.as_bytes(),
+    )?;
+    let extra = deeprepair_stages::export_extra(&artifact, &args.out, &digest.short())?;
+    println!("{}", file.display());
+    println!("{}", meta_file.display());
+    for f in extra {
+        println!("{}", f.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Writes via a temporary file and rename, so an interrupted export leaves no half file.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("partial");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+#[derive(Args)]
+pub struct GcArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Keep only the newest N runs (default: all runs).
+    #[arg(long)]
+    keep_runs: Option<usize>,
+    #[arg(long)]
+    dry_run: bool,
+}
+
+pub fn gc(args: GcArgs) -> anyhow::Result<ExitCode> {
+    let path = store_path(args.store.store.clone(), args.store.manifest.as_deref());
+    let mut store = Store::open_writer(&path)?;
+    let report = store.gc(args.keep_runs, args.dry_run)?;
+    let verb = if args.dry_run {
+        "would drop"
+    } else {
+        "dropped"
+    };
+    println!(
+        "{verb} {} runs, {} actions, {} artifacts, {} chunks ({:.1} MiB); {} artifacts kept",
+        report.runs_dropped,
+        report.actions_dropped,
+        report.artifacts_dropped,
+        report.chunks_dropped,
+        report.bytes_dropped as f64 / (1 << 20) as f64,
+        report.artifacts_kept
+    );
+    if !args.dry_run && report.chunks_dropped > 0 {
+        store.compact()?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn verify(args: StoreArgs) -> anyhow::Result<ExitCode> {
+    let store = args.open()?;
+    let problems = store.verify_all()?;
+    let artifacts = store.artifacts()?.len();
+    if problems.is_empty() {
+        println!("ok: {artifacts} artifacts verified");
+        return Ok(ExitCode::SUCCESS);
+    }
+    for p in &problems {
+        println!("{p}");
+    }
+    println!("{} problems in {artifacts} artifacts", problems.len());
+    Ok(ExitCode::FAILURE)
+}
+
+pub fn kinds(registry: &Registry) -> anyhow::Result<ExitCode> {
+    for kind in registry.iter() {
+        println!(
+            "{} (v{}): {}",
+            kind.name(),
+            kind.version(),
+            kind.description()
+        );
+        for p in kind.params() {
+            let default = p
+                .default
+                .map(|d| format!(" = {d}"))
+                .unwrap_or_else(|| " (required)".into());
+            println!(
+                "  param {}: {}{default} — {}",
+                p.name,
+                p.ty.describe(),
+                p.help
+            );
+        }
+        for i in kind.inputs() {
+            println!(
+                "  input {}{}{}: {}",
+                i.name,
+                if i.many { " (many)" } else { "" },
+                if i.optional { " (optional)" } else { "" },
+                i.help
+            );
+        }
+        println!("  outputs: {}", kind.outputs().join(", "));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Planning and cached re-runs of a large grid; blob put/get throughput.
+    Orchestrator {
+        /// Stages in the grid (rounded to a square).
+        #[arg(long, default_value_t = 10_000)]
+        stages: usize,
+        /// Where to put the benchmark store (default: a temporary directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+}
+
+pub fn bench(what: BenchCommand, registry: &Registry) -> anyhow::Result<ExitCode> {
+    match what {
+        BenchCommand::Orchestrator { stages, dir } => bench_orchestrator(stages, dir, registry),
+    }
+}
+
+fn bench_orchestrator(
+    stages: usize,
+    dir: Option<PathBuf>,
+    registry: &Registry,
+) -> anyhow::Result<ExitCode> {
+    let dir = match dir {
+        Some(d) => d,
+        None => std::env::temp_dir().join(format!("deeprepair-bench-{}", std::process::id())),
+    };
+    std::fs::create_dir_all(&dir)?;
+    let side = (stages as f64).sqrt().ceil() as usize;
+    let values = |n: usize| (0..n).map(|i| i.to_string()).collect::<Vec<_>>().join(", ");
+    let manifest = dir.join("grid.yaml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "name: bench\ngrid:\n  seed: [{}]\n  label: [{}]\nstages:\n  cell:\n    kind: util.work\n    over: [seed, label]\n    params: {{steps: 1, size: 64}}\n",
+            values(side),
+            values(side)
+        ),
+    )?;
+    let mut rows: Vec<(String, String)> = vec![];
+    let t = Instant::now();
+    let plan = plan_file(&manifest, registry)?;
+    rows.push((
+        format!("plan {} stages", plan.stages.len()),
+        format!("{:.3} s", t.elapsed().as_secs_f64()),
+    ));
+
+    let store_file = dir.join("store.redb");
+    let _ = std::fs::remove_file(&store_file);
+    let store = Arc::new(Store::open_writer(&store_file)?);
+    let progress: Arc<Progress> = Arc::new(Progress::new(plan.stages.len() as u64, true));
+    let options = RunOptions::default();
+    let t = Instant::now();
+    let first = run_plan(
+        &plan,
+        registry,
+        store.clone(),
+        &options,
+        progress.clone(),
+        Arc::new(AtomicBool::new(false)),
+    )?;
+    rows.push((
+        format!("first run ({} executed)", first.executed.len()),
+        format!("{:.2} s", t.elapsed().as_secs_f64()),
+    ));
+    let t = Instant::now();
+    let status = render::plan_status(&plan, Some(&store))?;
+    rows.push((
+        format!(
+            "plan status vs store ({} cached)",
+            status.count(PlannedState::Cached)
+        ),
+        format!("{:.3} s", t.elapsed().as_secs_f64()),
+    ));
+    let t = Instant::now();
+    let again = run_plan(
+        &plan,
+        registry,
+        store.clone(),
+        &options,
+        progress.clone(),
+        Arc::new(AtomicBool::new(false)),
+    )?;
+    anyhow::ensure!(
+        again.executed.is_empty(),
+        "cached re-run executed {} stages",
+        again.executed.len()
+    );
+    rows.push((
+        format!("fully cached re-run ({} cached)", again.cached.len()),
+        format!("{:.3} s", t.elapsed().as_secs_f64()),
+    ));
+
+    for (label, size) in [("1 MB", 1usize << 20), ("100 MB", 100 << 20)] {
+        let mut bytes = vec![0u8; size];
+        let mut state = 0x2545F4914F6CDD1Du64;
+        for chunk in bytes.chunks_mut(8) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+        }
+        let reps = if size < (10 << 20) { 50 } else { 3 };
+        let artifacts: Vec<Artifact> = (0..reps)
+            .map(|r| {
+                let mut b = bytes.clone();
+                b[0] = r as u8;
+                b[size - 1] = (r >> 8) as u8;
+                Artifact {
+                    header: ArtifactHeader::new(
+                        ArtifactKind::Tensor,
+                        "application/octet-stream",
+                        "bin",
+                    ),
+                    bytes: b,
+                }
+            })
+            .collect();
+        let t = Instant::now();
+        let mut digests = vec![];
+        for a in &artifacts {
+            digests.extend(store.put_artifacts(std::slice::from_ref(a))?);
+        }
+        let put = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        for d in &digests {
+            let a = store.get_artifact(d)?;
+            anyhow::ensure!(a.bytes.len() == size);
+        }
+        let get = t.elapsed().as_secs_f64();
+        let mb = (size * reps) as f64 / 1e6;
+        rows.push((
+            format!("blob put {label} ×{reps}"),
+            format!("{:.0} MB/s", mb / put),
+        ));
+        rows.push((
+            format!("blob get {label} ×{reps} (verified)"),
+            format!("{:.0} MB/s", mb / get),
+        ));
+    }
+    drop(store);
+    let file_mb = std::fs::metadata(&store_file)?.len() as f64 / 1e6;
+    rows.push(("store file size".into(), format!("{file_mb:.0} MB")));
+    println!("| measurement | result |\n| --- | --- |");
+    for (k, v) in rows {
+        println!("| {k} | {v} |");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(ExitCode::SUCCESS)
+}

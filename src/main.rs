@@ -1,0 +1,98 @@
+//! `deeprepair`: the command-line front end. Thin: parses arguments and calls the crates
+//! (`pipeline` for manifests/store/executor, `stages` for the ML stage kinds).
+
+mod commands;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "deeprepair",
+    version,
+    about = "Repair image classifiers from collected failures; run the experiment grids."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Dry run: expand a manifest into its DAG and show what is cached and what will run.
+    Plan(commands::PlanArgs),
+    /// Run a manifest. Ctrl-C or kill -9 at any point is safe; a re-run resumes.
+    Run(commands::RunArgs),
+    /// The last (or a given) run: per-stage state and timings.
+    Status(commands::StatusArgs),
+    /// Artifacts in the store, by stage.
+    Ls(commands::LsArgs),
+    /// A stage (by path) or an artifact (by digest prefix): params, inputs, outputs, logs.
+    Inspect(commands::InspectArgs),
+    /// Write an artifact to ordinary files.
+    Export(commands::ExportArgs),
+    /// Re-hash every artifact in the store and check every cached stage's outputs exist.
+    Verify(commands::StoreArgs),
+    /// Drop what no kept run reaches.
+    Gc(commands::GcArgs),
+    /// The stage kinds this binary knows, with their params, inputs and outputs.
+    Kinds,
+    /// Benchmarks that print a table.
+    Bench {
+        #[command(subcommand)]
+        what: commands::BenchCommand,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DEEPREPAIR_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+    let registry = commands::registry();
+    let result = match cli.command {
+        Command::Plan(a) => commands::plan(a, &registry),
+        Command::Run(a) => commands::run(a, &registry),
+        Command::Status(a) => commands::status(a),
+        Command::Ls(a) => commands::ls(a),
+        Command::Inspect(a) => commands::inspect(a),
+        Command::Export(a) => commands::export(a),
+        Command::Gc(a) => commands::gc(a),
+        Command::Verify(a) => commands::verify(a),
+        Command::Kinds => commands::kinds(&registry),
+        Command::Bench { what } => commands::bench(what, &registry),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            if let Some(m) = e.downcast_ref::<deeprepair_pipeline::ManifestError>() {
+                eprintln!("error: {m}");
+                return ExitCode::from(2);
+            }
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Where a command finds the store: `--store`, `$DEEPREPAIR_STORE`, next to the manifest, or
+/// `./.deeprepair/store.redb`.
+pub fn store_path(explicit: Option<PathBuf>, manifest: Option<&std::path::Path>) -> PathBuf {
+    if let Some(p) = explicit {
+        return p;
+    }
+    if let Some(p) = std::env::var_os("DEEPREPAIR_STORE") {
+        return p.into();
+    }
+    let dir = manifest
+        .and_then(|m| m.parent())
+        .map(|d| d.to_path_buf())
+        .unwrap_or_default();
+    dir.join(".deeprepair").join("store.redb")
+}

@@ -1,0 +1,76 @@
+//! Helpers for the integration tests: a scratch directory with a manifest, and the real
+//! `deeprepair` binary run against it.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub struct Scratch {
+    pub dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    pub fn new() -> Scratch {
+        Scratch {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.path().join(name);
+        std::fs::write(&p, text).expect("write manifest");
+        p
+    }
+    pub fn store(&self) -> PathBuf {
+        self.path().join(".deeprepair").join("store.redb")
+    }
+}
+
+pub fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_deeprepair"));
+    c.env("DEEPREPAIR_LOG", "warn");
+    c.env_remove("DEEPREPAIR_STORE");
+    c
+}
+
+pub fn run_ok(args: &[&str]) -> Output {
+    let out = bin().args(args).output().expect("spawn deeprepair");
+    assert!(
+        out.status.success(),
+        "deeprepair {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn json(out: &Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// stage path → output digest, for the last run in the store next to `manifest`.
+pub fn outputs(manifest: &Path) -> std::collections::BTreeMap<String, String> {
+    let out = run_ok(&["ls", "--json", "--manifest", manifest.to_str().unwrap()]);
+    json(&out)
+        .as_array()
+        .expect("ls --json gives a list")
+        .iter()
+        .map(|row| {
+            (
+                format!(
+                    "{}.{}",
+                    row["stage"].as_str().unwrap(),
+                    row["output"].as_str().unwrap()
+                ),
+                row["digest"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
