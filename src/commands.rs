@@ -4,17 +4,18 @@
 use crate::store_path;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
-use deeprepair_pipeline::render::{self, PlannedState};
+use deeprepair_pipeline::render;
 use deeprepair_pipeline::store::{RunRecord, RunState, StageRunRecord, StageState};
 use deeprepair_pipeline::{
-    plan_file, progress::Progress, run_plan, Artifact, ArtifactHeader, ArtifactKind, Digest,
+    plan_file_with_vars, progress::Progress, run_plan, Artifact, Digest,
     Registry, RunOptions, Store,
 };
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 pub fn registry() -> Registry {
     let mut registry = Registry::new();
@@ -31,9 +32,38 @@ pub enum PlanFormat {
     Json,
 }
 
+/// Manifest variables from the command line.
+#[derive(Args, Clone, Default)]
+pub struct VarArgs {
+    /// Set a manifest variable: `--var name=value` (repeatable).
+    #[arg(long = "var", value_name = "NAME=VALUE")]
+    vars: Vec<String>,
+    /// Shorthand for `--var data=PATH`: where the real data lives.
+    #[arg(long, value_name = "PATH")]
+    data: Option<PathBuf>,
+}
+
+impl VarArgs {
+    fn map(&self) -> anyhow::Result<BTreeMap<String, String>> {
+        let mut out = BTreeMap::new();
+        for v in &self.vars {
+            let (k, val) = v
+                .split_once('=')
+                .with_context(|| format!("--var '{v}': expected NAME=VALUE"))?;
+            out.insert(k.trim().to_string(), val.to_string());
+        }
+        if let Some(d) = &self.data {
+            out.insert("data".into(), d.display().to_string());
+        }
+        Ok(out)
+    }
+}
+
 #[derive(Args)]
 pub struct PlanArgs {
     manifest: PathBuf,
+    #[command(flatten)]
+    vars: VarArgs,
     #[arg(long, value_enum, default_value = "text")]
     format: PlanFormat,
     /// List every stage with its state and inputs.
@@ -44,7 +74,7 @@ pub struct PlanArgs {
 }
 
 pub fn plan(args: PlanArgs, registry: &Registry) -> anyhow::Result<ExitCode> {
-    let plan = plan_file(&args.manifest, registry)?;
+    let plan = plan_file_with_vars(&args.manifest, registry, &args.vars.map()?)?;
     let path = store_path(args.store, Some(&args.manifest));
     // Only read a store that exists; a plan never creates one.
     let store = if path.exists() {
@@ -72,14 +102,16 @@ pub fn plan(args: PlanArgs, registry: &Registry) -> anyhow::Result<ExitCode> {
 #[derive(Args)]
 pub struct RunArgs {
     manifest: PathBuf,
+    #[command(flatten)]
+    vars: VarArgs,
     #[arg(long)]
     store: Option<PathBuf>,
     /// CPU thread slots for concurrently running stages (default: all cores).
     #[arg(long, short)]
     jobs: Option<usize>,
-    /// GPU ordinals to use, e.g. `0,1,2,3`.
-    #[arg(long, value_delimiter = ',')]
-    gpus: Vec<u32>,
+    /// GPU ordinals to use, e.g. `0,1,2,3` (default: none, CPU only).
+    #[arg(long)]
+    gpus: Option<String>,
     /// Keep running independent stages after a failure.
     #[arg(long)]
     keep_going: bool,
@@ -98,11 +130,12 @@ pub struct RunArgs {
 }
 
 pub fn run(args: RunArgs, registry: &Registry) -> anyhow::Result<ExitCode> {
-    let plan = plan_file(&args.manifest, registry)?;
+    let plan = plan_file_with_vars(&args.manifest, registry, &args.vars.map()?)?;
     let path = store_path(args.store, Some(&args.manifest));
     let store = Arc::new(Store::open_writer(&path)?);
+    let gpus = deeprepair_workers::gpus_for_run(args.gpus.as_deref())?;
     let mut options = RunOptions {
-        gpus: args.gpus,
+        gpus,
         keep_going: args.keep_going,
         retries: args.retries,
         only: args.only,
@@ -385,11 +418,11 @@ pub fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
         }
         if let Some(a) = &action {
             println!(
-                "produced by run {} on {} (attempt {}), {} at {}",
+                "produced by run {} on {} (attempt {}), {:.1}s at {}",
                 a.run,
                 a.worker,
                 a.attempt,
-                format!("{:.1}s", a.duration_ms as f64 / 1000.0),
+                a.duration_ms as f64 / 1000.0,
                 when(a.started_ms)
             );
             println!(
@@ -646,130 +679,7 @@ fn bench_orchestrator(
     dir: Option<PathBuf>,
     registry: &Registry,
 ) -> anyhow::Result<ExitCode> {
-    let dir = match dir {
-        Some(d) => d,
-        None => std::env::temp_dir().join(format!("deeprepair-bench-{}", std::process::id())),
-    };
-    std::fs::create_dir_all(&dir)?;
-    let side = (stages as f64).sqrt().ceil() as usize;
-    let values = |n: usize| (0..n).map(|i| i.to_string()).collect::<Vec<_>>().join(", ");
-    let manifest = dir.join("grid.yaml");
-    std::fs::write(
-        &manifest,
-        format!(
-            "name: bench\ngrid:\n  seed: [{}]\n  label: [{}]\nstages:\n  cell:\n    kind: util.work\n    over: [seed, label]\n    params: {{steps: 1, size: 64}}\n",
-            values(side),
-            values(side)
-        ),
-    )?;
-    let mut rows: Vec<(String, String)> = vec![];
-    let t = Instant::now();
-    let plan = plan_file(&manifest, registry)?;
-    rows.push((
-        format!("plan {} stages", plan.stages.len()),
-        format!("{:.3} s", t.elapsed().as_secs_f64()),
-    ));
-
-    let store_file = dir.join("store.redb");
-    let _ = std::fs::remove_file(&store_file);
-    let store = Arc::new(Store::open_writer(&store_file)?);
-    let progress: Arc<Progress> = Arc::new(Progress::new(plan.stages.len() as u64, true));
-    let options = RunOptions::default();
-    let t = Instant::now();
-    let first = run_plan(
-        &plan,
-        registry,
-        store.clone(),
-        &options,
-        progress.clone(),
-        Arc::new(AtomicBool::new(false)),
-    )?;
-    rows.push((
-        format!("first run ({} executed)", first.executed.len()),
-        format!("{:.2} s", t.elapsed().as_secs_f64()),
-    ));
-    let t = Instant::now();
-    let status = render::plan_status(&plan, Some(&store))?;
-    rows.push((
-        format!(
-            "plan status vs store ({} cached)",
-            status.count(PlannedState::Cached)
-        ),
-        format!("{:.3} s", t.elapsed().as_secs_f64()),
-    ));
-    let t = Instant::now();
-    let again = run_plan(
-        &plan,
-        registry,
-        store.clone(),
-        &options,
-        progress.clone(),
-        Arc::new(AtomicBool::new(false)),
-    )?;
-    anyhow::ensure!(
-        again.executed.is_empty(),
-        "cached re-run executed {} stages",
-        again.executed.len()
-    );
-    rows.push((
-        format!("fully cached re-run ({} cached)", again.cached.len()),
-        format!("{:.3} s", t.elapsed().as_secs_f64()),
-    ));
-
-    for (label, size) in [("1 MB", 1usize << 20), ("100 MB", 100 << 20)] {
-        let mut bytes = vec![0u8; size];
-        let mut state = 0x2545F4914F6CDD1Du64;
-        for chunk in bytes.chunks_mut(8) {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
-        }
-        let reps = if size < (10 << 20) { 50 } else { 3 };
-        let artifacts: Vec<Artifact> = (0..reps)
-            .map(|r| {
-                let mut b = bytes.clone();
-                b[0] = r as u8;
-                b[size - 1] = (r >> 8) as u8;
-                Artifact {
-                    header: ArtifactHeader::new(
-                        ArtifactKind::Tensor,
-                        "application/octet-stream",
-                        "bin",
-                    ),
-                    bytes: b,
-                }
-            })
-            .collect();
-        let t = Instant::now();
-        let mut digests = vec![];
-        for a in &artifacts {
-            digests.extend(store.put_artifacts(std::slice::from_ref(a))?);
-        }
-        let put = t.elapsed().as_secs_f64();
-        let t = Instant::now();
-        for d in &digests {
-            let a = store.get_artifact(d)?;
-            anyhow::ensure!(a.bytes.len() == size);
-        }
-        let get = t.elapsed().as_secs_f64();
-        let mb = (size * reps) as f64 / 1e6;
-        rows.push((
-            format!("blob put {label} ×{reps}"),
-            format!("{:.0} MB/s", mb / put),
-        ));
-        rows.push((
-            format!("blob get {label} ×{reps} (verified)"),
-            format!("{:.0} MB/s", mb / get),
-        ));
-    }
-    drop(store);
-    let file_mb = std::fs::metadata(&store_file)?.len() as f64 / 1e6;
-    rows.push(("store file size".into(), format!("{file_mb:.0} MB")));
-    println!("| measurement | result |\n| --- | --- |");
-    for (k, v) in rows {
-        println!("| {k} | {v} |");
-    }
-    let _ = std::fs::remove_dir_all(&dir);
+    let rows = deeprepair_pipeline::bench::orchestrator(stages, dir, registry)?;
+    println!("{}", deeprepair_pipeline::bench::table(&rows));
     Ok(ExitCode::SUCCESS)
 }

@@ -3,6 +3,7 @@
 //! registered by the binary (see `stages/`). See ARCHITECTURE.md for the invariants.
 
 pub mod artifact;
+pub mod bench;
 pub mod builtin;
 pub mod executor;
 pub mod key;
@@ -19,7 +20,7 @@ pub use kind::{
     InputSpec, ParamSpec, ParamType, Registry, Resources, StageCtx, StageError, StageKind,
 };
 pub use manifest::ManifestError;
-pub use plan::{plan_file, Plan};
+pub use plan::{plan_file, plan_file_with_vars, Plan};
 pub use store::{Store, StoreError};
 
 /// "; did you mean 'x'?" when a known name is close to `word`, else "".

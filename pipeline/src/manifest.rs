@@ -98,6 +98,9 @@ pub struct RawManifest {
     pub name: Option<String>,
     #[serde(default)]
     pub description: Option<String>,
+    /// Variables with defaults, used as `${name}` in string params; `--var name=value` sets them.
+    #[serde(default)]
+    pub vars: BTreeMap<String, Spanned<String>>,
     /// Axes: name → values. A stage lists the axes it is instanced over in `over:`.
     #[serde(default)]
     pub grid: BTreeMap<String, Spanned<Vec<Spanned<Value>>>>,
@@ -159,10 +162,16 @@ pub fn parse(source: &Source) -> Result<RawManifest, ManifestError> {
     })
 }
 
-/// serde-saphyr renders a snippet of its own; we keep its message and render ours.
+/// serde-saphyr renders its own location and snippet; we keep its message and render ours.
 fn first_line_of(rendered: &str) -> String {
-    let first = rendered.lines().next().unwrap_or(rendered).trim();
-    // Strip a trailing " at line X, column Y" that we print as a prefix anyway.
+    let mut first = rendered.lines().next().unwrap_or(rendered).trim();
+    first = first.strip_prefix("error: ").unwrap_or(first);
+    // "line 4 column 13: message" → "message"
+    if first.starts_with("line ") {
+        if let Some(i) = first.find(": ") {
+            first = &first[i + 2..];
+        }
+    }
     match first.rfind(" at line ") {
         Some(i) => first[..i].to_string(),
         None => first.to_string(),

@@ -79,24 +79,97 @@ impl Plan {
 
 /// Reads, parses and expands a manifest file.
 pub fn plan_file(path: &Path, registry: &Registry) -> Result<Plan, ManifestError> {
-    let source = Source::read(path)?;
-    plan_source(&source, registry)
+    plan_file_with_vars(path, registry, &BTreeMap::new())
 }
 
-pub fn plan_source(source: &Source, registry: &Registry) -> Result<Plan, ManifestError> {
+/// Plans with `${name}` variables set from the command line (overriding the manifest's
+/// `vars:` defaults).
+pub fn plan_file_with_vars(
+    path: &Path,
+    registry: &Registry,
+    vars: &BTreeMap<String, String>,
+) -> Result<Plan, ManifestError> {
+    let source = Source::read(path)?;
+    plan_source(&source, registry, vars)
+}
+
+pub fn plan_source(
+    source: &Source,
+    registry: &Registry,
+    cli_vars: &BTreeMap<String, String>,
+) -> Result<Plan, ManifestError> {
     let raw = manifest::parse(source)?;
+    let mut vars: BTreeMap<String, String> = raw
+        .vars
+        .iter()
+        .map(|(k, v)| (k.clone(), v.value.clone()))
+        .collect();
+    for (k, v) in cli_vars {
+        if !vars.contains_key(k) {
+            return Err(source.error_at_line(
+                1,
+                1,
+                format!(
+                    "--var {k}: the manifest declares no variable '{k}'{} (declare it under vars:)",
+                    did_you_mean(k, raw.vars.keys().map(|s| s.as_str()))
+                ),
+            ));
+        }
+        vars.insert(k.clone(), v.clone());
+    }
     Expander {
         source,
         registry,
         raw: &raw,
+        vars: &vars,
     }
     .expand()
+}
+
+/// Replaces `${name}` in every string inside `value`.
+fn substitute(value: &Value, vars: &BTreeMap<String, String>) -> Result<Value, String> {
+    Ok(match value {
+        Value::String(s) => {
+            let mut out = String::new();
+            let mut rest = s.as_str();
+            while let Some(start) = rest.find("${") {
+                out.push_str(&rest[..start]);
+                let end = rest[start..]
+                    .find('}')
+                    .ok_or_else(|| format!("unclosed '${{' in \"{s}\""))?;
+                let name = &rest[start + 2..start + end];
+                let v = vars.get(name).ok_or_else(|| {
+                    format!(
+                        "unknown variable '${{{name}}}'{}",
+                        did_you_mean(name, vars.keys().map(|k| k.as_str()))
+                    )
+                })?;
+                out.push_str(v);
+                rest = &rest[start + end + 1..];
+            }
+            out.push_str(rest);
+            Value::String(out)
+        }
+        Value::Array(items) => Value::Array(
+            items
+                .iter()
+                .map(|v| substitute(v, vars))
+                .collect::<Result<_, _>>()?,
+        ),
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| Ok((k.clone(), substitute(v, vars)?)))
+                .collect::<Result<_, String>>()?,
+        ),
+        other => other.clone(),
+    })
 }
 
 struct Expander<'a> {
     source: &'a Source,
     registry: &'a Registry,
     raw: &'a RawManifest,
+    vars: &'a BTreeMap<String, String>,
 }
 
 /// An input binding as written: `stage`, `stage.output` or `{from: …, all: true}`.
@@ -304,7 +377,9 @@ impl<'a> Expander<'a> {
                         ),
                         ));
                     }
-                    base.insert(k.clone(), (v.value.clone(), Some(v.referenced)));
+                    let value = substitute(&v.value, self.vars)
+                        .map_err(|msg| self.err(&v.referenced, format!("param '{k}': {msg}")))?;
+                    base.insert(k.clone(), (value, Some(v.referenced)));
                 }
                 Ok(())
             };

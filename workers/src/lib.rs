@@ -1,1 +1,61 @@
-//! Workers.
+//! Worker runtime. Today: which GPUs a run may use (`--gpus`, else `CUDA_VISIBLE_DEVICES`).
+//! Worker processes per GPU and NCCL data parallelism are the GPU-workers issue; stages
+//! already receive their assigned GPU ordinals through `StageCtx::gpus`.
+
+use thiserror::Error;
+
+#[derive(Debug, Error, PartialEq)]
+pub enum GpuListError {
+    #[error("bad GPU list '{list}': '{item}' is not a GPU ordinal (expected e.g. 0,1,2)")]
+    NotAnOrdinal { list: String, item: String },
+    #[error("bad GPU list '{list}': GPU {gpu} is listed twice")]
+    Duplicate { list: String, gpu: u32 },
+}
+
+/// Parses `0,1,3` (spaces allowed; empty means none).
+pub fn parse_gpu_list(list: &str) -> Result<Vec<u32>, GpuListError> {
+    let mut out: Vec<u32> = vec![];
+    for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let gpu: u32 = item.parse().map_err(|_| GpuListError::NotAnOrdinal {
+            list: list.into(),
+            item: item.into(),
+        })?;
+        if out.contains(&gpu) {
+            return Err(GpuListError::Duplicate {
+                list: list.into(),
+                gpu,
+            });
+        }
+        out.push(gpu);
+    }
+    Ok(out)
+}
+
+/// GPUs for a run: the explicit list if given; otherwise none (CPU), since using a GPU is a
+/// choice the user makes with `--gpus` (CUDA_VISIBLE_DEVICES only restricts what exists).
+pub fn gpus_for_run(explicit: Option<&str>) -> Result<Vec<u32>, GpuListError> {
+    match explicit {
+        Some(list) => parse_gpu_list(list),
+        None => Ok(vec![]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_lists_and_rejects_bad_ones() {
+        assert_eq!(parse_gpu_list("0,1, 3"), Ok(vec![0, 1, 3]));
+        assert_eq!(parse_gpu_list(""), Ok(vec![]));
+        assert!(matches!(parse_gpu_list("0,x"), Err(GpuListError::NotAnOrdinal { .. })));
+        assert_eq!(
+            parse_gpu_list("1,1"),
+            Err(GpuListError::Duplicate {
+                list: "1,1".into(),
+                gpu: 1
+            })
+        );
+        assert_eq!(gpus_for_run(None), Ok(vec![]));
+    }
+}

@@ -1,0 +1,163 @@
+//! Every bad manifest gives a clear error naming file:line:column and what was expected, a
+//! non-zero exit (2), and never a panic.
+
+mod common;
+use common::*;
+
+/// (name, manifest text, expected line, expected column or 0 for "any", message fragments)
+const CASES: &[(&str, &str, u64, u64, &[&str])] = &[
+    (
+        "syntax error",
+        "stages:\n  a:\n    kind: util.text\n    params: {text: \"x\"\n",
+        4,
+        13,
+        &["unclosed bracket"],
+    ),
+    (
+        "unknown top-level key",
+        "stagez:\n  a:\n    kind: util.text\n",
+        1,
+        1,
+        &["stagez"],
+    ),
+    (
+        "unknown stage key",
+        "stages:\n  a:\n    kind: util.text\n    parms: {text: x}\n",
+        4,
+        5,
+        &["parms"],
+    ),
+    (
+        "wrong type",
+        "stages:\n  a:\n    kind: util.work\n    params: {steps: many}\n",
+        4,
+        21,
+        &["param 'steps'", "expected an integer", "\"many\""],
+    ),
+    (
+        "unknown kind",
+        "stages:\n  a:\n    kind: util.txt\n",
+        3,
+        11,
+        &["unknown stage kind 'util.txt'", "did you mean 'util.text'?"],
+    ),
+    (
+        "unknown param",
+        "stages:\n  a:\n    kind: util.work\n    params:\n      stepz: 3\n",
+        5,
+        14,
+        &["unknown param 'stepz'", "did you mean 'steps'?"],
+    ),
+    (
+        "missing required param",
+        "stages:\n  a:\n    kind: util.text\n",
+        3,
+        0,
+        &["needs param 'text'"],
+    ),
+    (
+        "cycle",
+        "stages:\n  a:\n    kind: util.concat\n    inputs: {parts: b}\n  b:\n    kind: util.concat\n    inputs: {parts: a}\n",
+        0,
+        0,
+        &["cycle"],
+    ),
+    (
+        "missing input stage",
+        "stages:\n  a:\n    kind: util.concat\n    inputs: {parts: nothere}\n",
+        4,
+        21,
+        &["unknown stage 'nothere'"],
+    ),
+    (
+        "missing required input",
+        "stages:\n  a:\n    kind: util.concat\n",
+        3,
+        0,
+        &["missing required input 'parts'"],
+    ),
+    (
+        "unknown input name",
+        "stages:\n  s:\n    kind: util.text\n    params: {text: x}\n  a:\n    kind: util.concat\n    inputs: {part: s}\n",
+        7,
+        20,
+        &["has no input 'part'", "did you mean 'parts'?"],
+    ),
+    (
+        "unknown grid axis",
+        "grid:\n  seed: [1]\nstages:\n  a:\n    kind: util.work\n    over: [sed]\n",
+        6,
+        12,
+        &["unknown grid axis 'sed'", "did you mean 'seed'?"],
+    ),
+    (
+        "axis that is not a param",
+        "grid:\n  colour: [red]\nstages:\n  a:\n    kind: util.work\n    over: [colour]\n",
+        6,
+        12,
+        &["'colour' is not a param"],
+    ),
+    (
+        "ambiguous single input",
+        "grid:\n  seed: [1, 2]\nstages:\n  w:\n    kind: util.work\n    over: [seed]\n  t:\n    kind: util.work\n    inputs: {after: w}\n    params: {fail: true}\n  ok:\n    kind: util.text\n    params: {text: x}\n",
+        9,
+        21,
+        &["matches 2 instances of 'w'", "{from: w, all: true}"],
+    ),
+    (
+        "negative value a kind rejects",
+        "stages:\n  a:\n    kind: util.work\n    params: {steps: -3}\n",
+        4,
+        21,
+        &["param 'steps'", "must not be negative"],
+    ),
+    (
+        "empty grid axis",
+        "grid:\n  seed: []\nstages:\n  a:\n    kind: util.work\n    over: [seed]\n",
+        2,
+        0,
+        &["has no values"],
+    ),
+];
+
+#[test]
+fn bad_manifests_give_located_errors() {
+    let s = Scratch::new();
+    let mut failures = vec![];
+    for (name, text, line, col, fragments) in CASES {
+        let m = s.write("bad.yaml", text);
+        let out = bin().args(["plan", m.to_str().unwrap()]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).to_string();
+        if out.status.code() != Some(2) {
+            failures.push(format!("{name}: exit {:?}, stderr {err}", out.status.code()));
+            continue;
+        }
+        if err.contains("panicked") {
+            failures.push(format!("{name}: panicked: {err}"));
+        }
+        let want = if *line == 0 {
+            format!("{}:", m.display())
+        } else if *col == 0 {
+            format!("{}:{line}:", m.display())
+        } else {
+            format!("{}:{line}:{col}:", m.display())
+        };
+        if !err.contains(&want) {
+            failures.push(format!("{name}: expected location '{want}' in: {err}"));
+        }
+        for f in *fragments {
+            if !err.contains(f) {
+                failures.push(format!("{name}: expected '{f}' in: {err}"));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n---\n"));
+}
+
+#[test]
+fn a_missing_manifest_file_is_named() {
+    let out = bin().args(["plan", "/nonexistent/x.yaml"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/x.yaml") && err.contains("cannot read manifest"), "{err}");
+}
