@@ -7,8 +7,8 @@ use clap::{Args, Subcommand, ValueEnum};
 use deeprepair_pipeline::render;
 use deeprepair_pipeline::store::{RunRecord, RunState, StageRunRecord, StageState};
 use deeprepair_pipeline::{
-    plan_file_with_vars, progress::Progress, run_plan, Artifact, Digest,
-    Registry, RunOptions, Store,
+    plan_file_with_vars, progress::Progress, run_plan, Artifact, Digest, Registry, RunOptions,
+    Store,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -211,8 +211,21 @@ fn when(ms: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
+/// Whether `pid` is a live (not zombie) deeprepair process (Linux /proc; elsewhere assume so).
 fn pid_alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+    if !Path::new("/proc/self").exists() {
+        return true;
+    }
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // Format: "pid (comm) S ..."; the state follows the last ')'.
+    let state = stat
+        .rsplit(')')
+        .next()
+        .and_then(|rest| rest.split_whitespace().next());
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    state != Some("Z") && String::from_utf8_lossy(&cmdline).contains("deeprepair")
 }
 
 /// A run still marked running whose process is gone was interrupted (killed or crashed).

@@ -129,7 +129,10 @@ fn bad_manifests_give_located_errors() {
         let out = bin().args(["plan", m.to_str().unwrap()]).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr).to_string();
         if out.status.code() != Some(2) {
-            failures.push(format!("{name}: exit {:?}, stderr {err}", out.status.code()));
+            failures.push(format!(
+                "{name}: exit {:?}, stderr {err}",
+                out.status.code()
+            ));
             continue;
         }
         if err.contains("panicked") {
@@ -156,8 +159,14 @@ fn bad_manifests_give_located_errors() {
 
 #[test]
 fn a_missing_manifest_file_is_named() {
-    let out = bin().args(["plan", "/nonexistent/x.yaml"]).output().unwrap();
+    let out = bin()
+        .args(["plan", "/nonexistent/x.yaml"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("/nonexistent/x.yaml") && err.contains("cannot read manifest"), "{err}");
+    assert!(
+        err.contains("/nonexistent/x.yaml") && err.contains("cannot read manifest"),
+        "{err}"
+    );
 }

@@ -190,9 +190,24 @@ fn a_second_run_on_the_same_store_gets_a_clear_error() {
         err.contains("in use by another deeprepair process"),
         "{err}"
     );
-    // Readers still work while the run writes.
-    let status = run_ok(&["status", "--manifest", m.to_str().unwrap()]);
-    assert!(String::from_utf8_lossy(&status.stdout).contains("running"));
+    // Readers still work while the run writes (poll: the run record is its first commit).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = bin()
+            .args(["status", "--manifest", m.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&status.stdout).to_string();
+        if status.status.success() && text.contains(": running") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "status never showed the running run: {text} {}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     kill9(&mut first);
     let status = run_ok(&["status", "--manifest", m.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&status.stdout).contains("interrupted"));

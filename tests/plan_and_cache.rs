@@ -263,3 +263,59 @@ stages:
         vec!["after-bad", "good[seed=1]", "good[seed=2]", "good[seed=3]"]
     );
 }
+
+#[test]
+fn gc_drops_only_what_kept_runs_do_not_reach() {
+    let s = Scratch::new();
+    let v1 = "stages:\n  a:\n    kind: util.work\n    params: {seed: 1, size: 5000}\n  b:\n    kind: util.work\n    inputs: {after: a}\n";
+    let m = s.write("p.yaml", v1);
+    run_ok(&["run", "--plain", m.to_str().unwrap()]);
+    let old = outputs(&m);
+    let m = s.write("p.yaml", &v1.replace("seed: 1", "seed: 2"));
+    run_ok(&["run", "--plain", m.to_str().unwrap()]);
+    let new = outputs(&m);
+    assert_ne!(old["a.data"], new["a.data"]);
+
+    let dry = run_ok(&[
+        "gc",
+        "--dry-run",
+        "--keep-runs",
+        "1",
+        "--manifest",
+        m.to_str().unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&dry.stdout);
+    assert!(
+        text.contains("would drop 1 runs, 2 actions, 2 artifacts, 2 chunks"),
+        "{text}"
+    );
+    // A dry run changed nothing: the old artifact is still there.
+    run_ok(&[
+        "inspect",
+        "--manifest",
+        m.to_str().unwrap(),
+        &old["a.data"][..16],
+    ]);
+
+    let real = run_ok(&["gc", "--keep-runs", "1", "--manifest", m.to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&real.stdout).contains("dropped 1 runs, 2 actions, 2 artifacts")
+    );
+    let gone = bin()
+        .args([
+            "inspect",
+            "--manifest",
+            m.to_str().unwrap(),
+            &old["a.data"][..16],
+        ])
+        .output()
+        .unwrap();
+    assert!(!gone.status.success());
+    run_ok(&["verify", "--manifest", m.to_str().unwrap()]);
+    let again = json(&run_ok(&["run", "--json", "--plain", m.to_str().unwrap()]));
+    assert_eq!(
+        again["executed"].as_array().unwrap().len(),
+        0,
+        "kept run still fully cached"
+    );
+}

@@ -3,7 +3,7 @@
 //! threads, GPU ids), commits each finished stage atomically, and records the run.
 
 use crate::artifact::{Artifact, Digest};
-use crate::key::stage_key;
+use crate::key::stage_key_with_fingerprint;
 use crate::kind::{InputRef, ProgressSink, Registry, StageCtx, StageError, Task, TaskStore};
 use crate::plan::Plan;
 use crate::store::{
@@ -21,6 +21,9 @@ pub struct RunOptions {
     pub jobs: usize,
     /// GPU ordinals stages may be given.
     pub gpus: Vec<u32>,
+    /// Memory budget shared by running stages (MiB); a stage asking for more than the whole
+    /// budget runs alone.
+    pub mem_mb: u64,
     /// Keep running independent stages after a failure (default: stop launching).
     pub keep_going: bool,
     /// Extra attempts for failures a stage marks transient.
@@ -43,6 +46,7 @@ impl Default for RunOptions {
                 .map(|n| n.get())
                 .unwrap_or(1),
             gpus: vec![],
+            mem_mb: total_memory_mb().unwrap_or(8 * 1024),
             keep_going: false,
             retries: 2,
             backoff: Duration::from_millis(500),
@@ -111,6 +115,7 @@ struct Finished {
     result: Result<(), StageError>,
     log_tail: Vec<String>,
     cpus: usize,
+    mem_mb: u64,
     gpus: Vec<u32>,
     outputs: BTreeMap<String, Digest>,
 }
@@ -290,7 +295,13 @@ impl<'a> Executor<'a> {
             inputs.insert(name.clone(), refs);
         }
         Task {
-            key: stage_key(&stage.kind, &stage.version, &stage.params, &digests),
+            key: stage_key_with_fingerprint(
+                &stage.kind,
+                &stage.version,
+                &stage.params,
+                &digests,
+                stage.fingerprint.as_deref(),
+            ),
             kind: stage.kind.clone(),
             stage: stage.path.clone(),
             params: stage.params.clone(),
@@ -346,6 +357,7 @@ impl<'a> Executor<'a> {
         let n = self.plan.stages.len();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Finished>();
         let mut free_cpus = self.options.jobs.max(1);
+        let mut free_mem = self.options.mem_mb;
         let mut free_gpus: VecDeque<u32> = self.options.gpus.iter().copied().collect();
         let mut running = 0usize;
         let mut last_flush = Instant::now();
@@ -406,11 +418,13 @@ impl<'a> Executor<'a> {
                     );
                     continue;
                 }
-                if want_cpus > free_cpus || want_gpus > free_gpus.len() {
+                let want_mem = stage.resources.mem_mb.min(self.options.mem_mb);
+                if want_cpus > free_cpus || want_gpus > free_gpus.len() || want_mem > free_mem {
                     break;
                 }
                 let (i, task) = queued.pop_front().expect("front exists");
                 free_cpus -= want_cpus;
+                free_mem -= want_mem;
                 let gpus: Vec<u32> = free_gpus.drain(..want_gpus).collect();
                 self.slots[i] = Slot::Running;
                 running += 1;
@@ -420,7 +434,7 @@ impl<'a> Executor<'a> {
                 record.attempt = task.attempt;
                 record.worker = Some(worker_name(&gpus));
                 self.dirty.push(i);
-                self.spawn(i, task, want_cpus, gpus, tx.clone());
+                self.spawn(i, task, (want_cpus, want_mem), gpus, tx.clone());
             }
             if now.duration_since(last_flush) > Duration::from_millis(250) {
                 self.flush()?;
@@ -438,6 +452,7 @@ impl<'a> Executor<'a> {
             if let Some(f) = finished {
                 running -= 1;
                 free_cpus += f.cpus;
+                free_mem += f.mem_mb;
                 free_gpus.extend(f.gpus.iter().copied());
                 let i = f.index;
                 match self.finish(f) {
@@ -485,7 +500,7 @@ impl<'a> Executor<'a> {
         &self,
         i: usize,
         task: Task,
-        cpus: usize,
+        (cpus, mem_mb): (usize, u64),
         gpus: Vec<u32>,
         tx: tokio::sync::mpsc::UnboundedSender<Finished>,
     ) {
@@ -569,6 +584,7 @@ impl<'a> Executor<'a> {
                 result,
                 log_tail,
                 cpus,
+                mem_mb,
                 gpus,
                 outputs,
             });
@@ -658,4 +674,12 @@ fn worker_name(gpus: &[u32]) -> String {
         let ids: Vec<String> = gpus.iter().map(|g| g.to_string()).collect();
         format!("local:gpu{}", ids.join(","))
     }
+}
+
+/// Physical memory from /proc/meminfo (Linux), in MiB.
+fn total_memory_mb() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024)
 }

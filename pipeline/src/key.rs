@@ -52,16 +52,30 @@ pub fn stage_key(
     params: &Value,
     inputs: &BTreeMap<String, Vec<Digest>>,
 ) -> Digest {
+    stage_key_with_fingerprint(kind, version, params, inputs, None)
+}
+
+/// The key of a stage that also reads outside the store (see `StageKind::fingerprint`).
+pub fn stage_key_with_fingerprint(
+    kind: &str,
+    version: &str,
+    params: &Value,
+    inputs: &BTreeMap<String, Vec<Digest>>,
+    fingerprint: Option<&str>,
+) -> Digest {
     let inputs: BTreeMap<&String, Vec<String>> = inputs
         .iter()
         .map(|(name, digests)| (name, digests.iter().map(|d| d.hex()).collect()))
         .collect();
-    let encoding = json!({
+    let mut encoding = json!({
         "schema": KEY_SCHEMA,
         "kind": kind,
         "version": version,
         "params": params,
         "inputs": inputs,
     });
+    if let Some(f) = fingerprint {
+        encoding["external"] = json!(f);
+    }
     Digest::of(&canonical_json(&encoding))
 }

@@ -279,6 +279,12 @@ pub trait StageKind: Send + Sync + 'static {
     fn validate(&self, _params: &Value) -> Result<(), (String, String)> {
         Ok(())
     }
+    /// For kinds that read outside the store (a user's data folder): a cheap summary of what
+    /// they will read (e.g. file names, sizes, mtimes), mixed into the stage key so edited
+    /// files re-run the stage. `None` for kinds that read only their inputs.
+    fn fingerprint(&self, _params: &Value) -> anyhow::Result<Option<String>> {
+        Ok(None)
+    }
     /// Runs the stage and returns one artifact per declared output, in declaration order.
     fn run(&self, ctx: &mut StageCtx) -> Result<Vec<Artifact>, StageError>;
 }
@@ -351,4 +357,61 @@ fn short_json(value: &Value) -> String {
     } else {
         s
     }
+}
+
+/// A fingerprint of a file or directory tree: relative names, sizes and modification times,
+/// hashed (contents are not read: cheap enough to run at every plan). For
+/// [`StageKind::fingerprint`].
+pub fn fingerprint_path(path: &std::path::Path) -> anyhow::Result<String> {
+    use anyhow::Context;
+    fn walk(
+        root: &std::path::Path,
+        dir: &std::path::Path,
+        hasher: &mut blake3::Hasher,
+    ) -> anyhow::Result<()> {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .with_context(|| format!("reading directory {}", dir.display()))?
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("reading directory {}", dir.display()))?;
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            let p = entry.path();
+            let meta = entry
+                .metadata()
+                .with_context(|| format!("stat {}", p.display()))?;
+            if meta.is_dir() {
+                walk(root, &p, hasher)?;
+            } else {
+                hash_file_meta(root, &p, &meta, hasher);
+            }
+        }
+        Ok(())
+    }
+    fn hash_file_meta(
+        root: &std::path::Path,
+        p: &std::path::Path,
+        meta: &std::fs::Metadata,
+        hasher: &mut blake3::Hasher,
+    ) {
+        let rel = p.strip_prefix(root).unwrap_or(p);
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        hasher.update(rel.to_string_lossy().as_bytes());
+        hasher.update(&[0]);
+        hasher.update(&meta.len().to_le_bytes());
+        hasher.update(&mtime.to_le_bytes());
+    }
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("{} does not exist", path.display()))?;
+    let mut hasher = blake3::Hasher::new();
+    if meta.is_dir() {
+        walk(path, path, &mut hasher)?;
+    } else {
+        hash_file_meta(path, path, &meta, &mut hasher);
+    }
+    Ok(hasher.finalize().to_hex().to_string())
 }

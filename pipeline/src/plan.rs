@@ -35,6 +35,8 @@ pub struct StageInstance {
     pub outputs: Vec<String>,
     pub resources: Resources,
     pub estimate: f64,
+    /// What the stage reads outside the store, summarized (see `StageKind::fingerprint`).
+    pub fingerprint: Option<String>,
 }
 
 /// A planned run: stages in topological order (every input points to an earlier index).
@@ -513,6 +515,9 @@ impl<'a> Expander<'a> {
                     return Err(self.err(&loc, format!("param '{param}' of stage '{name}': {msg}")));
                 }
                 let estimate = kind.estimate(&params);
+                let fingerprint = kind.fingerprint(&params).map_err(|e| {
+                    self.err(&spanned_stage.referenced, format!("stage '{name}': {e:#}"))
+                })?;
                 stages.push(StageInstance {
                     path,
                     template: name.to_string(),
@@ -524,6 +529,7 @@ impl<'a> Expander<'a> {
                     outputs: kind.outputs().iter().map(|s| s.to_string()).collect(),
                     resources: res,
                     estimate,
+                    fingerprint,
                 });
                 mine.push(stages.len() - 1);
             }

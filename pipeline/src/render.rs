@@ -1,7 +1,7 @@
 //! Renders a plan for `deeprepair plan`: a text summary, DOT, Mermaid or JSON.
 
 use crate::artifact::Digest;
-use crate::key::stage_key;
+use crate::key::stage_key_with_fingerprint;
 use crate::plan::Plan;
 use crate::store::Store;
 use serde::Serialize;
@@ -55,7 +55,13 @@ pub fn plan_status(plan: &Plan, store: Option<&Store>) -> anyhow::Result<PlanSta
         if !known {
             continue;
         }
-        let key = stage_key(&s.kind, &s.version, &s.params, &digests);
+        let key = stage_key_with_fingerprint(
+            &s.kind,
+            &s.version,
+            &s.params,
+            &digests,
+            s.fingerprint.as_deref(),
+        );
         keys[i] = Some(key);
         states[i] = PlannedState::Run;
         if let Some(store) = store {

@@ -223,18 +223,29 @@ impl Store {
         if !path.exists() {
             return Err(StoreError::Missing { path: path.into() });
         }
-        match Database::builder()
-            .set_concurrency_mode(ConcurrencyMode::SingleWriter)
-            .open_read_only(path)
-        {
-            Ok(db) => Ok(Store {
-                handle: Handle::Reader(db),
-                path: path.into(),
-            }),
-            Err(DatabaseError::RepairAborted) | Err(DatabaseError::Storage(_)) => {
-                Store::open_writer(path)
+        // A writer that is creating or repairing the file holds it exclusively for a moment.
+        let mut attempts = 0;
+        loop {
+            let opened = Database::builder()
+                .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+                .open_read_only(path);
+            match opened {
+                Ok(db) => {
+                    return Ok(Store {
+                        handle: Handle::Reader(db),
+                        path: path.into(),
+                    })
+                }
+                Err(DatabaseError::RepairAborted) | Err(DatabaseError::Storage(_)) => {
+                    // Needs crash recovery: only a writer may repair.
+                    return Store::open_writer(path);
+                }
+                Err(DatabaseError::DatabaseAlreadyOpen) if attempts < 20 => {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => return Err(map_open_error(path, e)),
             }
-            Err(e) => Err(map_open_error(path, e)),
         }
     }
 

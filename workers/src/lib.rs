@@ -48,7 +48,10 @@ mod tests {
     fn parses_lists_and_rejects_bad_ones() {
         assert_eq!(parse_gpu_list("0,1, 3"), Ok(vec![0, 1, 3]));
         assert_eq!(parse_gpu_list(""), Ok(vec![]));
-        assert!(matches!(parse_gpu_list("0,x"), Err(GpuListError::NotAnOrdinal { .. })));
+        assert!(matches!(
+            parse_gpu_list("0,x"),
+            Err(GpuListError::NotAnOrdinal { .. })
+        ));
         assert_eq!(
             parse_gpu_list("1,1"),
             Err(GpuListError::Duplicate {
