@@ -1,0 +1,8 @@
+//! Building blocks of the repair methods that do not train anything themselves:
+//! - [`reference_sampling`]: which collected failure image guides a style operation
+//!   (DeepRepair Eq. 3–5: uniform, or k-means clusters with distance-based probabilities);
+//! - [`weight_distribution`]: FSGMix's distributions over operation-mixing weights (a GMM fitted
+//!   by EM, independent normals, or one fixed vector).
+
+pub mod reference_sampling;
+pub mod weight_distribution;
