@@ -4,5 +4,6 @@
 //! - [`weight_distribution`]: FSGMix's distributions over operation-mixing weights (a GMM fitted
 //!   by EM, independent normals, or one fixed vector).
 
+pub mod augmix_ops;
 pub mod reference_sampling;
 pub mod weight_distribution;
