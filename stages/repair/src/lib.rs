@@ -6,4 +6,5 @@
 
 pub mod augmix_ops;
 pub mod reference_sampling;
+pub mod style_transfer;
 pub mod weight_distribution;
