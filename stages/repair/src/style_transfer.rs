@@ -81,8 +81,8 @@ fn haar_forward(p: &mut Plane, w: usize, h: usize) {
             tmp[y] = (a + b) * S;
             tmp[h / 2 + y] = (a - b) * S;
         }
-        for y in 0..h {
-            p.v[y * p.w + x] = tmp[y];
+        for (y, &t) in tmp[..h].iter().enumerate() {
+            p.v[y * p.w + x] = t;
         }
     }
 }
@@ -95,8 +95,8 @@ fn haar_inverse(p: &mut Plane, w: usize, h: usize) {
             tmp[2 * y] = (s + d) * S;
             tmp[2 * y + 1] = (s - d) * S;
         }
-        for y in 0..h {
-            p.v[y * p.w + x] = tmp[y];
+        for (y, &t) in tmp[..h].iter().enumerate() {
+            p.v[y * p.w + x] = t;
         }
     }
     for y in 0..h {
@@ -179,13 +179,11 @@ fn sym_pow(a: [[f64; 3]; 3], p: f64) -> [[f64; 3]; 3] {
     let mut v = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]];
     for _ in 0..50 {
         let (mut i, mut j, mut big) = (0, 1, 0.0);
-        for r in 0..3 {
-            for c in r + 1..3 {
-                if m[r][c].abs() > big {
-                    big = m[r][c].abs();
-                    i = r;
-                    j = c;
-                }
+        for (r, c) in [(0, 1), (0, 2), (1, 2)] {
+            if m[r][c].abs() > big {
+                big = m[r][c].abs();
+                i = r;
+                j = c;
             }
         }
         if big < 1e-15 {
