@@ -1,6 +1,9 @@
-//! Worker runtime. Today: which GPUs a run may use (`--gpus`, else `CUDA_VISIBLE_DEVICES`).
-//! Worker processes per GPU and NCCL data parallelism are the GPU-workers issue; stages
-//! already receive their assigned GPU ordinals through `StageCtx::gpus`.
+//! Worker runtime. Today: which GPUs a run may use (`--gpus`), and data-parallel gradient
+//! reduction ([`data_parallel`]) with a CPU (threads) backend. Worker processes per GPU and the
+//! NCCL backend are the GPU-workers issue; stages already receive their assigned GPU ordinals
+//! through `StageCtx::gpus`.
+
+pub mod data_parallel;
 
 use thiserror::Error;
 
@@ -31,8 +34,8 @@ pub fn parse_gpu_list(list: &str) -> Result<Vec<u32>, GpuListError> {
     Ok(out)
 }
 
-/// GPUs for a run: the explicit list if given; otherwise none (CPU), since using a GPU is a
-/// choice the user makes with `--gpus` (CUDA_VISIBLE_DEVICES only restricts what exists).
+/// GPUs for a run: the explicit list if given; otherwise none (CPU): using a GPU is a choice
+/// the user makes with `--gpus`.
 pub fn gpus_for_run(explicit: Option<&str>) -> Result<Vec<u32>, GpuListError> {
     match explicit {
         Some(list) => parse_gpu_list(list),
