@@ -239,10 +239,10 @@ mod tests {
             })
             .collect();
         let all: Vec<Vec<Vec<f32>>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-        for round in 0..50 {
-            assert_eq!(all[0][round], vec![1.0 + round as f32, 1.0]);
-            assert_eq!(all[0][round], all[1][round]);
-            assert_eq!(all[1][round], all[2][round]);
+        for (round, result) in all[0].iter().enumerate() {
+            assert_eq!(result, &vec![1.0 + round as f32, 1.0]);
+            assert_eq!(result, &all[1][round]);
+            assert_eq!(result, &all[2][round]);
         }
     }
 }
