@@ -194,9 +194,20 @@ impl<'a> Expander<'a> {
         self.source.error_at(loc, msg)
     }
 
-    fn parse_binding(&self, spanned: &Spanned<Value>) -> Result<Binding, ManifestError> {
-        let loc = spanned.referenced;
-        let (target, all) = match &spanned.value {
+    /// One binding, or a list of them (concatenated in order) for inputs that take many.
+    fn parse_bindings(&self, spanned: &Spanned<Value>) -> Result<Vec<Binding>, ManifestError> {
+        match &spanned.value {
+            Value::Array(items) if !items.is_empty() => items
+                .iter()
+                .map(|v| self.parse_binding(v, spanned.referenced))
+                .collect(),
+            Value::Array(_) => Err(self.err(&spanned.referenced, "empty list of input bindings")),
+            v => Ok(vec![self.parse_binding(v, spanned.referenced)?]),
+        }
+    }
+
+    fn parse_binding(&self, value: &Value, loc: Location) -> Result<Binding, ManifestError> {
+        let (target, all) = match value {
             Value::String(s) => (s.clone(), false),
             Value::Object(map) => {
                 for key in map.keys() {
@@ -222,7 +233,7 @@ impl<'a> Expander<'a> {
             other => {
                 return Err(self.err(
                     &loc,
-                    format!("expected an input binding ('stage', 'stage.output' or {{from: stage, all: true}}), found {other}"),
+                    format!("expected an input binding ('stage', 'stage.output', {{from: stage, all: true}} or a list of these), found {other}"),
                 ))
             }
         };
@@ -276,26 +287,28 @@ impl<'a> Expander<'a> {
             .enumerate()
             .map(|(i, n)| (n.as_str(), i))
             .collect();
-        let mut bindings: Vec<BTreeMap<String, Binding>> = Vec::new();
+        let mut bindings: Vec<BTreeMap<String, Vec<Binding>>> = Vec::new();
         let mut graph = DiGraph::<usize, ()>::new();
         let nodes: Vec<NodeIndex> = (0..names.len()).map(|i| graph.add_node(i)).collect();
         for (i, name) in names.iter().enumerate() {
             let stage = &raw.stages[*name].value;
             let mut b = BTreeMap::new();
             for (input, spanned) in &stage.inputs {
-                let binding = self.parse_binding(spanned)?;
-                let Some(&from) = index.get(binding.stage.as_str()) else {
-                    return Err(self.err(
-                        &binding.loc,
-                        format!(
-                            "input '{input}' of stage '{name}' names unknown stage '{}'{}",
-                            binding.stage,
-                            did_you_mean(&binding.stage, names.iter().map(|s| s.as_str()))
-                        ),
-                    ));
-                };
-                graph.add_edge(nodes[from], nodes[i], ());
-                b.insert(input.clone(), binding);
+                let list = self.parse_bindings(spanned)?;
+                for binding in &list {
+                    let Some(&from) = index.get(binding.stage.as_str()) else {
+                        return Err(self.err(
+                            &binding.loc,
+                            format!(
+                                "input '{input}' of stage '{name}' names unknown stage '{}'{}",
+                                binding.stage,
+                                did_you_mean(&binding.stage, names.iter().map(|s| s.as_str()))
+                            ),
+                        ));
+                    };
+                    graph.add_edge(nodes[from], nodes[i], ());
+                }
+                b.insert(input.clone(), list);
             }
             bindings.push(b);
         }
@@ -342,9 +355,17 @@ impl<'a> Expander<'a> {
                         ),
                     ));
                 };
-                if !spec_names.contains(&axis.value.as_str()) {
+                // An axis is a param of the kind, or flows in through an input whose stage is
+                // over it (e.g. evaluating each corruption's repaired model); anything else
+                // would make identical instances and is most likely a typo.
+                let flows_in = bindings[t].values().flatten().any(|b| {
+                    raw.stages
+                        .get(&b.stage)
+                        .is_some_and(|up| up.value.over.iter().any(|o| o.value == axis.value))
+                });
+                if !spec_names.contains(&axis.value.as_str()) && !flows_in {
                     return Err(self.err(&axis.referenced, format!(
-                        "grid axis '{}' is not a param of stage kind '{kind_name}' (its params: {})",
+                        "grid axis '{}' is not a param of stage kind '{kind_name}' (its params: {}) and no input of '{name}' varies over it",
                         axis.value,
                         spec_names.join(", ")
                     )));
@@ -397,10 +418,10 @@ impl<'a> Expander<'a> {
 
             // Inputs declared by the kind.
             let input_specs = kind.inputs();
-            for (input, binding) in &bindings[t] {
+            for (input, list) in &bindings[t] {
                 if !input_specs.iter().any(|s| s.name == input) {
                     return Err(self.err(
-                        &binding.loc,
+                        &list[0].loc,
                         format!(
                             "stage kind '{kind_name}' has no input '{input}'{}; its inputs: {}",
                             did_you_mean(input, input_specs.iter().map(|s| s.name)),
@@ -479,7 +500,9 @@ impl<'a> Expander<'a> {
                     }
                 }
                 for ((axis, _), v) in axes.iter().zip(&point) {
-                    params.insert(axis.to_string(), (v.value.clone(), Some(v.referenced)));
+                    if spec_names.contains(axis) {
+                        params.insert(axis.to_string(), (v.value.clone(), Some(v.referenced)));
+                    }
                 }
                 // Type-check and fill.
                 let mut checked = Map::new();
@@ -535,11 +558,22 @@ impl<'a> Expander<'a> {
             }
 
             // Bind inputs: upstream instances that agree on the shared axes.
-            for (input, binding) in &bindings[t] {
+            for (input, binding) in bindings[t]
+                .iter()
+                .flat_map(|(input, list)| list.iter().map(move |b| (input, b)))
+            {
                 let spec = input_specs
                     .iter()
                     .find(|s| s.name == input)
                     .expect("checked above");
+                if bindings[t][input].len() > 1 && !spec.many {
+                    return Err(self.err(
+                        &binding.loc,
+                        format!(
+                            "input '{input}' of kind '{kind_name}' takes one artifact, not a list"
+                        ),
+                    ));
+                }
                 let upstream = &instances[binding.stage.as_str()];
                 let up_kind = &stages[upstream[0]].outputs;
                 let output = match &binding.output {
@@ -604,14 +638,18 @@ impl<'a> Expander<'a> {
                             binding.stage
                         )));
                     }
-                    let edges = matched
+                    let edges: Vec<Edge> = matched
                         .into_iter()
                         .map(|from| Edge {
                             from,
                             output: output.clone(),
                         })
                         .collect();
-                    stages[d].inputs.insert(input.clone(), edges);
+                    stages[d]
+                        .inputs
+                        .entry(input.clone())
+                        .or_default()
+                        .extend(edges);
                 }
             }
             instances.insert(name.as_str(), mine);

@@ -886,19 +886,32 @@ mod tests {
     fn empty_and_multi_chunk_artifacts_round_trip_and_dedupe() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open_writer(&dir.path().join("s.redb")).unwrap();
-        let big: Vec<u8> = (0..9_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+        let big: Vec<u8> = (0..9_000_000u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
         let mut twin = big.clone();
         twin[8_999_999] ^= 1; // same first two chunks, different last one
         let digests = store
-            .put_artifacts(&[artifact(vec![]), artifact(big.clone()), artifact(twin.clone())])
+            .put_artifacts(&[
+                artifact(vec![]),
+                artifact(big.clone()),
+                artifact(twin.clone()),
+            ])
             .unwrap();
-        assert_eq!(store.get_artifact(&digests[0]).unwrap().bytes, Vec::<u8>::new());
+        assert_eq!(
+            store.get_artifact(&digests[0]).unwrap().bytes,
+            Vec::<u8>::new()
+        );
         assert_eq!(store.get_artifact(&digests[1]).unwrap().bytes, big);
         assert_eq!(store.get_artifact(&digests[2]).unwrap().bytes, twin);
         let record = store.artifact_record(&digests[1]).unwrap().unwrap();
         assert_eq!(record.chunks.len(), 3);
         let twin_record = store.artifact_record(&digests[2]).unwrap().unwrap();
-        assert_eq!(record.chunks[..2], twin_record.chunks[..2], "shared chunks are stored once");
+        assert_eq!(
+            record.chunks[..2],
+            twin_record.chunks[..2],
+            "shared chunks are stored once"
+        );
         assert_ne!(record.chunks[2], twin_record.chunks[2]);
         // Streaming reads in small pieces give the same bytes.
         let mut reader = store.reader(&record).unwrap();

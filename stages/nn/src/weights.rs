@@ -1,0 +1,272 @@
+//! Weights on disk: safetensors files keyed by the PyTorch `state_dict` names.
+//!
+//! [`load_weights`] checks a file against the names and shapes an architecture expects
+//! ([`expected_tensors`]) and reports every missing, unexpected and mis-shaped tensor at once;
+//! PyTorch's `num_batches_tracked` buffers are ignored. [`save_weights`] writes a [`VarMap`]
+//! (which then loads in PyTorch with `model.load_state_dict(safetensors.torch.load_file(p))`).
+//!
+//! Note: a model built on a [`VarMap`] keeps its BatchNorm running statistics there too (candle
+//! stores them as variables). They get no gradient, but optimizers and weight decay should use
+//! [`trainable_vars`], which leaves them out.
+
+use crate::{build, Arch, Classifier};
+use candle_core::{DType, Device, Shape, Tensor, Var};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{VarBuilder, VarMap};
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// True for BatchNorm buffers (`running_mean`, `running_var`), which are not parameters.
+pub fn is_running_stat(name: &str) -> bool {
+    name.ends_with(".running_mean") || name.ends_with(".running_var")
+}
+
+/// A backend that hands out zeros and records which names/shapes were asked for.
+/// `(name, shape)` pairs.
+pub type TensorShapes = Vec<(String, Vec<usize>)>;
+
+struct Recorder(Arc<Mutex<TensorShapes>>);
+
+impl SimpleBackend for Recorder {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.0
+            .lock()
+            .expect("recorder lock")
+            .push((name.to_string(), s.dims().to_vec()));
+        Tensor::zeros(s, dtype, dev)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        _dtype: DType,
+        _dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        candle_core::bail!("shape of {name} unknown while recording")
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        true
+    }
+}
+
+/// The `(name, shape)` of every tensor `arch` reads (parameters and BatchNorm running stats,
+/// not `num_batches_tracked`), in construction order.
+pub fn expected_tensors(arch: Arch, num_classes: usize) -> candle_core::Result<TensorShapes> {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let backend: Box<dyn SimpleBackend> = Box::new(Recorder(log.clone()));
+    let vb = VarBuilder::from_backend(backend, DType::F32, Device::Cpu);
+    build(arch, num_classes, vb)?;
+    let out = std::mem::take(&mut *log.lock().expect("recorder lock"));
+    Ok(out)
+}
+
+/// Trainable parameters, as PyTorch's `sum(p.numel() for p in model.parameters())`.
+pub fn param_count(arch: Arch, num_classes: usize) -> usize {
+    expected_tensors(arch, num_classes)
+        .expect("building an architecture with zeros cannot fail")
+        .iter()
+        .filter(|(name, _)| !is_running_stat(name))
+        .map(|(_, shape)| shape.iter().product::<usize>())
+        .sum()
+}
+
+/// The variables of `varmap` an optimizer should update (all but BatchNorm running stats),
+/// sorted by name.
+pub fn trainable_vars(varmap: &VarMap) -> Vec<Var> {
+    let data = varmap.data().lock().expect("varmap lock");
+    let mut named: Vec<_> = data
+        .iter()
+        .filter(|(name, _)| !is_running_stat(name))
+        .collect();
+    named.sort_by(|a, b| a.0.cmp(b.0));
+    named.into_iter().map(|(_, v)| v.clone()).collect()
+}
+
+/// One disagreement between a weights file and an architecture.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TensorProblem {
+    Missing {
+        name: String,
+        expected: Vec<usize>,
+    },
+    Unexpected {
+        name: String,
+        found: Vec<usize>,
+    },
+    Shape {
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+}
+
+impl fmt::Display for TensorProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TensorProblem::Missing { name, expected } => {
+                write!(f, "missing    {name}: expected {expected:?}")
+            }
+            TensorProblem::Unexpected { name, found } => {
+                write!(f, "unexpected {name}: found {found:?}")
+            }
+            TensorProblem::Shape {
+                name,
+                expected,
+                found,
+            } => write!(
+                f,
+                "shape      {name}: expected {expected:?}, found {found:?}"
+            ),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("reading weights {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: candle_core::Error,
+    },
+    #[error(
+        "weights {path} do not fit {arch} ({n} problem(s)):\n{list}",
+        n = problems.len(),
+        list = problems.iter().map(|p| format!("  {p}")).collect::<Vec<_>>().join("\n")
+    )]
+    Mismatch {
+        path: PathBuf,
+        arch: &'static str,
+        problems: Vec<TensorProblem>,
+    },
+    #[error("building {arch} from {path}: {source}")]
+    Build {
+        path: PathBuf,
+        arch: &'static str,
+        source: candle_core::Error,
+    },
+}
+
+/// Compares `found` tensors with what `arch` expects; every problem, expected names first (in
+/// construction order), then unexpected ones sorted by name. `num_batches_tracked` is ignored.
+pub fn check_tensors(
+    expected: &[(String, Vec<usize>)],
+    found: &HashMap<String, Vec<usize>>,
+) -> Vec<TensorProblem> {
+    let mut problems = Vec::new();
+    for (name, shape) in expected {
+        match found.get(name) {
+            None => problems.push(TensorProblem::Missing {
+                name: name.clone(),
+                expected: shape.clone(),
+            }),
+            Some(f) if f != shape => problems.push(TensorProblem::Shape {
+                name: name.clone(),
+                expected: shape.clone(),
+                found: f.clone(),
+            }),
+            Some(_) => {}
+        }
+    }
+    let known: BTreeSet<&str> = expected.iter().map(|(n, _)| n.as_str()).collect();
+    let mut extra: Vec<_> = found
+        .iter()
+        .filter(|(n, _)| !known.contains(n.as_str()) && !n.ends_with("num_batches_tracked"))
+        .collect();
+    extra.sort_by(|a, b| a.0.cmp(b.0));
+    problems.extend(extra.into_iter().map(|(n, s)| TensorProblem::Unexpected {
+        name: n.clone(),
+        found: s.clone(),
+    }));
+    problems
+}
+
+/// Loads a safetensors file written by [`save_weights`] or by PyTorch
+/// (`safetensors.torch.save_file(model.state_dict(), p)`), converting floats to f32. Returns the
+/// [`VarMap`] holding the loaded values (train on from them) and the model built on it.
+pub fn load_weights(
+    arch: Arch,
+    num_classes: usize,
+    path: &Path,
+    device: &Device,
+) -> Result<(VarMap, Box<dyn Classifier>), LoadError> {
+    let build_err = |source| LoadError::Build {
+        path: path.to_path_buf(),
+        arch: arch.name(),
+        source,
+    };
+    let tensors =
+        candle_core::safetensors::load(path, device).map_err(|source| LoadError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let expected = expected_tensors(arch, num_classes).map_err(build_err)?;
+    let found: HashMap<String, Vec<usize>> = tensors
+        .iter()
+        .map(|(n, t)| (n.clone(), t.dims().to_vec()))
+        .collect();
+    let problems = check_tensors(&expected, &found);
+    if !problems.is_empty() {
+        return Err(LoadError::Mismatch {
+            path: path.to_path_buf(),
+            arch: arch.name(),
+            problems,
+        });
+    }
+    let varmap = VarMap::new();
+    {
+        let mut data = varmap.data().lock().expect("varmap lock");
+        for (name, _) in &expected {
+            let t = tensors[name].to_dtype(DType::F32).map_err(build_err)?;
+            data.insert(name.clone(), Var::from_tensor(&t).map_err(build_err)?);
+        }
+    }
+    let model = build(
+        arch,
+        num_classes,
+        VarBuilder::from_varmap(&varmap, DType::F32, device),
+    )
+    .map_err(build_err)?;
+    Ok((varmap, model))
+}
+
+/// Writes every variable of `varmap` (parameters and running stats, PyTorch names) as
+/// safetensors.
+pub fn save_weights(varmap: &VarMap, path: &Path) -> candle_core::Result<()> {
+    varmap.save(path)
+}
+
+/// Builds `arch` for inference on detached views of `varmap`'s tensors: the weights share
+/// storage with the VarMap (no copy), but no autograd graph is recorded, so a forward pass frees
+/// its intermediates as it goes. A model built on the VarMap itself keeps every intermediate
+/// alive until the logits are dropped (GBs for DenseNet on a batch of 128). BatchNorm running
+/// stats are copied at build time (candle's BatchNorm owns them), so rebuild after training on.
+/// Gradients with respect to the input still flow (only the weights are detached).
+pub fn build_detached(
+    arch: Arch,
+    num_classes: usize,
+    varmap: &VarMap,
+    device: &Device,
+) -> candle_core::Result<Box<dyn Classifier>> {
+    let tensors: HashMap<String, Tensor> = varmap
+        .data()
+        .lock()
+        .expect("varmap lock")
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
+        .collect();
+    build(
+        arch,
+        num_classes,
+        VarBuilder::from_tensors(tensors, DType::F32, device),
+    )
+}

@@ -1,0 +1,310 @@
+//! `dataset` (real images from a path, seeded subset) and `corrupt` (Dv_k: a dataset under one
+//! CIFAR-10-C corruption at severities 1–5).
+
+use crate::artifacts::{dataset_artifact, read_dataset, DatasetInfo};
+use deeprepair_corrupt::{Corruption, FrostTextures, Resources as CorruptResources};
+use deeprepair_data::{load_dataset, select_subset, Dataset, Split};
+use deeprepair_pipeline::kind::fingerprint_path;
+use deeprepair_pipeline::{
+    Artifact, InputSpec, ParamSpec, ParamType, Resources, StageCtx, StageError, StageKind,
+};
+use serde_json::{json, Value};
+use std::path::Path;
+
+pub const CORRUPTION_NAMES: &[&str] = &[
+    "gaussian_noise",
+    "shot_noise",
+    "impulse_noise",
+    "defocus_blur",
+    "glass_blur",
+    "motion_blur",
+    "zoom_blur",
+    "snow",
+    "frost",
+    "fog",
+    "brightness",
+    "contrast",
+    "elastic_transform",
+    "pixelate",
+    "jpeg_compression",
+];
+
+/// `dataset`: loads CIFAR-10 binary files, an image folder (`root/<split>/<class>/*`) or a
+/// stored dataset file; keeps a seeded subset.
+pub struct DatasetKind;
+
+impl StageKind for DatasetKind {
+    fn name(&self) -> &'static str {
+        "dataset"
+    }
+    fn version(&self) -> &'static str {
+        "1"
+    }
+    fn description(&self) -> &'static str {
+        "real images from a path (CIFAR-10 binary or image folder), optionally a seeded subset"
+    }
+    fn params(&self) -> Vec<ParamSpec> {
+        vec![
+            ParamSpec::required(
+                "path",
+                ParamType::Str,
+                "CIFAR-10 binary dir, image-folder root, or dataset file",
+            ),
+            ParamSpec::optional(
+                "split",
+                ParamType::Choice(&["train", "test"]),
+                json!("train"),
+                "which split",
+            ),
+            ParamSpec::optional(
+                "per_class",
+                ParamType::Int,
+                json!(0),
+                "keep at most this many per class (0: all)",
+            ),
+            ParamSpec::optional(
+                "limit",
+                ParamType::Int,
+                json!(0),
+                "keep at most this many overall (0: all)",
+            ),
+            ParamSpec::optional(
+                "offset_per_class",
+                ParamType::Int,
+                json!(0),
+                "skip this many seeded draws per class first (disjoint subsets from one split)",
+            ),
+            ParamSpec::optional("seed", ParamType::Int, json!(0), "subset seed"),
+            ParamSpec::optional(
+                "eval_set",
+                ParamType::Str,
+                json!(""),
+                "label for evaluation records, e.g. 'clean' (empty: training data)",
+            ),
+        ]
+    }
+    fn inputs(&self) -> Vec<InputSpec> {
+        vec![]
+    }
+    fn outputs(&self) -> Vec<&'static str> {
+        vec!["images"]
+    }
+    fn resources(&self, _params: &Value) -> Resources {
+        Resources {
+            cpus: 2,
+            gpus: 0,
+            mem_mb: 2048,
+        }
+    }
+    fn fingerprint(&self, params: &Value) -> anyhow::Result<Option<String>> {
+        let path = params["path"].as_str().unwrap_or_default();
+        Ok(Some(fingerprint_path(Path::new(path))?))
+    }
+    fn run(&self, ctx: &mut StageCtx) -> Result<Vec<Artifact>, StageError> {
+        let path: String = ctx.param("path")?;
+        let split = Split::from_name(&ctx.param::<String>("split")?).unwrap_or(Split::Train);
+        let per_class: usize = ctx.param("per_class")?;
+        let limit: usize = ctx.param("limit")?;
+        let offset: usize = ctx.param("offset_per_class")?;
+        let seed: u64 = ctx.param("seed")?;
+        let eval_set: String = ctx.param("eval_set")?;
+        let ds = load_dataset(Path::new(&path), split).map_err(anyhow::Error::from)?;
+        let keep = if per_class == 0 && limit == 0 && offset == 0 {
+            (0..ds.len()).collect()
+        } else {
+            let take = if per_class == 0 {
+                None
+            } else {
+                Some(per_class + offset)
+            };
+            let drawn = select_subset(&ds.labels, ds.num_classes(), take, None, seed);
+            // Drop the first `offset` draws of each class (in draw order, which select_subset
+            // sorts away: redo the per-class draw order from the same seed).
+            let mut kept = if offset == 0 {
+                drawn
+            } else {
+                skip_first_per_class(&ds, &drawn, offset, seed)
+            };
+            if limit > 0 && kept.len() > limit {
+                kept = select_subset(
+                    &ds.subset(&kept).labels,
+                    ds.num_classes(),
+                    None,
+                    Some(limit),
+                    seed,
+                )
+                .into_iter()
+                .map(|i| kept[i])
+                .collect();
+            }
+            kept
+        };
+        let ds = ds.subset(&keep);
+        ctx.log(format!(
+            "{} images from {path} ({}), {} classes",
+            ds.len(),
+            split.name(),
+            ds.num_classes()
+        ));
+        let info = DatasetInfo {
+            eval_set: (!eval_set.is_empty()).then_some(eval_set),
+            ..Default::default()
+        };
+        Ok(vec![dataset_artifact(&ds, &info)])
+    }
+}
+
+/// From the per-class seeded selection `drawn` (sorted), drop `offset` images per class,
+/// chosen by a second seeded draw so the two parts are disjoint and reproducible.
+fn skip_first_per_class(ds: &Dataset, drawn: &[usize], offset: usize, seed: u64) -> Vec<usize> {
+    let labels: Vec<u8> = drawn.iter().map(|&i| ds.labels[i]).collect();
+    let first = select_subset(&labels, ds.num_classes(), Some(offset), None, seed ^ 0x5EED);
+    let skip: std::collections::HashSet<usize> = first.into_iter().collect();
+    drawn
+        .iter()
+        .enumerate()
+        .filter(|(k, _)| !skip.contains(k))
+        .map(|(_, &i)| i)
+        .collect()
+}
+
+/// `corrupt`: Dv_k — every image at each severity (blocks of N per severity, as CIFAR-10-C).
+pub struct CorruptKind;
+
+impl StageKind for CorruptKind {
+    fn name(&self) -> &'static str {
+        "corrupt"
+    }
+    fn version(&self) -> &'static str {
+        "1"
+    }
+    fn description(&self) -> &'static str {
+        "applies one CIFAR-10-C corruption at severities 1-5 to every image (Dv_k)"
+    }
+    fn params(&self) -> Vec<ParamSpec> {
+        vec![
+            ParamSpec::required(
+                "corruption",
+                ParamType::Choice(CORRUPTION_NAMES),
+                "the corruption",
+            ),
+            ParamSpec::optional(
+                "severities",
+                ParamType::List(Box::new(ParamType::Int)),
+                json!([1, 2, 3, 4, 5]),
+                "severities, each a block of N images",
+            ),
+            ParamSpec::optional(
+                "seed",
+                ParamType::Int,
+                json!(0),
+                "noise seed (per image, corruption, severity)",
+            ),
+            ParamSpec::optional(
+                "frost",
+                ParamType::Str,
+                json!(""),
+                "folder with the frost photographs (frost only)",
+            ),
+        ]
+    }
+    fn inputs(&self) -> Vec<InputSpec> {
+        vec![InputSpec {
+            name: "images",
+            many: false,
+            optional: false,
+            help: "the clean images (Dv)",
+        }]
+    }
+    fn outputs(&self) -> Vec<&'static str> {
+        vec!["images"]
+    }
+    fn resources(&self, _params: &Value) -> Resources {
+        Resources {
+            cpus: 2,
+            gpus: 0,
+            mem_mb: 2048,
+        }
+    }
+    fn validate(&self, params: &Value) -> Result<(), (String, String)> {
+        if params["corruption"] == "frost" && params["frost"].as_str().is_none_or(str::is_empty) {
+            return Err(("frost".into(), "frost needs a folder of frost photographs (frost1.png … frost6.jpg from hendrycks/robustness)".into()));
+        }
+        if let Some(list) = params["severities"].as_array() {
+            if list.is_empty()
+                || list
+                    .iter()
+                    .any(|s| !(1..=5).contains(&s.as_i64().unwrap_or(0)))
+            {
+                return Err(("severities".into(), "severities between 1 and 5".into()));
+            }
+        }
+        Ok(())
+    }
+    fn fingerprint(&self, params: &Value) -> anyhow::Result<Option<String>> {
+        match params["frost"].as_str() {
+            Some(p) if !p.is_empty() && params["corruption"] == "frost" => {
+                Ok(Some(fingerprint_path(Path::new(p))?))
+            }
+            _ => Ok(None),
+        }
+    }
+    fn run(&self, ctx: &mut StageCtx) -> Result<Vec<Artifact>, StageError> {
+        let name: String = ctx.param("corruption")?;
+        let corruption = Corruption::from_name(&name)
+            .ok_or_else(|| anyhow::anyhow!("unknown corruption {name}"))?;
+        let severities: Vec<u8> = ctx.param("severities")?;
+        let seed: u64 = ctx.param("seed")?;
+        let frost: String = ctx.param("frost")?;
+        let res = CorruptResources {
+            frost: if corruption == Corruption::Frost {
+                Some(FrostTextures::load(Path::new(&frost)).map_err(anyhow::Error::from)?)
+            } else {
+                None
+            },
+        };
+        let (clean, _) = read_dataset(&ctx.input("images")?)?;
+        let n = clean.len();
+        let mut images = Vec::with_capacity(n * clean.image_len() * severities.len());
+        let mut labels = Vec::with_capacity(n * severities.len());
+        let mut ids = Vec::with_capacity(n * severities.len());
+        for (k, &s) in severities.iter().enumerate() {
+            ctx.check_cancelled()?;
+            let out = deeprepair_corrupt::corrupt_batch(
+                &clean.images,
+                n,
+                clean.width,
+                clean.height,
+                corruption,
+                s,
+                seed,
+                &res,
+            )
+            .map_err(anyhow::Error::from)?;
+            images.extend_from_slice(&out);
+            labels.extend_from_slice(&clean.labels);
+            for i in 0..n {
+                let src = clean
+                    .source_ids
+                    .as_ref()
+                    .map_or_else(|| i.to_string(), |ids| ids[i].clone());
+                ids.push(format!("{name}/{s}/{src}"));
+            }
+            ctx.progress((k + 1) as u64, severities.len() as u64, "severities");
+        }
+        let ds = Dataset {
+            height: clean.height,
+            width: clean.width,
+            images,
+            labels,
+            class_names: clean.class_names.clone(),
+            source_ids: Some(ids),
+        };
+        let info = DatasetInfo {
+            eval_set: Some(name.clone()),
+            corruption: Some(name),
+            severities,
+        };
+        Ok(vec![dataset_artifact(&ds, &info)])
+    }
+}

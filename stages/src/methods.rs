@@ -1,0 +1,811 @@
+//! The repair methods, one stage kind each, all fine-tuning the base model on the collected
+//! failures Dc_k (optionally with the training data): they differ only in their
+//! [`BatchSource`] — how a batch of images becomes training views and targets.
+//!
+//! | kind        | views | loss            | augmentation                                           |
+//! |-------------|-------|-----------------|--------------------------------------------------------|
+//! | finetune    | 1     | CE              | crop + flip (FT-woAug)                                 |
+//! | cutout      | 1     | CE              | crop + flip + one 16-px hole (fill: CIFAR mean)        |
+//! | mixup       | 1     | soft CE         | crop + flip, batch mixup (α = 1)                       |
+//! | cutmix      | 1     | soft CE         | crop + flip, batch cutmix (β = 1, p = 0.5)             |
+//! | sensei      | 1     | CE              | crop + flip, worst of a GA population of transforms    |
+//! | augmix      | 3     | CE + 12·JSD     | AugMix: width 3, depth 1–3, severity 3, α = 1          |
+//! | fsgmix      | 3     | CE + 12·JSD     | 7 ops mixed with weights sampled from a GMM fitted on  |
+//! |             |       |                 | weights learned per failure by gradient descent (Eq. 1)|
+//! | deeprepair  | 3     | CE + 12·JSD     | AugMix whose first op per chain may be a style op that |
+//! |             |       |                 | carries a sampled failure's style (Algorithm 1)        |
+
+use crate::artifacts::{load_model, model_artifact, read_dataset, read_model_info, ModelInfo};
+use crate::model_kinds::{curve_artifact, stage_error, train_data};
+use crate::training::{stage_device, train_config, training_params, StageObserver};
+use anyhow::Context;
+use candle_core::{DType, Device, Tensor, Var};
+use deeprepair_data::Dataset;
+use deeprepair_pipeline::{
+    Artifact, InputSpec, ParamSpec, ParamType, Resources, StageCtx, StageError, StageKind,
+};
+use deeprepair_repair::augmix_ops::{
+    apply, augment_and_mix, sample_op, ImageRef, OpKind, AUGMIX_OPS,
+};
+use deeprepair_repair::reference_sampling::{ClassReferenceSampler, Sampling};
+use deeprepair_repair::sensei::{sensei_select, Population, SenseiConfig};
+use deeprepair_repair::style_transfer::{StyleTransfer, WaveletStyle};
+use deeprepair_repair::weight_distribution::{WeightDistribution, WeightModel};
+use deeprepair_repair::{cutout, fsgmix_ops, mix};
+use deeprepair_train::input::random_crop_flip;
+use deeprepair_train::train;
+use deeprepair_train::trainer::{
+    item_rng, per_image_batch, to_unit, BatchSource, Scorer, Targets, TrainBatch, TrainData,
+};
+use rand::Rng;
+use rand_distr::{Beta, Distribution, Gamma};
+use serde_json::{json, Value};
+use std::sync::Mutex;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    Finetune,
+    Cutout,
+    Mixup,
+    Cutmix,
+    Sensei,
+    Augmix,
+    Fsgmix,
+    DeepRepair,
+}
+
+impl Method {
+    pub const ALL: [Method; 8] = [
+        Method::Finetune,
+        Method::Cutout,
+        Method::Mixup,
+        Method::Cutmix,
+        Method::Sensei,
+        Method::Augmix,
+        Method::Fsgmix,
+        Method::DeepRepair,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Finetune => "finetune",
+            Method::Cutout => "cutout",
+            Method::Mixup => "mixup",
+            Method::Cutmix => "cutmix",
+            Method::Sensei => "sensei",
+            Method::Augmix => "augmix",
+            Method::Fsgmix => "fsgmix",
+            Method::DeepRepair => "deeprepair",
+        }
+    }
+
+    fn description(self) -> &'static str {
+        match self {
+            Method::Finetune => "repair by plain fine-tuning (FT-woAug: crop + flip, cross-entropy)",
+            Method::Cutout => "repair by fine-tuning with Cutout",
+            Method::Mixup => "repair by fine-tuning with Mixup",
+            Method::Cutmix => "repair by fine-tuning with CutMix",
+            Method::Sensei => "repair by fine-tuning with SENSEI's genetic worst-variant augmentation",
+            Method::Augmix => "repair by fine-tuning with AugMix (JSD consistency)",
+            Method::Fsgmix => "repair with FSGMix: operation weights learned from failures, GMM-sampled mixing",
+            Method::DeepRepair => "repair with DeepRepair: style-guided AugMix with failure images as style references",
+        }
+    }
+
+    fn extra_params(self) -> Vec<ParamSpec> {
+        match self {
+            Method::Cutout => vec![ParamSpec::optional(
+                "length",
+                ParamType::Int,
+                json!(16),
+                "hole side in pixels",
+            )],
+            Method::Mixup => vec![ParamSpec::optional(
+                "alpha",
+                ParamType::Float,
+                json!(1.0),
+                "Beta(α, α) for λ",
+            )],
+            Method::Cutmix => vec![
+                ParamSpec::optional("beta", ParamType::Float, json!(1.0), "Beta(β, β) for λ"),
+                ParamSpec::optional(
+                    "prob",
+                    ParamType::Float,
+                    json!(0.5),
+                    "probability a batch is mixed",
+                ),
+            ],
+            Method::Sensei => vec![ParamSpec::optional(
+                "selective",
+                ParamType::Bool,
+                json!(false),
+                "SENSEI-SA: skip point-wise robust images",
+            )],
+            Method::Augmix => augmix_params(),
+            Method::Fsgmix => {
+                let mut p = vec![
+                    ParamSpec::optional(
+                        "variant",
+                        ParamType::Choice(&["gmm", "mvn", "fixed"]),
+                        json!("gmm"),
+                        "weight distribution (the paper's ablation)",
+                    ),
+                    ParamSpec::optional("components", ParamType::Int, json!(3), "GMM components"),
+                    ParamSpec::optional(
+                        "weight_steps",
+                        ParamType::Int,
+                        json!(30),
+                        "gradient steps of Eq. 1 per failure",
+                    ),
+                    ParamSpec::optional(
+                        "weight_lr",
+                        ParamType::Float,
+                        json!(0.5),
+                        "learning rate of Eq. 1",
+                    ),
+                    ParamSpec::optional("severity", ParamType::Int, json!(3), "operation severity"),
+                ];
+                p.push(ParamSpec::optional(
+                    "alpha",
+                    ParamType::Float,
+                    json!(1.0),
+                    "Beta(α, α) blend with the original",
+                ));
+                p
+            }
+            Method::DeepRepair => {
+                let mut p = augmix_params();
+                p.push(ParamSpec::optional(
+                    "variant",
+                    ParamType::Choice(&["cluster", "uniform"]),
+                    json!("cluster"),
+                    "reference sampling: k-means clusters (Eq. 4) or uniform",
+                ));
+                p.push(ParamSpec::optional(
+                    "clusters",
+                    ParamType::Int,
+                    json!(5),
+                    "k-means clusters per class",
+                ));
+                p.push(ParamSpec::optional("style_prob", ParamType::Float, json!(0.1), "probability a chain's first op is the style op (uniform over O ∪ O^c with |O| = 9: 0.1)"));
+                p
+            }
+            Method::Finetune => vec![],
+        }
+    }
+}
+
+fn augmix_params() -> Vec<ParamSpec> {
+    vec![
+        ParamSpec::optional("severity", ParamType::Int, json!(3), "AugMix severity"),
+        ParamSpec::optional("width", ParamType::Int, json!(3), "chains per view"),
+        ParamSpec::optional(
+            "depth",
+            ParamType::Int,
+            json!(-1),
+            "ops per chain (-1: random 1-3)",
+        ),
+        ParamSpec::optional(
+            "alpha",
+            ParamType::Float,
+            json!(1.0),
+            "Dirichlet/Beta parameter",
+        ),
+    ]
+}
+
+pub struct RepairKind(pub Method);
+
+impl StageKind for RepairKind {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+    fn version(&self) -> &'static str {
+        "1"
+    }
+    fn description(&self) -> &'static str {
+        self.0.description()
+    }
+    fn params(&self) -> Vec<ParamSpec> {
+        let mut p = training_params(10, 0.01, 128);
+        p.push(ParamSpec::optional(
+            "train_on",
+            ParamType::Choice(&["failures", "train+failures"]),
+            json!("train+failures"),
+            "fine-tune on the collected failures only, or with the training data",
+        ));
+        p.extend(self.0.extra_params());
+        p
+    }
+    fn inputs(&self) -> Vec<InputSpec> {
+        vec![
+            InputSpec {
+                name: "model",
+                many: false,
+                optional: false,
+                help: "the base model",
+            },
+            InputSpec {
+                name: "failures",
+                many: false,
+                optional: false,
+                help: "the collected failures (Dc_k)",
+            },
+            InputSpec {
+                name: "train",
+                many: false,
+                optional: true,
+                help: "training data (for train_on: train+failures)",
+            },
+        ]
+    }
+    fn outputs(&self) -> Vec<&'static str> {
+        vec!["model", "metrics"]
+    }
+    fn resources(&self, _params: &Value) -> Resources {
+        Resources {
+            cpus: 2,
+            gpus: 0,
+            mem_mb: 4096,
+        }
+    }
+    fn estimate(&self, params: &Value) -> f64 {
+        params["epochs"].as_f64().unwrap_or(1.0)
+    }
+    fn run(&self, ctx: &mut StageCtx) -> Result<Vec<Artifact>, StageError> {
+        let method = self.0;
+        let config = train_config(ctx)?;
+        let model_art = ctx.input("model")?;
+        let base_info = read_model_info(&model_art)?;
+        let device = stage_device(ctx)?;
+        let (varmap, model) = load_model(&model_art.bytes, &base_info, &device)?;
+        let (failures, finfo) = read_dataset(&ctx.input("failures")?)?;
+        if failures.is_empty() {
+            return Err(StageError::Fatal(anyhow::anyhow!(
+                "no collected failures to repair from"
+            )));
+        }
+        let train_on: String = ctx.param("train_on")?;
+        let data_set = if train_on == "train+failures" {
+            let (train, _) = read_dataset(
+                &ctx.input("train")
+                    .context("train_on: train+failures needs a `train` input")?,
+            )?;
+            concat(&train, &failures)?
+        } else {
+            failures.clone()
+        };
+        let data = train_data(&data_set);
+        let mut variant = None;
+        let source: Box<dyn BatchSource> = match method {
+            Method::Finetune => Box::new(deeprepair_train::trainer::StandardAugment),
+            Method::Cutout => Box::new(CutoutSource {
+                length: ctx.param("length")?,
+            }),
+            Method::Mixup => Box::new(MixSource {
+                cutmix: false,
+                alpha: ctx.param("alpha")?,
+                prob: 1.0,
+            }),
+            Method::Cutmix => Box::new(MixSource {
+                cutmix: true,
+                alpha: ctx.param("beta")?,
+                prob: ctx.param("prob")?,
+            }),
+            Method::Sensei => {
+                let selective: bool = ctx.param("selective")?;
+                variant = selective.then(|| "sa".to_string());
+                Box::new(SenseiSource {
+                    config: if selective {
+                        SenseiConfig::selective()
+                    } else {
+                        SenseiConfig::default()
+                    },
+                    populations: Mutex::new(vec![Population::default(); data.n]),
+                })
+            }
+            Method::Augmix => Box::new(AugmixSource {
+                params: AugmixParams::from_ctx(ctx)?,
+                style: None,
+            }),
+            Method::DeepRepair => {
+                let v: String = ctx.param("variant")?;
+                let sampling = if v == "uniform" {
+                    Sampling::Uniform
+                } else {
+                    Sampling::Cluster {
+                        clusters: ctx.param("clusters")?,
+                    }
+                };
+                variant = Some(v);
+                let sampler = ClassReferenceSampler::new(
+                    &failures.images,
+                    &failures.labels,
+                    failures.image_len(),
+                    sampling,
+                    config.seed,
+                )?;
+                Box::new(AugmixSource {
+                    params: AugmixParams::from_ctx(ctx)?,
+                    style: Some(StyleGuide {
+                        references: failures.clone(),
+                        sampler,
+                        transfer: WaveletStyle::default(),
+                        prob: ctx.param("style_prob")?,
+                    }),
+                })
+            }
+            Method::Fsgmix => {
+                let v: String = ctx.param("variant")?;
+                let wm = match v.as_str() {
+                    "mvn" => WeightModel::Mvn,
+                    "fixed" => WeightModel::Fixed,
+                    _ => WeightModel::Gmm {
+                        components: ctx.param("components")?,
+                    },
+                };
+                variant = Some(v);
+                let severity: f64 = ctx.param::<i64>("severity")? as f64;
+                let steps: usize = ctx.param("weight_steps")?;
+                let lr: f64 = ctx.param("weight_lr")?;
+                let weights = learn_fsgmix_weights(
+                    &base_info,
+                    &varmap,
+                    &failures,
+                    severity,
+                    steps,
+                    lr,
+                    config.seed,
+                    &device,
+                )?;
+                let m = weights.len() / 7;
+                let array = ndarray::Array2::from_shape_vec(
+                    (m, 7),
+                    weights.iter().map(|&w| w as f64).collect(),
+                )
+                .map_err(anyhow::Error::from)?;
+                let dist = WeightDistribution::fit(&array, wm, config.seed)?;
+                ctx.log(format!(
+                    "FSGMix: learned {m} weight vectors, mean {:?}",
+                    dist.means.first().map(|v| v
+                        .iter()
+                        .map(|x| (x * 100.0).round() / 100.0)
+                        .collect::<Vec<_>>())
+                ));
+                Box::new(FsgmixSource {
+                    dist,
+                    severity,
+                    alpha: ctx.param("alpha")?,
+                })
+            }
+        };
+        let resume = ctx.load_checkpoint()?;
+        let outcome = {
+            let mut observer = StageObserver { ctx };
+            train(
+                &*model,
+                &varmap,
+                &data,
+                None,
+                &*source,
+                &config,
+                &device,
+                resume.as_deref(),
+                &mut observer,
+            )
+        }
+        .map_err(|e| stage_error(ctx, e))?;
+        let info = ModelInfo {
+            method: method.name().into(),
+            variant,
+            repaired_for: finfo.corruption.clone(),
+            seed: config.seed,
+            ..base_info
+        };
+        Ok(vec![
+            model_artifact(&varmap, &info)?,
+            curve_artifact(&outcome)?,
+        ])
+    }
+}
+
+fn concat(a: &Dataset, b: &Dataset) -> anyhow::Result<Dataset> {
+    anyhow::ensure!(
+        a.height == b.height && a.width == b.width && a.class_names == b.class_names,
+        "training data ({}×{}, {} classes) and failures ({}×{}, {} classes) differ",
+        a.width,
+        a.height,
+        a.num_classes(),
+        b.width,
+        b.height,
+        b.num_classes()
+    );
+    let mut images = a.images.clone();
+    images.extend_from_slice(&b.images);
+    let mut labels = a.labels.clone();
+    labels.extend_from_slice(&b.labels);
+    Ok(Dataset {
+        height: a.height,
+        width: a.width,
+        images,
+        labels,
+        class_names: a.class_names.clone(),
+        source_ids: None,
+    })
+}
+
+fn image_ref<'p>(pixels: &'p [u8], data: &TrainData) -> ImageRef<'p> {
+    ImageRef {
+        pixels,
+        width: data.width,
+        height: data.height,
+    }
+}
+
+struct CutoutSource {
+    length: usize,
+}
+
+impl BatchSource for CutoutSource {
+    fn views(&self) -> usize {
+        1
+    }
+    fn make_batch(
+        &self,
+        data: &TrainData,
+        indices: &[usize],
+        seed: u64,
+        _: &dyn Scorer,
+    ) -> anyhow::Result<TrainBatch> {
+        per_image_batch(data, indices, seed, 1, |img, _, rng| {
+            let base = random_crop_flip(img, data.height, data.width, 4, rng);
+            Ok(vec![to_unit(&cutout::cutout(
+                &image_ref(&base, data),
+                self.length,
+                cutout::CIFAR10_MEAN_U8,
+                rng,
+            ))])
+        })
+    }
+}
+
+struct MixSource {
+    cutmix: bool,
+    alpha: f64,
+    prob: f64,
+}
+
+impl BatchSource for MixSource {
+    fn views(&self) -> usize {
+        1
+    }
+    fn make_batch(
+        &self,
+        data: &TrainData,
+        indices: &[usize],
+        seed: u64,
+        _: &dyn Scorer,
+    ) -> anyhow::Result<TrainBatch> {
+        let mut base = Vec::with_capacity(indices.len() * data.height * data.width * 3);
+        for (pos, &i) in indices.iter().enumerate() {
+            base.extend(random_crop_flip(
+                data.image(i),
+                data.height,
+                data.width,
+                4,
+                &mut item_rng(seed, pos as u64),
+            ));
+        }
+        let labels: Vec<u8> = indices.iter().map(|&i| data.labels[i]).collect();
+        let mut rng = item_rng(seed, u64::MAX);
+        let (n, w, h, c) = (indices.len(), data.width, data.height, data.num_classes);
+        let mixed = if self.cutmix {
+            mix::cutmix(&base, n, w, h, &labels, c, self.alpha, self.prob, &mut rng)
+        } else {
+            mix::mixup(&base, n, w, h, &labels, c, self.alpha, &mut rng)
+        };
+        Ok(TrainBatch {
+            pixels: mixed.pixels,
+            views: 1,
+            batch: n,
+            targets: Targets::Soft(mixed.targets),
+        })
+    }
+}
+
+struct SenseiSource {
+    config: SenseiConfig,
+    /// One population per training image, evolving across epochs (not part of checkpoints:
+    /// a resumed run restarts the search from fresh populations).
+    populations: Mutex<Vec<Population>>,
+}
+
+impl BatchSource for SenseiSource {
+    fn views(&self) -> usize {
+        1
+    }
+    fn make_batch(
+        &self,
+        data: &TrainData,
+        indices: &[usize],
+        seed: u64,
+        scorer: &dyn Scorer,
+    ) -> anyhow::Result<TrainBatch> {
+        let bases: Vec<Vec<u8>> = indices
+            .iter()
+            .enumerate()
+            .map(|(pos, &i)| {
+                random_crop_flip(
+                    data.image(i),
+                    data.height,
+                    data.width,
+                    4,
+                    &mut item_rng(seed, pos as u64),
+                )
+            })
+            .collect();
+        let refs: Vec<ImageRef> = bases.iter().map(|b| image_ref(b, data)).collect();
+        let mut all = self.populations.lock().expect("populations");
+        let mut pops: Vec<Population> = indices
+            .iter()
+            .map(|&i| std::mem::take(&mut all[i]))
+            .collect();
+        let mut failure = None;
+        let mut fitness = |owners: &[usize], candidates: &[Vec<u8>]| -> Vec<f32> {
+            let flat: Vec<u8> = candidates.concat();
+            let labels: Vec<u8> = owners.iter().map(|&o| data.labels[indices[o]]).collect();
+            match scorer.losses(&flat, &labels, candidates.len()) {
+                Ok(l) => l,
+                Err(e) => {
+                    failure = Some(e);
+                    vec![0.0; candidates.len()]
+                }
+            }
+        };
+        let selection = sensei_select(
+            &refs,
+            &mut pops,
+            &mut fitness,
+            &self.config,
+            &mut item_rng(seed, u64::MAX),
+        );
+        for (&i, p) in indices.iter().zip(pops) {
+            all[i] = p;
+        }
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        Ok(TrainBatch {
+            pixels: selection
+                .images
+                .iter()
+                .flat_map(|img| to_unit(img))
+                .collect(),
+            views: 1,
+            batch: indices.len(),
+            targets: Targets::Hard(indices.iter().map(|&i| data.labels[i] as u32).collect()),
+        })
+    }
+}
+
+#[derive(Clone, Copy)]
+struct AugmixParams {
+    severity: f64,
+    width: usize,
+    depth: Option<usize>,
+    alpha: f64,
+}
+
+impl AugmixParams {
+    fn from_ctx(ctx: &StageCtx) -> anyhow::Result<Self> {
+        let depth: i64 = ctx.param("depth")?;
+        Ok(AugmixParams {
+            severity: ctx.param::<i64>("severity")? as f64,
+            width: ctx.param("width")?,
+            depth: (depth > 0).then_some(depth as usize),
+            alpha: ctx.param("alpha")?,
+        })
+    }
+}
+
+/// DeepRepair's style operations O^c: a failure image of the same class (sampled by cluster
+/// or uniformly) lends its style.
+struct StyleGuide {
+    references: Dataset,
+    sampler: ClassReferenceSampler,
+    transfer: WaveletStyle,
+    prob: f64,
+}
+
+struct AugmixSource {
+    params: AugmixParams,
+    style: Option<StyleGuide>,
+}
+
+impl AugmixSource {
+    /// One augmented view: AugMix's `augment_and_mix`, or with a style guide DeepRepair's
+    /// variant where each chain's first op is drawn from O ∪ O^c.
+    fn view(&self, img: &ImageRef, label: u8, rng: &mut impl Rng) -> anyhow::Result<Vec<f32>> {
+        let p = self.params;
+        let Some(style) = &self.style else {
+            return Ok(augment_and_mix(
+                img,
+                &AUGMIX_OPS,
+                p.severity,
+                p.width,
+                p.depth,
+                p.alpha,
+                rng,
+            ));
+        };
+        let ws: Vec<f64> = {
+            let gamma = Gamma::new(p.alpha, 1.0)?;
+            let g: Vec<f64> = (0..p.width).map(|_| gamma.sample(rng)).collect();
+            let total: f64 = g.iter().sum();
+            g.iter().map(|v| v / total).collect()
+        };
+        let m: f64 = Beta::new(p.alpha, p.alpha)?.sample(rng);
+        let mut mixed = vec![0f64; img.pixels.len()];
+        for w in ws {
+            let d = p.depth.unwrap_or_else(|| rng.random_range(1..=3));
+            let mut aug = img.pixels.to_vec();
+            for step in 0..d {
+                let current = ImageRef {
+                    pixels: &aug,
+                    ..*img
+                };
+                aug = if step == 0 && rng.random::<f64>() < style.prob {
+                    let r = style.sampler.sample(label, rng);
+                    let reference = ImageRef {
+                        pixels: style.references.image(r),
+                        ..*img
+                    };
+                    style.transfer.stylize(&current, &reference)?
+                } else {
+                    let kind: OpKind = AUGMIX_OPS[rng.random_range(0..AUGMIX_OPS.len())];
+                    apply(sample_op(kind, p.severity, img.width, rng), &current)
+                };
+            }
+            for (acc, v) in mixed.iter_mut().zip(&aug) {
+                *acc += w * *v as f64 / 255.0;
+            }
+        }
+        Ok(img
+            .pixels
+            .iter()
+            .zip(&mixed)
+            .map(|(&x, &a)| ((1.0 - m) * x as f64 / 255.0 + m * a) as f32)
+            .collect())
+    }
+}
+
+impl BatchSource for AugmixSource {
+    fn views(&self) -> usize {
+        3
+    }
+    fn make_batch(
+        &self,
+        data: &TrainData,
+        indices: &[usize],
+        seed: u64,
+        _: &dyn Scorer,
+    ) -> anyhow::Result<TrainBatch> {
+        per_image_batch(data, indices, seed, 3, |img, label, rng| {
+            let base = random_crop_flip(img, data.height, data.width, 4, rng);
+            let r = image_ref(&base, data);
+            Ok(vec![
+                to_unit(&base),
+                self.view(&r, label, rng)?,
+                self.view(&r, label, rng)?,
+            ])
+        })
+    }
+}
+
+struct FsgmixSource {
+    dist: WeightDistribution,
+    severity: f64,
+    alpha: f64,
+}
+
+impl BatchSource for FsgmixSource {
+    fn views(&self) -> usize {
+        3
+    }
+    fn make_batch(
+        &self,
+        data: &TrainData,
+        indices: &[usize],
+        seed: u64,
+        _: &dyn Scorer,
+    ) -> anyhow::Result<TrainBatch> {
+        per_image_batch(data, indices, seed, 3, |img, _, rng| {
+            let base = random_crop_flip(img, data.height, data.width, 4, rng);
+            let view = |rng: &mut rand_chacha::ChaCha8Rng| -> anyhow::Result<Vec<f32>> {
+                let views = fsgmix_ops::views(&image_ref(&base, data), self.severity, rng);
+                let w = self.dist.sample(rng);
+                let aug = fsgmix_ops::mix(&views, &w)?;
+                // Blend with the original as AugMix's final step (m ~ Beta(α, α)).
+                let m: f32 = Beta::new(self.alpha, self.alpha)?.sample(rng) as f32;
+                Ok(base
+                    .iter()
+                    .zip(aug)
+                    .map(|(&x, a)| (1.0 - m) * x as f32 / 255.0 + m * a)
+                    .collect())
+            };
+            let a1 = view(rng)?;
+            let a2 = view(rng)?;
+            Ok(vec![to_unit(&base), a1, a2])
+        })
+    }
+}
+
+/// FSGMix Eq. 1: per failure image, weights w ∈ [0, 1]^7 minimizing the model's cross-entropy
+/// on Σ w_i O_i(I), by projected gradient descent from a random start (model in eval mode,
+/// weights of the model frozen). Returns `M × 7` weights, row-major.
+#[allow(clippy::too_many_arguments)]
+fn learn_fsgmix_weights(
+    info: &ModelInfo,
+    varmap: &candle_nn::VarMap,
+    failures: &Dataset,
+    severity: f64,
+    steps: usize,
+    lr: f64,
+    seed: u64,
+    device: &Device,
+) -> anyhow::Result<Vec<f32>> {
+    let model = deeprepair_nn::build_detached(info.arch()?, info.num_classes, varmap, device)?;
+    let (h, w) = (failures.height, failures.width);
+    let per = h * w * 3;
+    let mut out = Vec::with_capacity(failures.len() * 7);
+    for start in (0..failures.len()).step_by(128) {
+        let end = (start + 128).min(failures.len());
+        let m = end - start;
+        let mut views = Vec::with_capacity(m * 7 * per);
+        let mut init = Vec::with_capacity(m * 7);
+        for i in start..end {
+            let mut rng = item_rng(seed, i as u64);
+            let v = fsgmix_ops::views(
+                &ImageRef {
+                    pixels: failures.image(i),
+                    width: w,
+                    height: h,
+                },
+                severity,
+                &mut rng,
+            );
+            for view in &v {
+                views.extend(view.iter().map(|&x| x as f32 / 255.0));
+            }
+            init.extend((0..7).map(|_| rng.random::<f32>()));
+        }
+        let views = Tensor::from_vec(views, (m, 7, per), device)?;
+        let labels =
+            Tensor::from_slice(&failures.labels[start..end], m, device)?.to_dtype(DType::U32)?;
+        let weights = Var::from_tensor(&Tensor::from_vec(init, (m, 7), device)?)?;
+        for _ in 0..steps {
+            // Σ_i w_i·view_i, clamped to the image range, to NCHW, normalized.
+            let mixed = weights
+                .as_tensor()
+                .unsqueeze(2)?
+                .broadcast_mul(&views)?
+                .sum(1)?
+                .clamp(0f32, 1f32)?;
+            let x = mixed
+                .reshape((m, h, w, 3))?
+                .permute((0, 3, 1, 2))?
+                .affine(2.0, -1.0)?;
+            let logits = model.forward_t(&x, false)?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &labels)?;
+            let grads = loss.backward()?;
+            let g = grads
+                .get(weights.as_tensor())
+                .context("no gradient for the FSGMix weights")?;
+            // Mean loss → per-image gradients are 1/m of each image's own; undo that.
+            let step = (g * (lr * m as f64))?;
+            weights.set(&(weights.as_tensor() - step)?.clamp(0f32, 1f32)?)?;
+        }
+        out.extend(weights.as_tensor().flatten_all()?.to_vec1::<f32>()?);
+    }
+    Ok(out)
+}
