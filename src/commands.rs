@@ -201,7 +201,7 @@ pub struct StoreArgs {
 }
 
 impl StoreArgs {
-    fn open(&self) -> anyhow::Result<Store> {
+    pub(crate) fn open(&self) -> anyhow::Result<Store> {
         let path = store_path(self.store.clone(), self.manifest.as_deref());
         Ok(Store::open_reader(&path)?)
     }
@@ -238,7 +238,7 @@ fn run_state_label(run: &RunRecord) -> String {
     }
 }
 
-fn pick_run(store: &Store, run: Option<u64>) -> anyhow::Result<RunRecord> {
+pub(crate) fn pick_run(store: &Store, run: Option<u64>) -> anyhow::Result<RunRecord> {
     let runs = store.runs()?;
     match run {
         Some(id) => runs
@@ -679,11 +679,14 @@ pub enum BenchCommand {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Training and evaluation images/second of an architecture on the CPU.
+    Train(crate::ml_commands::BenchTrainArgs),
 }
 
 pub fn bench(what: BenchCommand, registry: &Registry) -> anyhow::Result<ExitCode> {
     match what {
         BenchCommand::Orchestrator { stages, dir } => bench_orchestrator(stages, dir, registry),
+        BenchCommand::Train(a) => crate::ml_commands::bench_train(a),
     }
 }
 

@@ -1,7 +1,9 @@
 //! `deeprepair`: the command-line front end. Thin: parses arguments and calls the crates
-//! (`pipeline` for manifests/store/executor, `stages` for the ML stage kinds).
+//! (`pipeline` for manifests/store/executor, `stages` for the ML stage kinds; `ml_commands`
+//! calls the data, corruption, model, training and report libraries directly).
 
 mod commands;
+mod ml_commands;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -43,6 +45,17 @@ enum Command {
         #[command(subcommand)]
         what: commands::BenchCommand,
     },
+    /// Every architecture with its parameter count.
+    Models(ml_commands::ModelsArgs),
+    /// Datasets: `data fetch cifar10`.
+    Data {
+        #[command(subcommand)]
+        what: ml_commands::DataCommand,
+    },
+    /// Apply one CIFAR-10-C corruption to an image, or draw a contact sheet of all of them.
+    Corrupt(ml_commands::CorruptArgs),
+    /// Unpack the `report` artifact of a run (a run id or `latest`) into a folder.
+    Report(ml_commands::ReportArgs),
 }
 
 fn main() -> ExitCode {
@@ -67,12 +80,20 @@ fn main() -> ExitCode {
         Command::Verify(a) => commands::verify(a),
         Command::Kinds => commands::kinds(&registry),
         Command::Bench { what } => commands::bench(what, &registry),
+        Command::Models(a) => ml_commands::models(a),
+        Command::Data { what } => ml_commands::data(what),
+        Command::Corrupt(a) => ml_commands::corrupt(a),
+        Command::Report(a) => ml_commands::report(a),
     };
     match result {
         Ok(code) => code,
         Err(e) => {
             if let Some(m) = e.downcast_ref::<deeprepair_pipeline::ManifestError>() {
                 eprintln!("error: {m}");
+                return ExitCode::from(2);
+            }
+            if ml_commands::is_usage_error(&e) {
+                eprintln!("error: {e:#}");
                 return ExitCode::from(2);
             }
             eprintln!("error: {e:#}");

@@ -179,6 +179,9 @@ struct Binding {
     stage: String,
     output: Option<String>,
     all: bool,
+    /// Shared axes *not* to match on: `{from: corrupted, all: true, across: [corruption]}`
+    /// takes every corruption's instance (e.g. a cross-corruption evaluation).
+    across: Vec<String>,
     loc: Location,
 }
 
@@ -207,14 +210,14 @@ impl<'a> Expander<'a> {
     }
 
     fn parse_binding(&self, value: &Value, loc: Location) -> Result<Binding, ManifestError> {
-        let (target, all) = match value {
-            Value::String(s) => (s.clone(), false),
+        let (target, all, across) = match value {
+            Value::String(s) => (s.clone(), false, vec![]),
             Value::Object(map) => {
                 for key in map.keys() {
-                    if key != "from" && key != "all" {
+                    if key != "from" && key != "all" && key != "across" {
                         return Err(self.err(
                             &loc,
-                            format!("unknown key '{key}' in input binding; expected 'from' and optionally 'all'"),
+                            format!("unknown key '{key}' in input binding; expected 'from' and optionally 'all', 'across'"),
                         ));
                     }
                 }
@@ -228,7 +231,17 @@ impl<'a> Expander<'a> {
                         return Err(self.err(&loc, format!("'all' must be true or false, found {other}")))
                     }
                 };
-                (from.to_string(), all)
+                let across = match map.get("across") {
+                    None => vec![],
+                    Some(Value::Array(axes)) if all => axes.iter().map(value_label).collect(),
+                    Some(_) if !all => {
+                        return Err(self.err(&loc, "'across' needs 'all: true'"))
+                    }
+                    Some(other) => {
+                        return Err(self.err(&loc, format!("'across' must be a list of grid axes, found {other}")))
+                    }
+                };
+                (from.to_string(), all, across)
             }
             other => {
                 return Err(self.err(
@@ -245,6 +258,7 @@ impl<'a> Expander<'a> {
             stage,
             output,
             all,
+            across,
             loc,
         })
     }
@@ -607,7 +621,12 @@ impl<'a> Expander<'a> {
                         "input '{input}' of kind '{kind_name}' takes one artifact; remove 'all: true'"
                     )));
                 }
-                let up_axes: Vec<String> = stages[upstream[0]].axes.keys().cloned().collect();
+                let up_axes: Vec<String> = stages[upstream[0]]
+                    .axes
+                    .keys()
+                    .filter(|a| !binding.across.contains(a))
+                    .cloned()
+                    .collect();
                 let mut by_projection: HashMap<Vec<Value>, Vec<usize>> = HashMap::new();
                 for &u in upstream {
                     let key: Vec<Value> = up_axes

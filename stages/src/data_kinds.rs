@@ -308,3 +308,83 @@ impl StageKind for CorruptKind {
         Ok(vec![dataset_artifact(&ds, &info)])
     }
 }
+
+/// `degrade`: FSGMix's test-set degradation (§IV-A): every image becomes Σ w_deg,i · O_i(I) over
+/// its seven operations, with one random weight vector w_deg per `seed`. The paper does not
+/// normalize w_deg; drawn uniformly in [0, 1]^7 its entries sum to ~3.5 and the mixture
+/// saturates to white, so we normalize it to sum 1 (documented divergence).
+pub struct DegradeKind;
+
+impl StageKind for DegradeKind {
+    fn name(&self) -> &'static str {
+        "degrade"
+    }
+    fn version(&self) -> &'static str {
+        "1"
+    }
+    fn description(&self) -> &'static str {
+        "FSGMix's degradation: a fixed random mix w_deg of its seven operations (one failure pattern per seed)"
+    }
+    fn params(&self) -> Vec<ParamSpec> {
+        vec![
+            ParamSpec::optional(
+                "seed",
+                ParamType::Int,
+                json!(0),
+                "draws w_deg (and per-image op parameters)",
+            ),
+            ParamSpec::optional("severity", ParamType::Int, json!(3), "operation severity"),
+        ]
+    }
+    fn inputs(&self) -> Vec<InputSpec> {
+        vec![InputSpec {
+            name: "images",
+            many: false,
+            optional: false,
+            help: "the clean images",
+        }]
+    }
+    fn outputs(&self) -> Vec<&'static str> {
+        vec!["images"]
+    }
+    fn run(&self, ctx: &mut StageCtx) -> Result<Vec<Artifact>, StageError> {
+        use rand::Rng;
+        use rayon::prelude::*;
+        let seed: u64 = ctx.param("seed")?;
+        let severity: i64 = ctx.param("severity")?;
+        let (clean, _) = read_dataset(&ctx.input("images")?)?;
+        let mut rng = deeprepair_train::trainer::item_rng(seed, u64::MAX);
+        let raw: Vec<f64> = (0..7).map(|_| rng.random::<f64>()).collect();
+        let total: f64 = raw.iter().sum();
+        let w_deg: Vec<f64> = raw.iter().map(|w| w / total).collect();
+        let per = clean.image_len();
+        let images: Vec<u8> = (0..clean.len())
+            .into_par_iter()
+            .map(|i| -> anyhow::Result<Vec<u8>> {
+                let mut rng = deeprepair_train::trainer::item_rng(seed, i as u64);
+                let img = deeprepair_repair::augmix_ops::ImageRef {
+                    pixels: &clean.images[i * per..(i + 1) * per],
+                    width: clean.width,
+                    height: clean.height,
+                };
+                let views = deeprepair_repair::fsgmix_ops::views(&img, severity as f64, &mut rng);
+                let mixed = deeprepair_repair::fsgmix_ops::mix(&views, &w_deg)?;
+                Ok(mixed.iter().map(|v| (v * 255.0).round() as u8).collect())
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?
+            .concat();
+        let name = format!("wdeg-{seed}");
+        ctx.log(format!("w_deg = {w_deg:.3?}"));
+        let ds = Dataset {
+            images,
+            source_ids: clean.source_ids.clone(),
+            ..clean
+        };
+        let info = DatasetInfo {
+            eval_set: Some(name.clone()),
+            corruption: Some(name),
+            severities: vec![severity as u8],
+        };
+        Ok(vec![dataset_artifact(&ds, &info)])
+    }
+}

@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 pub fn register(registry: &mut Registry) {
     registry.register(data_kinds::DatasetKind);
     registry.register(data_kinds::CorruptKind);
+    registry.register(data_kinds::DegradeKind);
     registry.register(model_kinds::PretrainKind);
     registry.register(model_kinds::ImportModelKind);
     registry.register(model_kinds::SelectFailuresKind);

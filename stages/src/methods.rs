@@ -237,6 +237,12 @@ impl StageKind for RepairKind {
                 optional: true,
                 help: "training data (for train_on: train+failures)",
             },
+            InputSpec {
+                name: "validation",
+                many: false,
+                optional: true,
+                help: "validation images for early stopping (patience)",
+            },
         ]
     }
     fn outputs(&self) -> Vec<&'static str> {
@@ -379,6 +385,12 @@ impl StageKind for RepairKind {
                 })
             }
         };
+        let val = if ctx.has_input("validation") {
+            Some(read_dataset(&ctx.input("validation")?)?.0)
+        } else {
+            None
+        };
+        let val_data = val.as_ref().map(train_data);
         let resume = ctx.load_checkpoint()?;
         let outcome = {
             let mut observer = StageObserver { ctx };
@@ -386,7 +398,7 @@ impl StageKind for RepairKind {
                 &*model,
                 &varmap,
                 &data,
-                None,
+                val_data.as_ref(),
                 &*source,
                 &config,
                 &device,
@@ -395,6 +407,11 @@ impl StageKind for RepairKind {
             )
         }
         .map_err(|e| stage_error(ctx, e))?;
+        // FSGMix's Table I compares training on D_f alone with D_o ∪ D_f: keep them apart.
+        if train_on == "failures" {
+            variant =
+                Some(variant.map_or("failures-only".into(), |v| format!("{v}, failures-only")));
+        }
         let info = ModelInfo {
             method: method.name().into(),
             variant,
@@ -723,7 +740,7 @@ impl BatchSource for FsgmixSource {
             let base = random_crop_flip(img, data.height, data.width, 4, rng);
             let view = |rng: &mut rand_chacha::ChaCha8Rng| -> anyhow::Result<Vec<f32>> {
                 let views = fsgmix_ops::views(&image_ref(&base, data), self.severity, rng);
-                let w = self.dist.sample(rng);
+                let w = normalized(self.dist.sample(rng));
                 let aug = fsgmix_ops::mix(&views, &w)?;
                 // Blend with the original as AugMix's final step (m ~ Beta(α, α)).
                 let m: f32 = Beta::new(self.alpha, self.alpha)?.sample(rng) as f32;
@@ -740,9 +757,26 @@ impl BatchSource for FsgmixSource {
     }
 }
 
+/// Sampled weights scaled to sum 1 (uniform when all are 0), matching the convex mix the
+/// weights were learned with.
+fn normalized(w: Vec<f64>) -> Vec<f64> {
+    let total: f64 = w.iter().sum();
+    if total <= 1e-12 {
+        vec![1.0 / w.len() as f64; w.len()]
+    } else {
+        w.iter().map(|v| v / total).collect()
+    }
+}
+
 /// FSGMix Eq. 1: per failure image, weights w ∈ [0, 1]^7 minimizing the model's cross-entropy
-/// on Σ w_i O_i(I), by projected gradient descent from a random start (model in eval mode,
-/// weights of the model frozen). Returns `M × 7` weights, row-major.
+/// on the mix of its seven views, by projected gradient descent from a random start (model in
+/// eval mode, its weights frozen). Returns `M × 7` weights, row-major.
+///
+/// Divergence from the paper's `Σ w_i Î_i`: we mix convexly, `Σ w_i Î_i / Σ w_i`, and keep
+/// w ≥ 0.01. Un-normalized, the descent finds the degenerate optimum w = 0 (a black image the
+/// model happens to label "right" for some classes) where the clamp to [0, 1] has no gradient
+/// and every weight stays 0; normalized, w only chooses between the operations, which is what
+/// the GMM is meant to capture.
 #[allow(clippy::too_many_arguments)]
 fn learn_fsgmix_weights(
     info: &ModelInfo,
@@ -785,12 +819,12 @@ fn learn_fsgmix_weights(
         let weights = Var::from_tensor(&Tensor::from_vec(init, (m, 7), device)?)?;
         for _ in 0..steps {
             // Σ_i w_i·view_i, clamped to the image range, to NCHW, normalized.
-            let mixed = weights
-                .as_tensor()
+            let w_t = weights.as_tensor();
+            let mixed = w_t
                 .unsqueeze(2)?
                 .broadcast_mul(&views)?
                 .sum(1)?
-                .clamp(0f32, 1f32)?;
+                .broadcast_div(&w_t.sum_keepdim(1)?)?;
             let x = mixed
                 .reshape((m, h, w, 3))?
                 .permute((0, 3, 1, 2))?
@@ -803,7 +837,7 @@ fn learn_fsgmix_weights(
                 .context("no gradient for the FSGMix weights")?;
             // Mean loss → per-image gradients are 1/m of each image's own; undo that.
             let step = (g * (lr * m as f64))?;
-            weights.set(&(weights.as_tensor() - step)?.clamp(0f32, 1f32)?)?;
+            weights.set(&(weights.as_tensor() - step)?.clamp(0.01f32, 1f32)?)?;
         }
         out.extend(weights.as_tensor().flatten_all()?.to_vec1::<f32>()?);
     }

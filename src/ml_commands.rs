@@ -1,0 +1,486 @@
+//! The ML subcommands: `models`, `data fetch`, `corrupt`, `bench train` (via `commands::bench`)
+//! and `report`. Each is a thin call into a library crate (`deeprepair-nn`, `-data`,
+//! `-corrupt`, `-train`, `-report`); what lives here is argument checking and printing.
+
+use crate::commands::{pick_run, write_atomically, StoreArgs};
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use deeprepair_corrupt::{corrupt_image, image_seed, Corruption, FrostTextures, Resources};
+use deeprepair_data::{decode_image, encode_png, load_dataset, Split};
+use deeprepair_nn::{param_count, Arch};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// Bad user input (a missing or unreadable file, an out-of-range value): the binary exits
+/// with code 2 and prints the message.
+#[derive(Debug)]
+pub struct UsageError(pub String);
+
+impl std::fmt::Display for UsageError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for UsageError {}
+
+fn usage(msg: impl Into<String>) -> anyhow::Error {
+    UsageError(msg.into()).into()
+}
+
+/// Whether `e` (or anything it wraps) is bad user input.
+pub fn is_usage_error(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<UsageError>())
+}
+
+/// Levenshtein distance, for did-you-mean suggestions.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let sub = prev[j] + usize::from(ca != *cb);
+            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// The closest of `names` to `given`, if it is close enough to be a typo.
+fn did_you_mean<'a>(given: &str, names: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let given = given.to_ascii_lowercase().replace('-', "_");
+    names
+        .into_iter()
+        .map(|n| (edit_distance(&given, &n.replace('-', "_")), n))
+        .filter(|(d, n)| *d <= 2.max(n.len() / 3))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, n)| n)
+}
+
+/// Parses a corruption name (clap value parser: an error here exits with code 2).
+pub fn parse_corruption(s: &str) -> Result<Corruption, String> {
+    if let Some(c) = Corruption::from_name(s) {
+        return Ok(c);
+    }
+    let names: Vec<&str> = Corruption::ALL.iter().map(|c| c.name()).collect();
+    let hint = did_you_mean(s, names.iter().copied())
+        .map(|n| format!("did you mean '{n}'? "))
+        .unwrap_or_default();
+    Err(format!(
+        "unknown corruption '{s}'; {hint}the 15 corruptions are: {}",
+        names.join(", ")
+    ))
+}
+
+/// Parses an architecture name (clap value parser).
+pub fn parse_arch(s: &str) -> Result<Arch, String> {
+    if let Some(a) = Arch::from_name(s) {
+        return Ok(a);
+    }
+    let names: Vec<&str> = Arch::ALL.iter().map(|a| a.name()).collect();
+    let hint = did_you_mean(s, names.iter().copied())
+        .map(|n| format!("did you mean '{n}'? "))
+        .unwrap_or_default();
+    Err(format!(
+        "unknown architecture '{s}'; {hint}expected one of: {}",
+        names.join(", ")
+    ))
+}
+
+/// 2243546 → "2,243,546".
+fn thousands(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+#[derive(Args)]
+pub struct ModelsArgs {
+    /// Number of output classes the parameter counts are for.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    classes: u32,
+}
+
+pub fn models(args: ModelsArgs) -> anyhow::Result<ExitCode> {
+    let classes = args.classes as usize;
+    println!("{:<20} {:>12}", "arch", "params");
+    for &arch in Arch::ALL {
+        println!(
+            "{:<20} {:>12}",
+            arch.name(),
+            thousands(param_count(arch, classes))
+        );
+    }
+    println!("({classes} classes)");
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Subcommand)]
+pub enum DataCommand {
+    /// Download, verify and unpack a dataset; prints the folder holding its files.
+    Fetch(FetchArgs),
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum FetchDataset {
+    /// The CIFAR-10 binary tarball (cifar-10-binary.tar.gz).
+    Cifar10,
+}
+
+#[derive(Args)]
+pub struct FetchArgs {
+    /// Which dataset.
+    #[arg(value_enum)]
+    dataset: FetchDataset,
+    /// Where to download from (http://, https://, file:// or a plain path).
+    #[arg(long, default_value = deeprepair_data::CIFAR10_BINARY_URL)]
+    url: String,
+    /// Expected SHA-256 of the tarball (64 hex digits); a mismatch is an error.
+    #[arg(long, value_name = "HEX")]
+    sha256: Option<String>,
+    /// Where to unpack (the .bin files end up in DEST/cifar-10-batches-bin).
+    #[arg(long, default_value = "data")]
+    dest: PathBuf,
+    /// No progress bar.
+    #[arg(long)]
+    no_progress: bool,
+}
+
+pub fn data(what: DataCommand) -> anyhow::Result<ExitCode> {
+    match what {
+        DataCommand::Fetch(a) => fetch(a),
+    }
+}
+
+fn fetch(args: FetchArgs) -> anyhow::Result<ExitCode> {
+    match args.dataset {
+        FetchDataset::Cifar10 => {}
+    }
+    if let Some(s) = &args.sha256 {
+        let t = s.trim();
+        if t.len() != 64 || !t.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(usage(format!(
+                "--sha256 '{s}' is not 64 hexadecimal digits"
+            )));
+        }
+    }
+    let progress = !args.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let dir =
+        deeprepair_data::fetch_cifar10(&args.url, args.sha256.as_deref(), &args.dest, progress)
+            .with_context(|| format!("data fetch cifar10 from {}", args.url))?;
+    println!("{}", dir.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args)]
+pub struct CorruptArgs {
+    /// One of the 15 CIFAR-10-C corruptions (gaussian_noise … jpeg_compression).
+    #[arg(long, value_name = "NAME", value_parser = parse_corruption,
+          required_unless_present = "sheet", conflicts_with = "sheet")]
+    corruption: Option<Corruption>,
+    /// Severity 1-5.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=5),
+          required_unless_present = "sheet", conflicts_with = "sheet")]
+    severity: Option<u8>,
+    /// Seed of the random corruptions.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Folder with the frost textures (frost1.png … frost6.jpg); needed for frost.
+    #[arg(long, value_name = "DIR")]
+    frost: Option<PathBuf>,
+    /// Instead of one image: write a contact sheet (rows: the corruptions, columns: clean and
+    /// severities 1-5) of one test image of --data to this PNG.
+    #[arg(long, value_name = "OUT.png", requires = "data")]
+    sheet: Option<PathBuf>,
+    /// Dataset for --sheet (CIFAR-10 binary folder, image folder or encoded dataset).
+    #[arg(long, value_name = "PATH", requires = "sheet")]
+    data: Option<PathBuf>,
+    /// Which test image of --data goes on the sheet.
+    #[arg(long, default_value_t = 0)]
+    index: usize,
+    /// Input image (PNG or JPEG).
+    #[arg(
+        value_name = "IN",
+        required_unless_present = "sheet",
+        conflicts_with = "sheet"
+    )]
+    input: Option<PathBuf>,
+    /// Output PNG.
+    #[arg(
+        value_name = "OUT",
+        required_unless_present = "sheet",
+        conflicts_with = "sheet"
+    )]
+    output: Option<PathBuf>,
+}
+
+fn load_frost(dir: Option<&Path>) -> anyhow::Result<Resources> {
+    let frost = match dir {
+        Some(d) => Some(FrostTextures::load(d).map_err(|e| usage(format!("--frost: {e}")))?),
+        None => None,
+    };
+    Ok(Resources { frost })
+}
+
+pub fn corrupt(args: CorruptArgs) -> anyhow::Result<ExitCode> {
+    if let Some(sheet) = &args.sheet {
+        let data = args.data.as_deref().context("--sheet needs --data PATH")?;
+        return corrupt_sheet(sheet, data, args.index, args.seed, args.frost.as_deref());
+    }
+    let (Some(c), Some(severity), Some(input), Some(output)) =
+        (args.corruption, args.severity, &args.input, &args.output)
+    else {
+        return Err(usage(
+            "corrupt needs --corruption NAME --severity S IN OUT (or --sheet OUT.png --data PATH)",
+        ));
+    };
+    if c == Corruption::Frost && args.frost.is_none() {
+        return Err(usage(
+            "the frost corruption needs --frost DIR, a folder with frost1.png, frost2.png, \
+             frost3.png, frost4.jpg, frost5.jpg, frost6.jpg",
+        ));
+    }
+    let res = load_frost(args.frost.as_deref())?;
+    let bytes = std::fs::read(input)
+        .map_err(|e| usage(format!("cannot read input image {}: {e}", input.display())))?;
+    let (pixels, w, h) =
+        decode_image(&bytes).map_err(|e| usage(format!("{}: {e}", input.display())))?;
+    let out = corrupt_image(
+        &pixels,
+        w,
+        h,
+        c,
+        severity,
+        image_seed(args.seed, 0, c, severity),
+        &res,
+    )
+    .with_context(|| format!("{c} severity {severity} on {}", input.display()))?;
+    let png = encode_png(&out, w, h)?;
+    write_atomically(output, &png)?;
+    println!("{}", output.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn corrupt_sheet(
+    out: &Path,
+    data: &Path,
+    index: usize,
+    seed: u64,
+    frost: Option<&Path>,
+) -> anyhow::Result<ExitCode> {
+    let res = load_frost(frost)?;
+    let ds = load_dataset(data, Split::Test)
+        .map_err(|e| usage(format!("--data {}: {e}", data.display())))?;
+    if index >= ds.len() {
+        return Err(usage(format!(
+            "--index {index} is out of range: {} has {} test images",
+            data.display(),
+            ds.len()
+        )));
+    }
+    let (w, h) = (ds.width, ds.height);
+    let clean = ds.image(index);
+    let mut cells: Vec<Vec<u8>> = Vec::new();
+    let mut rows = Vec::new();
+    for c in Corruption::ALL {
+        if c == Corruption::Frost && res.frost.is_none() {
+            eprintln!("note: frost row skipped (pass --frost DIR with frost1.png … frost6.jpg)");
+            continue;
+        }
+        cells.push(clean.to_vec());
+        for s in 1..=5u8 {
+            let img = corrupt_image(
+                clean,
+                w,
+                h,
+                c,
+                s,
+                image_seed(seed, index as u64, c, s),
+                &res,
+            )
+            .with_context(|| format!("{c} severity {s} on test image {index}"))?;
+            cells.push(img);
+        }
+        rows.push(c.name().to_string());
+    }
+    let cols: Vec<String> = std::iter::once("clean".to_string())
+        .chain((1..=5).map(|s| format!("severity {s}")))
+        .collect();
+    let refs: Vec<&[u8]> = cells.iter().map(|c| c.as_slice()).collect();
+    let png = deeprepair_report::contact_sheet(&refs, w, h, 6, 4, &rows, &cols)?;
+    write_atomically(out, &png)?;
+    println!("{}", out.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `bench train`: training/eval throughput of one architecture on the CPU.
+#[derive(Args)]
+pub struct BenchTrainArgs {
+    /// Architecture (tiny-cnn, allconv, densenet, densenet-bc-100-12, wrn-40-2).
+    #[arg(long, default_value = "tiny-cnn", value_parser = parse_arch)]
+    arch: Arch,
+    /// Batch size.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    batch: u32,
+    /// Train with the JSD consistency loss (3 views per image).
+    #[arg(long)]
+    jsd: bool,
+    /// Timed optimizer steps (after one warm-up step).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    steps: u32,
+}
+
+pub fn bench_train(args: BenchTrainArgs) -> anyhow::Result<ExitCode> {
+    let device = candle_core::Device::Cpu;
+    let r = deeprepair_train::bench::bench_train(
+        args.arch,
+        args.batch as usize,
+        args.jsd,
+        args.steps as usize,
+        &device,
+    )
+    .with_context(|| format!("bench train {}", args.arch.name()))?;
+    println!(
+        "{:<20} {:>6} {:<5} {:<6} {:>14} {:>14}",
+        "arch", "batch", "jsd", "device", "train img/s", "eval img/s"
+    );
+    println!(
+        "{:<20} {:>6} {:<5} {:<6} {:>14.1} {:>14.1}",
+        r.arch, r.batch, r.jsd, r.device, r.train_images_per_second, r.eval_images_per_second
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args)]
+pub struct ReportArgs {
+    /// A run id, or `latest`.
+    #[arg(value_name = "RUN_OR_LATEST")]
+    run: String,
+    /// Where to unpack the report.
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+/// Keeps a stage path usable as a folder name.
+fn folder_name(stage: &str) -> String {
+    stage
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "-_.=,".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+pub fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
+    let run_id = match args.run.as_str() {
+        "latest" => None,
+        s => Some(s.parse::<u64>().map_err(|_| {
+            usage(format!(
+                "'{s}' is not a run id; give a number (see `deeprepair status`) or `latest`"
+            ))
+        })?),
+    };
+    let store = args.store.open()?;
+    let run = pick_run(&store, run_id)?;
+    let reports: Vec<_> = store
+        .stage_runs(run.id)?
+        .into_iter()
+        .filter(|r| r.kind == "report")
+        .collect();
+    if reports.is_empty() {
+        anyhow::bail!("run {} has no stage of kind report", run.id);
+    }
+    let found: Vec<_> = reports
+        .iter()
+        .filter_map(|r| r.outputs.get("report").map(|d| (r, *d)))
+        .collect();
+    if found.is_empty() {
+        let states: Vec<String> = reports
+            .iter()
+            .map(|r| format!("{} ({:?})", r.stage, r.state).to_lowercase())
+            .collect();
+        anyhow::bail!(
+            "run {}: no report stage produced a `report` artifact: {}",
+            run.id,
+            states.join(", ")
+        );
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    for (record, digest) in &found {
+        let artifact = store.get_artifact(digest)?;
+        if artifact.header.media_type != "application/x-tar" {
+            anyhow::bail!(
+                "{}: the report artifact {} is {}, not a tar",
+                record.stage,
+                digest.short(),
+                artifact.header.media_type
+            );
+        }
+        let dir = if found.len() == 1 {
+            args.out.clone()
+        } else {
+            args.out.join(folder_name(&record.stage))
+        };
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let mut archive = tar::Archive::new(artifact.bytes.as_slice());
+        let entries = archive
+            .entries()
+            .with_context(|| format!("reading report artifact {}", digest.short()))?;
+        for entry in entries {
+            let mut entry =
+                entry.with_context(|| format!("reading report artifact {}", digest.short()))?;
+            let rel = entry.path()?.into_owned();
+            // unpack_in refuses paths that would leave `dir` (absolute, `..`).
+            if entry
+                .unpack_in(&dir)
+                .with_context(|| format!("unpacking {} into {}", rel.display(), dir.display()))?
+                && entry.header().entry_type().is_file()
+            {
+                println!("{}", dir.join(&rel).display());
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thousands_separators() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1000), "1,000");
+        assert_eq!(thousands(2_243_546), "2,243,546");
+    }
+
+    #[test]
+    fn suggestions() {
+        assert_eq!(parse_corruption("fog"), Ok(Corruption::Fog));
+        assert!(parse_corruption("fogg")
+            .unwrap_err()
+            .contains("did you mean 'fog'"));
+        assert!(parse_corruption("gaussian-noise")
+            .unwrap_err()
+            .contains("'gaussian_noise'"));
+        let e = parse_corruption("xyzzy").unwrap_err();
+        assert!(!e.contains("did you mean") && e.contains("jpeg_compression"));
+        assert!(parse_arch("wrn40-2").unwrap_err().contains("'wrn-40-2'"));
+    }
+}

@@ -1,0 +1,268 @@
+//! The ML subcommands (`models`, `corrupt`, `data fetch`, `bench train`) against the built
+//! binary. Tests that need the real data in ../shared/data say so and skip when it is absent.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+const SHARED_DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data");
+
+fn deeprepair(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_deeprepair"))
+        .args(args)
+        .env_remove("DEEPREPAIR_STORE")
+        .output()
+        .expect("running the deeprepair binary")
+}
+
+fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn shared(rel: &str) -> Option<PathBuf> {
+    let p = Path::new(SHARED_DATA).join(rel);
+    if p.exists() {
+        Some(p)
+    } else {
+        eprintln!("skipping: {} is absent", p.display());
+        None
+    }
+}
+
+#[test]
+fn models_lists_every_architecture_with_params() {
+    let o = deeprepair(&["models"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let wrn = out
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some("wrn-40-2"))
+        .unwrap_or_else(|| panic!("no wrn-40-2 row in:\n{out}"));
+    assert!(wrn.contains("2,243,546"), "{wrn}");
+    for name in ["tiny-cnn", "allconv", "densenet", "densenet-bc-100-12"] {
+        assert!(
+            out.lines()
+                .any(|l| l.split_whitespace().next() == Some(name)),
+            "{name} missing:\n{out}"
+        );
+    }
+}
+
+#[test]
+fn corrupt_one_image() {
+    let Some(input) = shared("cifar10-jpeg/test/cat/0000.jpg") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out_png = dir.path().join("fog.png");
+    let o = deeprepair(&[
+        "corrupt",
+        "--corruption",
+        "fog",
+        "--severity",
+        "3",
+        input.to_str().unwrap(),
+        out_png.to_str().unwrap(),
+    ]);
+    let (_, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let png = std::fs::read(&out_png).unwrap();
+    assert!(png.starts_with(b"\x89PNG"));
+    let (pixels, w, h) = deeprepair_data::decode_image(&png).unwrap();
+    assert_eq!((w, h), (32, 32));
+    let (clean, _, _) = deeprepair_data::decode_image(&std::fs::read(&input).unwrap()).unwrap();
+    assert_ne!(pixels, clean, "the corrupted image equals the input");
+}
+
+#[test]
+fn corrupt_unknown_name_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = deeprepair(&[
+        "corrupt",
+        "--corruption",
+        "fogg",
+        "--severity",
+        "1",
+        "in.png",
+        dir.path().join("out.png").to_str().unwrap(),
+    ]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("'fog'"), "{err}");
+    assert!(err.contains("jpeg_compression"), "{err}");
+}
+
+#[test]
+fn corrupt_missing_input_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.jpg");
+    let o = deeprepair(&[
+        "corrupt",
+        "--corruption",
+        "snow",
+        "--severity",
+        "2",
+        missing.to_str().unwrap(),
+        dir.path().join("out.png").to_str().unwrap(),
+    ]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("nope.jpg"), "{err}");
+}
+
+#[test]
+fn corrupt_contact_sheet() {
+    let Some(data) = shared("cifar10-lossless-subset") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let sheet = dir.path().join("sheet.png");
+    let o = deeprepair(&[
+        "corrupt",
+        "--sheet",
+        sheet.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--index",
+        "3",
+    ]);
+    let (_, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("frost row skipped"), "{err}");
+    let (_, w, h) = deeprepair_data::decode_image(&std::fs::read(&sheet).unwrap()).unwrap();
+    // 6 columns and 14 rows of 128-pixel cells, plus gaps and labels.
+    assert!(w > 6 * 128 && h > 14 * 128, "{w}x{h}");
+}
+
+/// A gzipped tar holding `cifar-10-batches-bin/` with all six `.bin` files, two records each.
+fn tiny_cifar_tarball(path: &Path) {
+    let gz = flate2::write::GzEncoder::new(
+        std::fs::File::create(path).unwrap(),
+        flate2::Compression::fast(),
+    );
+    let mut tar = tar::Builder::new(gz);
+    let names = [
+        "data_batch_1.bin",
+        "data_batch_2.bin",
+        "data_batch_3.bin",
+        "data_batch_4.bin",
+        "data_batch_5.bin",
+        "test_batch.bin",
+    ];
+    for (i, name) in names.iter().enumerate() {
+        let mut bytes = Vec::new();
+        for r in 0..2u8 {
+            bytes.push((i as u8 + r) % 10);
+            bytes.extend((0..3072).map(|p| (p % 251) as u8 ^ r));
+        }
+        let mut header = tar::Header::new_gnu();
+        header.set_size(bytes.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        tar.append_data(
+            &mut header,
+            format!("cifar-10-batches-bin/{name}"),
+            bytes.as_slice(),
+        )
+        .unwrap();
+    }
+    tar.into_inner().unwrap().finish().unwrap().flush().unwrap();
+}
+
+#[test]
+fn data_fetch_from_a_file_url() {
+    let dir = tempfile::tempdir().unwrap();
+    let tarball = dir.path().join("cifar-10-binary.tar.gz");
+    tiny_cifar_tarball(&tarball);
+    let url = format!("file://{}", tarball.display());
+
+    let dest = dir.path().join("data");
+    let o = deeprepair(&[
+        "data",
+        "fetch",
+        "cifar10",
+        "--url",
+        &url,
+        "--dest",
+        dest.to_str().unwrap(),
+        "--no-progress",
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let bins = PathBuf::from(out.trim());
+    assert_eq!(bins, dest.join("cifar-10-batches-bin"));
+    assert_eq!(
+        std::fs::metadata(bins.join("test_batch.bin"))
+            .unwrap()
+            .len(),
+        2 * 3073
+    );
+
+    let wrong = "0".repeat(64);
+    let o = deeprepair(&[
+        "data",
+        "fetch",
+        "cifar10",
+        "--url",
+        &url,
+        "--dest",
+        dir.path().join("other").to_str().unwrap(),
+        "--sha256",
+        &wrong,
+        "--no-progress",
+    ]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(err.contains(&wrong), "{err}");
+    let got = err
+        .split("got ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no actual digest in: {err}"));
+    assert!(
+        got.len() >= 64 && got[..64].bytes().all(|b| b.is_ascii_hexdigit()),
+        "{err}"
+    );
+
+    let o = deeprepair(&["data", "fetch", "cifar10", "--url", &url, "--sha256", "abc"]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("--sha256"), "{err}");
+}
+
+#[test]
+fn bench_train_prints_a_table() {
+    let o = deeprepair(&["bench", "train", "--steps", "1", "--batch", "8"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        out.contains("train img/s") && out.contains("eval img/s"),
+        "{out}"
+    );
+    let row = out
+        .lines()
+        .find(|l| l.starts_with("tiny-cnn"))
+        .unwrap_or_else(|| panic!("no tiny-cnn row:\n{out}"));
+    let cols: Vec<&str> = row.split_whitespace().collect();
+    assert_eq!(cols[1], "8", "{row}");
+    assert_eq!(cols[2], "false", "{row}");
+    assert!(cols[4].parse::<f64>().unwrap() > 0.0, "{row}");
+}
+
+#[test]
+fn report_rejects_a_bad_run_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = deeprepair(&[
+        "report",
+        "yesterday",
+        "--out",
+        dir.path().join("r").to_str().unwrap(),
+        "--store",
+        dir.path().join("store.redb").to_str().unwrap(),
+    ]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("latest"), "{err}");
+}

@@ -1,0 +1,162 @@
+//! A reduced smoke grid end to end on real CIFAR-10 bytes (the lossless binary subset):
+//! dataset → pretrain → corrupt → select-failures → four repair methods → evaluate → report.
+//! Checks that every stage runs, the report holds a record per method, repaired models are
+//! evaluated on their unseen failures, and a re-run executes nothing.
+
+mod common;
+use common::*;
+use std::path::PathBuf;
+
+fn data_dir() -> Option<PathBuf> {
+    let root = std::env::var_os("DEEPREPAIR_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data")));
+    let dir = root.join("cifar10-lossless-subset");
+    dir.join("test_batch.bin").exists().then_some(dir)
+}
+
+const MANIFEST: &str = r#"
+name: mini-repair
+vars:
+  data: UNSET
+grid:
+  corruption: [gaussian_noise]
+defaults:
+  finetune: {epochs: 1, batch: 32, train_on: train+failures}
+  augmix: {epochs: 1, batch: 32, train_on: train+failures}
+  fsgmix: {epochs: 1, batch: 32, train_on: train+failures, weight_steps: 3}
+  deeprepair: {epochs: 1, batch: 32, train_on: train+failures, clusters: 2}
+stages:
+  train-data: {kind: dataset, params: {path: "${data}", split: train, per_class: 20}}
+  test-data: {kind: dataset, params: {path: "${data}", split: test, per_class: 10, eval_set: clean}}
+  base:
+    kind: pretrain
+    params: {arch: tiny-cnn, epochs: 2, batch: 32, lr: 0.05}
+    inputs: {train: train-data}
+  corrupted:
+    kind: corrupt
+    over: [corruption]
+    params: {severities: [3, 5]}
+    inputs: {images: test-data}
+  failures:
+    kind: select-failures
+    over: [corruption]
+    params: {per_class: 3}
+    inputs: {model: base.model, images: corrupted}
+  finetune: {kind: finetune, over: [corruption], inputs: {model: base.model, failures: failures.collected, train: train-data}}
+  augmix: {kind: augmix, over: [corruption], inputs: {model: base.model, failures: failures.collected, train: train-data}}
+  fsgmix: {kind: fsgmix, over: [corruption], inputs: {model: base.model, failures: failures.collected, train: train-data}}
+  deeprepair: {kind: deeprepair, over: [corruption], inputs: {model: base.model, failures: failures.collected, train: train-data}}
+  eval-base: {kind: evaluate, inputs: {model: base.model, sets: [test-data, {from: corrupted, all: true}, {from: failures.unseen, all: true}]}}
+  eval-finetune: {kind: evaluate, over: [corruption], inputs: {model: finetune.model, sets: [test-data, corrupted, failures.unseen]}}
+  eval-augmix: {kind: evaluate, over: [corruption], inputs: {model: augmix.model, sets: [test-data, corrupted, failures.unseen]}}
+  eval-fsgmix: {kind: evaluate, over: [corruption], inputs: {model: fsgmix.model, sets: [test-data, corrupted, failures.unseen]}}
+  eval-deeprepair: {kind: evaluate, over: [corruption], inputs: {model: deeprepair.model, sets: [test-data, corrupted, failures.unseen]}}
+  report:
+    kind: report
+    inputs:
+      results:
+        - {from: eval-base, all: true}
+        - {from: eval-finetune, all: true}
+        - {from: eval-augmix, all: true}
+        - {from: eval-fsgmix, all: true}
+        - {from: eval-deeprepair, all: true}
+"#;
+
+#[test]
+fn reduced_smoke_grid_runs_end_to_end_and_reruns_nothing() {
+    let Some(data) = data_dir() else {
+        eprintln!(
+            "SKIPPED: ../shared/data/cifar10-lossless-subset not found (set DEEPREPAIR_DATA)"
+        );
+        return;
+    };
+    let s = Scratch::new();
+    let m = s.write("mini.yaml", MANIFEST);
+    let m_str = m.to_str().unwrap();
+    let data_arg = data.to_str().unwrap();
+    let first = json(&run_ok(&[
+        "run", "--json", "--plain", m_str, "--data", data_arg,
+    ]));
+    assert_eq!(first["executed"].as_array().unwrap().len(), 17, "{first}");
+
+    let outputs = outputs(&m);
+    let records_digest = &outputs["report.records"];
+    let dir = s.path().join("export");
+    run_ok(&[
+        "export",
+        "--manifest",
+        m_str,
+        "--out",
+        dir.to_str().unwrap(),
+        records_digest,
+    ]);
+    let file = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "json"))
+        .expect("exported records");
+    let records: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap();
+    for method in ["base", "finetune", "augmix", "fsgmix", "deeprepair"] {
+        assert!(
+            records.iter().any(|r| r["method"] == method),
+            "no records for {method}"
+        );
+    }
+    // Each repaired model is evaluated on its unseen failures De_k; the base model gets them all
+    // wrong by construction.
+    for r in records
+        .iter()
+        .filter(|r| r["eval_set"] == "failures:gaussian_noise")
+    {
+        let acc = r["accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&acc));
+        if r["method"] == "base" {
+            assert_eq!(acc, 0.0, "the base model fails every De_k image: {r}");
+        }
+    }
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| r["eval_set"] == "failures:gaussian_noise")
+            .count(),
+        5
+    );
+
+    // The report artifact unpacks into the tables and figures.
+    let report_dir = s.path().join("report");
+    run_ok(&[
+        "export",
+        "--manifest",
+        m_str,
+        "--out",
+        report_dir.to_str().unwrap(),
+        &outputs["report.report"],
+    ]);
+    let found: Vec<String> = walk(&report_dir);
+    for name in ["report.md", "table2.md", "table2.csv", "table2.tex"] {
+        assert!(
+            found.iter().any(|f| f.ends_with(name)),
+            "{name} missing from {found:?}"
+        );
+    }
+
+    let again = json(&run_ok(&[
+        "run", "--json", "--plain", m_str, "--data", data_arg,
+    ]));
+    assert_eq!(again["executed"].as_array().unwrap().len(), 0, "{again}");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p.display().to_string());
+        }
+    }
+    out
+}
