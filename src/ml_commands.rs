@@ -33,6 +33,17 @@ pub fn is_usage_error(e: &anyhow::Error) -> bool {
     e.chain().any(|c| c.is::<UsageError>())
 }
 
+/// Prints `text` on stdout; a closed pipe (`| head`) ends the output quietly instead of
+/// panicking as `println!` would.
+fn emit(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
 /// Levenshtein distance, for did-you-mean suggestions.
 fn edit_distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();
@@ -111,15 +122,16 @@ pub struct ModelsArgs {
 
 pub fn models(args: ModelsArgs) -> anyhow::Result<ExitCode> {
     let classes = args.classes as usize;
-    println!("{:<20} {:>12}", "arch", "params");
+    let mut out = format!("{:<20} {:>12}\n", "arch", "params");
     for &arch in Arch::ALL {
-        println!(
-            "{:<20} {:>12}",
+        out += &format!(
+            "{:<20} {:>12}\n",
             arch.name(),
             thousands(param_count(arch, classes))
         );
     }
-    println!("({classes} classes)");
+    out += &format!("({classes} classes)\n");
+    emit(&out)?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -175,8 +187,8 @@ fn fetch(args: FetchArgs) -> anyhow::Result<ExitCode> {
     let progress = !args.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr());
     let dir =
         deeprepair_data::fetch_cifar10(&args.url, args.sha256.as_deref(), &args.dest, progress)
-            .with_context(|| format!("data fetch cifar10 from {}", args.url))?;
-    println!("{}", dir.display());
+            .context("data fetch cifar10")?;
+    emit(&format!("{}\n", dir.display()))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -265,7 +277,7 @@ pub fn corrupt(args: CorruptArgs) -> anyhow::Result<ExitCode> {
     .with_context(|| format!("{c} severity {severity} on {}", input.display()))?;
     let png = encode_png(&out, w, h)?;
     write_atomically(output, &png)?;
-    println!("{}", output.display());
+    emit(&format!("{}\n", output.display()))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -317,7 +329,7 @@ fn corrupt_sheet(
     let refs: Vec<&[u8]> = cells.iter().map(|c| c.as_slice()).collect();
     let png = deeprepair_report::contact_sheet(&refs, w, h, 6, 4, &rows, &cols)?;
     write_atomically(out, &png)?;
-    println!("{}", out.display());
+    emit(&format!("{}\n", out.display()))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -348,14 +360,21 @@ pub fn bench_train(args: BenchTrainArgs) -> anyhow::Result<ExitCode> {
         &device,
     )
     .with_context(|| format!("bench train {}", args.arch.name()))?;
-    println!(
-        "{:<20} {:>6} {:<5} {:<6} {:>14} {:>14}",
-        "arch", "batch", "jsd", "device", "train img/s", "eval img/s"
-    );
-    println!(
-        "{:<20} {:>6} {:<5} {:<6} {:>14.1} {:>14.1}",
-        r.arch, r.batch, r.jsd, r.device, r.train_images_per_second, r.eval_images_per_second
-    );
+    emit(&format!(
+        "{:<20} {:>6} {:<5} {:<6} {:>14} {:>14}\n{:<20} {:>6} {:<5} {:<6} {:>14.1} {:>14.1}\n",
+        "arch",
+        "batch",
+        "jsd",
+        "device",
+        "train img/s",
+        "eval img/s",
+        r.arch,
+        r.batch,
+        r.jsd,
+        r.device,
+        r.train_images_per_second,
+        r.eval_images_per_second
+    ))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -421,6 +440,7 @@ pub fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
     }
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
+    let mut written = Vec::new();
     for (record, digest) in &found {
         let artifact = store.get_artifact(digest)?;
         if artifact.header.media_type != "application/x-tar" {
@@ -451,10 +471,15 @@ pub fn report(args: ReportArgs) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("unpacking {} into {}", rel.display(), dir.display()))?
                 && entry.header().entry_type().is_file()
             {
-                println!("{}", dir.join(&rel).display());
+                written.push(dir.join(&rel));
             }
         }
     }
+    let list: String = written
+        .iter()
+        .map(|p| format!("{}\n", p.display()))
+        .collect();
+    emit(&list)?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -266,3 +266,68 @@ fn report_rejects_a_bad_run_id() {
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("latest"), "{err}");
 }
+
+#[test]
+fn report_unpacks_the_report_artifact_of_a_run() {
+    use deeprepair_pipeline::store::{RunState, StageRunRecord, StageState};
+    use deeprepair_pipeline::{Artifact, ArtifactHeader, ArtifactKind, Digest, Store};
+
+    let dir = tempfile::tempdir().unwrap();
+    let store_path = dir.path().join("store.redb");
+    let mut tar = tar::Builder::new(Vec::new());
+    for (name, body) in [("report.md", "# Report\n"), ("table2.csv", "a,b\n1,2\n")] {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(body.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        tar.append_data(&mut header, name, body.as_bytes()).unwrap();
+    }
+    let bytes = tar.into_inner().unwrap();
+    {
+        let store = Store::open_writer(&store_path).unwrap();
+        let report = Artifact {
+            header: ArtifactHeader::new(ArtifactKind::Report, "application/x-tar", "tar"),
+            bytes,
+        };
+        let digest = store.put_artifacts(&[report]).unwrap()[0];
+        let mut stage = StageRunRecord::pending("report", "report");
+        stage.state = StageState::Succeeded;
+        stage.outputs.insert("report".into(), digest);
+        let mut run = store
+            .begin_run("m.yaml", Digest::of(b"m"), &[stage])
+            .unwrap();
+        run.state = RunState::Succeeded;
+        run.ended_ms = Some(run.started_ms);
+        store.update_run(&run).unwrap();
+    }
+    for which in ["latest", "1"] {
+        let out = dir.path().join(format!("out-{which}"));
+        let o = deeprepair(&[
+            "report",
+            which,
+            "--out",
+            out.to_str().unwrap(),
+            "--store",
+            store_path.to_str().unwrap(),
+        ]);
+        let (stdout, err) = text(&o);
+        assert!(o.status.success(), "{err}");
+        assert_eq!(
+            std::fs::read_to_string(out.join("report.md")).unwrap(),
+            "# Report\n"
+        );
+        assert!(out.join("table2.csv").is_file());
+        assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    }
+    let o = deeprepair(&[
+        "report",
+        "7",
+        "--out",
+        dir.path().join("x").to_str().unwrap(),
+        "--store",
+        store_path.to_str().unwrap(),
+    ]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(err.contains("no run 7"), "{err}");
+}

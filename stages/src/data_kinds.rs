@@ -388,3 +388,97 @@ impl StageKind for DegradeKind {
         Ok(vec![dataset_artifact(&ds, &info)])
     }
 }
+
+/// `cifar10c`: the released CIFAR-10-C (`<corruption>.npy`, `labels.npy`: severities 1–5 in
+/// blocks of N) as Dv_k, for users who have it, in place of generating it with `corrupt`.
+pub struct Cifar10cKind;
+
+impl StageKind for Cifar10cKind {
+    fn name(&self) -> &'static str {
+        "cifar10c"
+    }
+    fn version(&self) -> &'static str {
+        "1"
+    }
+    fn description(&self) -> &'static str {
+        "imports one corruption of the released CIFAR-10-C .npy files as Dv_k"
+    }
+    fn params(&self) -> Vec<ParamSpec> {
+        vec![
+            ParamSpec::required(
+                "path",
+                ParamType::Str,
+                "folder with <corruption>.npy and labels.npy",
+            ),
+            ParamSpec::required(
+                "corruption",
+                ParamType::Choice(CORRUPTION_NAMES),
+                "which corruption",
+            ),
+            ParamSpec::optional(
+                "severities",
+                ParamType::List(Box::new(ParamType::Int)),
+                json!([1, 2, 3, 4, 5]),
+                "severity blocks to keep",
+            ),
+        ]
+    }
+    fn inputs(&self) -> Vec<InputSpec> {
+        vec![]
+    }
+    fn outputs(&self) -> Vec<&'static str> {
+        vec!["images"]
+    }
+    fn fingerprint(&self, params: &Value) -> anyhow::Result<Option<String>> {
+        let dir = Path::new(params["path"].as_str().unwrap_or_default());
+        let c = params["corruption"].as_str().unwrap_or_default();
+        let a = fingerprint_path(&dir.join(format!("{c}.npy")))?;
+        let b = fingerprint_path(&dir.join("labels.npy"))?;
+        Ok(Some(format!("{a}/{b}")))
+    }
+    fn run(&self, ctx: &mut StageCtx) -> Result<Vec<Artifact>, StageError> {
+        let path: String = ctx.param("path")?;
+        let name: String = ctx.param("corruption")?;
+        let severities: Vec<u8> = ctx.param("severities")?;
+        let (images, labels) = deeprepair_data::read_cifar_c_npy(Path::new(&path), &name)
+            .map_err(anyhow::Error::from)?;
+        let n = labels.len();
+        if n % 5 != 0 {
+            return Err(StageError::Fatal(anyhow::anyhow!(
+                "{path}/{name}.npy: {n} images is not 5 severity blocks"
+            )));
+        }
+        let block = n / 5;
+        let per = 32 * 32 * 3;
+        let (mut out, mut out_labels, mut ids) = (Vec::new(), Vec::new(), Vec::new());
+        for &s in &severities {
+            if !(1..=5).contains(&s) {
+                return Err(StageError::Fatal(anyhow::anyhow!(
+                    "severity {s} is not in 1..=5"
+                )));
+            }
+            let range = (s as usize - 1) * block..s as usize * block;
+            out.extend_from_slice(&images[range.start * per..range.end * per]);
+            out_labels.extend_from_slice(&labels[range.clone()]);
+            ids.extend(range.map(|i| format!("{name}.npy#{i}")));
+        }
+        let ds = Dataset {
+            height: 32,
+            width: 32,
+            images: out,
+            labels: out_labels,
+            class_names: deeprepair_data::CIFAR10_CLASSES
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            source_ids: Some(ids),
+        };
+        ds.validate().map_err(anyhow::Error::from)?;
+        let info = DatasetInfo {
+            eval_set: Some(name.clone()),
+            corruption: Some(name),
+            severities,
+        };
+        Ok(vec![dataset_artifact(&ds, &info)])
+    }
+}

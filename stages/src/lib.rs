@@ -21,6 +21,7 @@ pub fn register(registry: &mut Registry) {
     registry.register(data_kinds::DatasetKind);
     registry.register(data_kinds::CorruptKind);
     registry.register(data_kinds::DegradeKind);
+    registry.register(data_kinds::Cifar10cKind);
     registry.register(model_kinds::PretrainKind);
     registry.register(model_kinds::ImportModelKind);
     registry.register(model_kinds::SelectFailuresKind);
