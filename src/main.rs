@@ -4,6 +4,7 @@
 
 mod commands;
 mod ml_commands;
+mod repair_command;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -56,6 +57,9 @@ enum Command {
     Corrupt(ml_commands::CorruptArgs),
     /// Unpack the `report` artifact of a run (a run id or `latest`) into a folder.
     Report(ml_commands::ReportArgs),
+    /// Repair your own model from a folder of collected failure images: import, repair,
+    /// evaluate before/after on held-out failures, write the repaired weights.
+    Repair(repair_command::RepairArgs),
 }
 
 fn main() -> ExitCode {
@@ -84,6 +88,7 @@ fn main() -> ExitCode {
         Command::Data { what } => ml_commands::data(what),
         Command::Corrupt(a) => ml_commands::corrupt(a),
         Command::Report(a) => ml_commands::report(a),
+        Command::Repair(a) => repair_command::repair(a, &registry),
     };
     match result {
         Ok(code) => code,

@@ -149,6 +149,8 @@ fn reduced_smoke_grid_runs_end_to_end_and_reruns_nothing() {
         "run", "--json", "--plain", m_str, "--data", data_arg,
     ]));
     assert_eq!(again["executed"].as_array().unwrap().len(), 0, "{again}");
+
+    repair_command_on_a_folder_of_field_failures(&s, &outputs["base.model"], m_str, &data);
 }
 
 fn walk(dir: &std::path::Path) -> Vec<String> {
@@ -162,4 +164,119 @@ fn walk(dir: &std::path::Path) -> Vec<String> {
         }
     }
     out
+}
+
+/// `deeprepair repair` with the base model exported as a user's file and a folder of failure
+/// images (class subfolders) made with `deeprepair corrupt`.
+fn repair_command_on_a_folder_of_field_failures(
+    s: &Scratch,
+    model_digest: &str,
+    m_str: &str,
+    data: &std::path::Path,
+) {
+    let jpeg = data.parent().unwrap().join("cifar10-jpeg").join("test");
+    if !jpeg.exists() {
+        eprintln!("SKIPPED repair command: {} not found", jpeg.display());
+        return;
+    }
+    let model_dir = s.path().join("model");
+    run_ok(&[
+        "export",
+        "--manifest",
+        m_str,
+        "--out",
+        model_dir.to_str().unwrap(),
+        model_digest,
+    ]);
+    let model = std::fs::read_dir(&model_dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .expect("exported model");
+    let failures = s.path().join("field-failures");
+    for class in [
+        "airplane",
+        "automobile",
+        "bird",
+        "cat",
+        "deer",
+        "dog",
+        "frog",
+        "horse",
+        "ship",
+        "truck",
+    ] {
+        std::fs::create_dir_all(failures.join(class)).unwrap();
+        for k in 0..4 {
+            let input = jpeg.join(class).join(format!("{:04}.jpg", 200 + k));
+            let output = failures.join(class).join(format!("{k}.png"));
+            run_ok(&[
+                "corrupt",
+                "--corruption",
+                "fog",
+                "--severity",
+                "5",
+                input.to_str().unwrap(),
+                output.to_str().unwrap(),
+            ]);
+        }
+    }
+    let out = s.path().join("repaired").join("model.safetensors");
+    let printed = run_ok(&[
+        "repair",
+        "--arch",
+        "tiny-cnn",
+        "--model",
+        model.to_str().unwrap(),
+        "--failures",
+        failures.to_str().unwrap(),
+        "--train",
+        data.to_str().unwrap(),
+        "--method",
+        "finetune",
+        "--epochs",
+        "1",
+        "--batch",
+        "16",
+        "--train-per-class",
+        "5",
+        "--out",
+        out.to_str().unwrap(),
+        "--plain",
+    ]);
+    let text = String::from_utf8_lossy(&printed.stdout);
+    assert!(text.contains("held-out failures (10)"), "{text}");
+    assert!(text.contains("collected failures (30)"), "{text}");
+    let bytes = std::fs::read(&out).unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert!(
+        tensors.names().contains(&"fc.weight"),
+        "PyTorch names in the repaired weights"
+    );
+    assert_ne!(bytes, std::fs::read(&model).unwrap(), "the weights changed");
+
+    // A wrong architecture for the weights is a clear error naming the tensors.
+    let bad = bin()
+        .args([
+            "repair",
+            "--arch",
+            "allconv",
+            "--model",
+            model.to_str().unwrap(),
+            "--failures",
+            failures.to_str().unwrap(),
+            "--train",
+            data.to_str().unwrap(),
+            "--out",
+            s.path().join("bad.safetensors").to_str().unwrap(),
+            "--plain",
+        ])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("do not fit allconv") && err.contains("missing"),
+        "{err}"
+    );
 }

@@ -81,6 +81,22 @@ impl StageKind for DatasetKind {
                 json!(""),
                 "label for evaluation records, e.g. 'clean' (empty: training data)",
             ),
+
+            ParamSpec::optional(
+                "layout",
+                ParamType::Choice(&["auto", "failures"]),
+                json!("auto"),
+                "auto: CIFAR-10 binary or root/<split>/<class>/*; failures: a collected-failure folder root/<class>/*",
+            ),
+            ParamSpec::optional(
+                "class_names",
+                ParamType::List(Box::new(ParamType::Str)),
+                json!(deeprepair_data::CIFAR10_CLASSES),
+                "class names in label order (layout: failures)",
+            ),
+            ParamSpec::optional("holdout", ParamType::Float, json!(0.0), "fraction per class held out (seeded) for evaluating on unseen images"),
+            ParamSpec::optional("part", ParamType::Choice(&["kept", "held-out"]), json!("kept"), "which side of the holdout split this stage emits"),
+            ParamSpec::optional("pattern", ParamType::Str, json!(""), "failure pattern name (recorded as the corruption the failures show)"),
         ]
     }
     fn inputs(&self) -> Vec<InputSpec> {
@@ -108,7 +124,26 @@ impl StageKind for DatasetKind {
         let offset: usize = ctx.param("offset_per_class")?;
         let seed: u64 = ctx.param("seed")?;
         let eval_set: String = ctx.param("eval_set")?;
-        let ds = load_dataset(Path::new(&path), split).map_err(anyhow::Error::from)?;
+        let layout: String = ctx.param("layout")?;
+        let ds = if layout == "failures" {
+            let names: Vec<String> = ctx.param("class_names")?;
+            deeprepair_data::load_images_dir_with_classes(Path::new(&path), &names)
+        } else {
+            load_dataset(Path::new(&path), split)
+        }
+        .map_err(anyhow::Error::from)?;
+        let holdout: f64 = ctx.param("holdout")?;
+        let ds = if holdout > 0.0 {
+            let held = held_out(&ds, holdout, seed);
+            let keep: Vec<usize> = if ctx.param::<String>("part")? == "held-out" {
+                (0..ds.len()).filter(|i| held.contains(i)).collect()
+            } else {
+                (0..ds.len()).filter(|i| !held.contains(i)).collect()
+            };
+            ds.subset(&keep)
+        } else {
+            ds
+        };
         let keep = if per_class == 0 && limit == 0 && offset == 0 {
             (0..ds.len()).collect()
         } else {
@@ -146,12 +181,40 @@ impl StageKind for DatasetKind {
             split.name(),
             ds.num_classes()
         ));
+        let pattern: String = ctx.param("pattern")?;
         let info = DatasetInfo {
             eval_set: (!eval_set.is_empty()).then_some(eval_set),
+            corruption: (!pattern.is_empty()).then_some(pattern),
             ..Default::default()
         };
         Ok(vec![dataset_artifact(&ds, &info)])
     }
+}
+
+/// A seeded `fraction` of each class (at least one image when the class has two or more).
+fn held_out(ds: &Dataset, fraction: f64, seed: u64) -> std::collections::HashSet<usize> {
+    let counts = ds.class_counts();
+    let mut held = std::collections::HashSet::new();
+    for (class, &count) in counts.iter().enumerate() {
+        let k = ((count as f64 * fraction).round() as usize).clamp(
+            usize::from(count >= 2),
+            count.saturating_sub(1).max(usize::from(count >= 2)),
+        );
+        let members: Vec<usize> = (0..ds.len())
+            .filter(|&i| ds.labels[i] as usize == class)
+            .collect();
+        let member_labels = vec![0u8; members.len()];
+        for pos in select_subset(
+            &member_labels,
+            1,
+            Some(k),
+            None,
+            seed ^ 0x401D ^ class as u64,
+        ) {
+            held.insert(members[pos]);
+        }
+    }
+    held
 }
 
 /// From the per-class seeded selection `drawn` (sorted), drop `offset` images per class,

@@ -1,0 +1,260 @@
+//! `deeprepair repair`: the papers' real use case as one command. A deployed model (safetensors
+//! with PyTorch names), a folder of failure images collected in the field (`<class>/*`) and the
+//! training data become a small DAG — import, split the failures into the collected part and a
+//! held-out part standing for future unseen failures, repair with one method, evaluate before
+//! and after — run through the ordinary pipeline (so it is cached and resumable like any run),
+//! ending in the repaired weights and a before/after summary.
+
+use crate::commands::write_atomically;
+use crate::ml_commands::UsageError;
+use anyhow::Context;
+use clap::Args;
+use deeprepair_pipeline::store::RunState;
+use deeprepair_pipeline::{
+    plan_file_with_vars, progress::Progress, run_plan, Registry, RunOptions, Store,
+};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+#[derive(Args)]
+pub struct RepairArgs {
+    /// Architecture of the deployed model (see `deeprepair models`).
+    #[arg(long)]
+    arch: String,
+    /// The deployed model: safetensors with the architecture's PyTorch state_dict names.
+    #[arg(long)]
+    model: PathBuf,
+    /// Collected failure images, one folder per class (`<class>/*.png|jpg`).
+    #[arg(long)]
+    failures: PathBuf,
+    /// Training data: CIFAR-10 binary files or an image folder with train/ and test/.
+    #[arg(long)]
+    train: PathBuf,
+    /// Repair method: finetune, cutout, mixup, cutmix, sensei, augmix, fsgmix, deeprepair.
+    #[arg(long, default_value = "deeprepair")]
+    method: String,
+    /// Where to write the repaired weights (safetensors, PyTorch names).
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, default_value_t = 10)]
+    epochs: u32,
+    #[arg(long, default_value_t = 0.01)]
+    lr: f64,
+    #[arg(long, default_value_t = 128)]
+    batch: u32,
+    /// Training images per class fine-tuned on beside the failures (0: all).
+    #[arg(long, default_value_t = 500)]
+    train_per_class: u32,
+    /// Fraction of each class's failures held out to measure generalization to unseen ones.
+    #[arg(long, default_value_t = 0.2)]
+    holdout: f64,
+    /// Class names in label order (default: CIFAR-10's).
+    #[arg(long, value_delimiter = ',')]
+    classes: Vec<String>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// The store (default: .deeprepair/store.redb next to --out).
+    #[arg(long)]
+    store: Option<PathBuf>,
+    /// Plain log lines instead of progress bars.
+    #[arg(long)]
+    plain: bool,
+}
+
+const METHODS: &[&str] = &[
+    "finetune",
+    "cutout",
+    "mixup",
+    "cutmix",
+    "sensei",
+    "augmix",
+    "fsgmix",
+    "deeprepair",
+];
+
+fn absolute(p: &Path, what: &str) -> anyhow::Result<String> {
+    let abs =
+        std::fs::canonicalize(p).map_err(|e| UsageError(format!("{what} {}: {e}", p.display())))?;
+    Ok(abs.display().to_string())
+}
+
+/// The DAG, as an ordinary manifest (written beside the store so `status`/`inspect` work).
+fn manifest(args: &RepairArgs) -> String {
+    let classes = if args.classes.is_empty() {
+        String::new()
+    } else {
+        format!(
+            ", class_names: [{}]",
+            args.classes
+                .iter()
+                .map(|c| format!("{c:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    let failures = |part: &str, eval_set: &str| {
+        format!(
+            "{{path: \"${{failures}}\", layout: failures, holdout: {h}, part: {part}, seed: {s}, eval_set: \"{eval_set}\", pattern: field{classes}}}",
+            h = args.holdout,
+            s = args.seed,
+        )
+    };
+    format!(
+        r#"# Written by `deeprepair repair`; re-running the command reuses every finished stage.
+name: repair
+vars: {{model: "", failures: "", train: ""}}
+stages:
+  deployed:
+    kind: import-model
+    params: {{arch: {arch}, path: "${{model}}"{classes}{num_classes}}}
+  collected:
+    kind: dataset
+    params: {collected}
+  unseen:
+    kind: dataset
+    params: {unseen}
+  train-data:
+    kind: dataset
+    params: {{path: "${{train}}", split: train, per_class: {tpc}, seed: {seed}}}
+  clean:
+    kind: dataset
+    params: {{path: "${{train}}", split: test, per_class: 100, seed: {seed}, eval_set: clean}}
+  repaired:
+    kind: {method}
+    params: {{epochs: {epochs}, lr: {lr}, batch: {batch}, seed: {seed}, train_on: train+failures}}
+    inputs: {{model: deployed, failures: collected, train: train-data}}
+  before:
+    kind: evaluate
+    inputs: {{model: deployed, sets: [clean, unseen, collected]}}
+  after:
+    kind: evaluate
+    inputs: {{model: repaired.model, sets: [clean, unseen, collected]}}
+  report:
+    kind: report
+    inputs: {{results: [before, after]}}
+"#,
+        arch = args.arch,
+        num_classes = if args.classes.is_empty() {
+            String::new()
+        } else {
+            format!(", num_classes: {}", args.classes.len())
+        },
+        collected = failures("kept", "collected:field"),
+        unseen = failures("held-out", "failures:field"),
+        tpc = args.train_per_class,
+        seed = args.seed,
+        method = args.method,
+        epochs = args.epochs,
+        lr = args.lr,
+        batch = args.batch,
+    )
+}
+
+pub fn repair(args: RepairArgs, registry: &Registry) -> anyhow::Result<ExitCode> {
+    if !METHODS.contains(&args.method.as_str()) {
+        return Err(UsageError(format!(
+            "--method {}: expected one of {}",
+            args.method,
+            METHODS.join(", ")
+        ))
+        .into());
+    }
+    if !(0.0..1.0).contains(&args.holdout) {
+        return Err(UsageError(format!(
+            "--holdout {}: expected a fraction in [0, 1)",
+            args.holdout
+        ))
+        .into());
+    }
+    let vars = BTreeMap::from([
+        ("model".to_string(), absolute(&args.model, "--model")?),
+        (
+            "failures".to_string(),
+            absolute(&args.failures, "--failures")?,
+        ),
+        ("train".to_string(), absolute(&args.train, "--train")?),
+    ]);
+    let out_dir = args
+        .out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let work = out_dir.join(".deeprepair");
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let manifest_path = work.join("repair.yaml");
+    write_atomically(&manifest_path, manifest(&args).as_bytes())?;
+    let plan = plan_file_with_vars(&manifest_path, registry, &vars)?;
+    let store_path = args
+        .store
+        .clone()
+        .unwrap_or_else(|| work.join("store.redb"));
+    let store = Arc::new(Store::open_writer(&store_path)?);
+    let progress = Arc::new(Progress::new(plan.stages.len() as u64, args.plain));
+    let options = RunOptions {
+        handle_ctrl_c: true,
+        ..RunOptions::default()
+    };
+    let summary = run_plan(
+        &plan,
+        registry,
+        store.clone(),
+        &options,
+        progress.clone(),
+        Arc::new(AtomicBool::new(false)),
+    )?;
+    progress.finish();
+    if summary.state != RunState::Succeeded {
+        for f in &summary.failed {
+            eprintln!("stage {} failed: {}", f.stage, f.error);
+        }
+        return Ok(if summary.state == RunState::Cancelled {
+            ExitCode::from(130)
+        } else {
+            ExitCode::FAILURE
+        });
+    }
+    let stages = store.stage_runs(summary.run)?;
+    let output = |stage: &str, name: &str| {
+        stages
+            .iter()
+            .find(|s| s.stage == stage)
+            .and_then(|s| s.outputs.get(name).copied())
+            .with_context(|| format!("run {} has no output {stage}.{name}", summary.run))
+    };
+    let model = store.get_artifact(&output("repaired", "model")?)?;
+    write_atomically(&args.out, &model.bytes)?;
+    println!("repaired weights: {}", args.out.display());
+    println!("{:<24} {:>10} {:>10}", "accuracy on", "before", "after");
+    let before: serde_json::Value =
+        serde_json::from_slice(&store.get_artifact(&output("before", "metrics")?)?.bytes)?;
+    let after: serde_json::Value =
+        serde_json::from_slice(&store.get_artifact(&output("after", "metrics")?)?.bytes)?;
+    let empty = vec![];
+    for (b, a) in before["records"]
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .zip(after["records"].as_array().unwrap_or(&empty))
+    {
+        let label = match b["eval_set"].as_str().unwrap_or("?") {
+            "clean" => "clean test images".to_string(),
+            "failures:field" => format!("held-out failures ({})", b["n"]),
+            "collected:field" => format!("collected failures ({})", b["n"]),
+            other => other.to_string(),
+        };
+        println!(
+            "{label:<24} {:>9.2}% {:>9.2}%",
+            b["accuracy"].as_f64().unwrap_or(f64::NAN) * 100.0,
+            a["accuracy"].as_f64().unwrap_or(f64::NAN) * 100.0
+        );
+    }
+    println!(
+        "report: deeprepair report {} --out DIR --store {}",
+        summary.run,
+        store_path.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
