@@ -11,6 +11,7 @@ pub mod data_kinds;
 pub mod methods;
 pub mod model_kinds;
 pub mod report_kind;
+pub mod style_check;
 pub mod training;
 
 use deeprepair_pipeline::{Artifact, ArtifactKind, Registry};
@@ -30,6 +31,7 @@ pub fn register(registry: &mut Registry) {
         registry.register(methods::RepairKind(m));
     }
     registry.register(report_kind::ReportKind);
+    registry.register(style_check::StyleCheckKind);
 }
 
 /// Extra human-friendly files `export` writes for artifacts this crate understands: a contact

@@ -1,0 +1,180 @@
+//! `style-check`: does the style operation carry the failures' corruption? The base model is
+//! evaluated on clean images, on the corrupted set Dv_k, and on the clean images stylized with
+//! references from the collected failures Dc_k (same class, sampled as DeepRepair samples
+//! them). A faithful style transfer brings the stylized accuracy down toward Dv_k's; one that
+//! does nothing leaves it at the clean accuracy. Also a contact sheet of (content, reference,
+//! stylized) triples for a person to look at.
+
+use crate::artifacts::{load_model, read_dataset, read_model_info};
+use crate::training::stage_device;
+use deeprepair_pipeline::{
+    Artifact, ArtifactHeader, ArtifactKind, InputSpec, ParamSpec, ParamType, StageCtx, StageError,
+    StageKind,
+};
+use deeprepair_repair::augmix_ops::ImageRef;
+use deeprepair_repair::reference_sampling::{ClassReferenceSampler, Sampling};
+use deeprepair_repair::style_transfer::{StyleTransfer, WaveletStyle};
+use deeprepair_train::evaluate;
+use deeprepair_train::trainer::item_rng;
+use rayon::prelude::*;
+use serde_json::json;
+
+pub struct StyleCheckKind;
+
+impl StageKind for StyleCheckKind {
+    fn name(&self) -> &'static str {
+        "style-check"
+    }
+    fn version(&self) -> &'static str {
+        "1"
+    }
+    fn description(&self) -> &'static str {
+        "base-model accuracy on clean images stylized with collected failures vs on Dv_k, and a contact sheet"
+    }
+    fn params(&self) -> Vec<ParamSpec> {
+        vec![
+            ParamSpec::optional(
+                "clusters",
+                ParamType::Int,
+                json!(5),
+                "k-means clusters per class for reference sampling",
+            ),
+            ParamSpec::optional("seed", ParamType::Int, json!(0), "reference sampling seed"),
+            ParamSpec::optional(
+                "sheet_rows",
+                ParamType::Int,
+                json!(8),
+                "triples on the contact sheet",
+            ),
+        ]
+    }
+    fn inputs(&self) -> Vec<InputSpec> {
+        vec![
+            InputSpec {
+                name: "model",
+                many: false,
+                optional: false,
+                help: "the base model",
+            },
+            InputSpec {
+                name: "failures",
+                many: false,
+                optional: false,
+                help: "collected failures Dc_k (style references)",
+            },
+            InputSpec {
+                name: "clean",
+                many: false,
+                optional: false,
+                help: "clean images to stylize",
+            },
+            InputSpec {
+                name: "corrupted",
+                many: false,
+                optional: false,
+                help: "Dv_k, for comparison",
+            },
+        ]
+    }
+    fn outputs(&self) -> Vec<&'static str> {
+        vec!["metrics", "sheet"]
+    }
+    fn run(&self, ctx: &mut StageCtx) -> Result<Vec<Artifact>, StageError> {
+        let clusters: usize = ctx.param("clusters")?;
+        let seed: u64 = ctx.param("seed")?;
+        let rows: usize = ctx.param("sheet_rows")?;
+        let model_art = ctx.input("model")?;
+        let info = read_model_info(&model_art)?;
+        let device = stage_device(ctx)?;
+        let (_, model) = load_model(&model_art.bytes, &info, &device)?;
+        let (failures, finfo) = read_dataset(&ctx.input("failures")?)?;
+        let (clean, _) = read_dataset(&ctx.input("clean")?)?;
+        let (corrupted, _) = read_dataset(&ctx.input("corrupted")?)?;
+        let sampler = ClassReferenceSampler::new(
+            &failures.images,
+            &failures.labels,
+            failures.image_len(),
+            Sampling::Cluster { clusters },
+            seed,
+        )?;
+        let transfer = WaveletStyle::default();
+        let (w, h) = (clean.width, clean.height);
+        let per = clean.image_len();
+        let stylized: Vec<(usize, Vec<u8>)> = (0..clean.len())
+            .into_par_iter()
+            .map(|i| -> anyhow::Result<(usize, Vec<u8>)> {
+                let r = sampler.sample(clean.labels[i], &mut item_rng(seed, i as u64));
+                let out = transfer.stylize(
+                    &ImageRef {
+                        pixels: clean.image(i),
+                        width: w,
+                        height: h,
+                    },
+                    &ImageRef {
+                        pixels: failures.image(r),
+                        width: w,
+                        height: h,
+                    },
+                )?;
+                Ok((r, out))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let pixels: Vec<u8> = stylized
+            .iter()
+            .flat_map(|(_, p)| p.iter().copied())
+            .collect();
+        let acc = |images: &[u8], labels: &[u8], n: usize| -> anyhow::Result<f64> {
+            Ok(evaluate(
+                &*model,
+                images,
+                labels,
+                (n, h, w),
+                clean.num_classes(),
+                256,
+                &device,
+            )?
+            .accuracy)
+        };
+        let acc_clean = acc(&clean.images, &clean.labels, clean.len())?;
+        let acc_stylized = acc(&pixels, &clean.labels, clean.len())?;
+        let acc_corrupted = acc(&corrupted.images, &corrupted.labels, corrupted.len())?;
+        let name = finfo.corruption.unwrap_or_else(|| "failures".into());
+        ctx.log(format!(
+            "{name}: base accuracy clean {:.2}%, stylized with Dc_k {:.2}%, Dv_k {:.2}%",
+            acc_clean * 100.0,
+            acc_stylized * 100.0,
+            acc_corrupted * 100.0
+        ));
+        let n = rows.min(clean.len());
+        let mut cells: Vec<&[u8]> = Vec::with_capacity(3 * n);
+        for (i, (r, s)) in stylized.iter().enumerate().take(n) {
+            cells.push(&clean.images[i * per..(i + 1) * per]);
+            cells.push(failures.image(*r));
+            cells.push(s);
+        }
+        let col_labels = vec![
+            "content".to_string(),
+            "reference".to_string(),
+            "stylized".to_string(),
+        ];
+        let png = deeprepair_report::contact_sheet(&cells, w, h, 3, 4, &[], &col_labels)
+            .map_err(anyhow::Error::from)?;
+        let metrics = Artifact::json(
+            ArtifactKind::Metrics,
+            &json!({
+                "corruption": name,
+                "accuracy_clean": acc_clean,
+                "accuracy_stylized": acc_stylized,
+                "accuracy_corrupted": acc_corrupted,
+                "style": "wavelet (Haar, 2 levels)",
+                "images": clean.len(),
+            }),
+        );
+        let sheet = Artifact {
+            header: ArtifactHeader::new(ArtifactKind::Image, "image/png", "png")
+                .with_meta(json!({ "triples": n })),
+            bytes: png,
+        };
+        Ok(vec![metrics, sheet])
+    }
+}
