@@ -15,9 +15,9 @@
 //! | deeprepair  | 3     | CE + 12·JSD     | AugMix whose first op per chain may be a style op that |
 //! |             |       |                 | carries a sampled failure's style (Algorithm 1)        |
 
-use crate::artifacts::{load_model, model_artifact, read_dataset, read_model_info, ModelInfo};
+use crate::artifacts::{model_artifact, read_dataset, ModelInfo};
 use crate::model_kinds::{curve_artifact, stage_error, train_data};
-use crate::training::{stage_device, train_config, training_params, StageObserver};
+use crate::training::{input_model, train_config, training_params, InputModel, StageObserver};
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor, Var};
 use deeprepair_data::Dataset;
@@ -35,7 +35,7 @@ use deeprepair_repair::{cutout, fsgmix_ops, mix};
 use deeprepair_train::input::random_crop_flip;
 use deeprepair_train::train;
 use deeprepair_train::trainer::{
-    item_rng, per_image_batch, to_unit, BatchSource, Scorer, Targets, TrainBatch, TrainData,
+    cropped_views, item_rng, to_unit, BatchSource, Scorer, Targets, TrainBatch, TrainData,
 };
 use rand::Rng;
 use rand_distr::{Beta, Distribution, Gamma};
@@ -261,10 +261,12 @@ impl StageKind for RepairKind {
     fn run(&self, ctx: &mut StageCtx) -> Result<Vec<Artifact>, StageError> {
         let method = self.0;
         let config = train_config(ctx)?;
-        let model_art = ctx.input("model")?;
-        let base_info = read_model_info(&model_art)?;
-        let device = stage_device(ctx)?;
-        let (varmap, model) = load_model(&model_art.bytes, &base_info, &device)?;
+        let InputModel {
+            info: base_info,
+            varmap,
+            model,
+            device,
+        } = input_model(ctx, "model")?;
         let (failures, finfo) = read_dataset(&ctx.input("failures")?)?;
         if failures.is_empty() {
             return Err(StageError::Fatal(anyhow::anyhow!(
@@ -474,10 +476,9 @@ impl BatchSource for CutoutSource {
         seed: u64,
         _: &dyn Scorer,
     ) -> anyhow::Result<TrainBatch> {
-        per_image_batch(data, indices, seed, 1, |img, _, rng| {
-            let base = random_crop_flip(img, data.height, data.width, 4, rng);
+        cropped_views(data, indices, seed, 1, |base, _, rng| {
             Ok(vec![to_unit(&cutout::cutout(
-                &image_ref(&base, data),
+                &image_ref(base, data),
                 self.length,
                 cutout::CIFAR10_MEAN_U8,
                 rng,
@@ -707,11 +708,10 @@ impl BatchSource for AugmixSource {
         seed: u64,
         _: &dyn Scorer,
     ) -> anyhow::Result<TrainBatch> {
-        per_image_batch(data, indices, seed, 3, |img, label, rng| {
-            let base = random_crop_flip(img, data.height, data.width, 4, rng);
-            let r = image_ref(&base, data);
+        cropped_views(data, indices, seed, 3, |base, label, rng| {
+            let r = image_ref(base, data);
             Ok(vec![
-                to_unit(&base),
+                to_unit(base),
                 self.view(&r, label, rng)?,
                 self.view(&r, label, rng)?,
             ])
@@ -736,10 +736,9 @@ impl BatchSource for FsgmixSource {
         seed: u64,
         _: &dyn Scorer,
     ) -> anyhow::Result<TrainBatch> {
-        per_image_batch(data, indices, seed, 3, |img, _, rng| {
-            let base = random_crop_flip(img, data.height, data.width, 4, rng);
+        cropped_views(data, indices, seed, 3, |base, _, rng| {
             let view = |rng: &mut rand_chacha::ChaCha8Rng| -> anyhow::Result<Vec<f32>> {
-                let views = fsgmix_ops::views(&image_ref(&base, data), self.severity, rng);
+                let views = fsgmix_ops::views(&image_ref(base, data), self.severity, rng);
                 let w = normalized(self.dist.sample(rng));
                 let aug = fsgmix_ops::mix(&views, &w)?;
                 // Blend with the original as AugMix's final step (m ~ Beta(α, α)).
@@ -752,7 +751,7 @@ impl BatchSource for FsgmixSource {
             };
             let a1 = view(rng)?;
             let a2 = view(rng)?;
-            Ok(vec![to_unit(&base), a1, a2])
+            Ok(vec![to_unit(base), a1, a2])
         })
     }
 }

@@ -2,10 +2,11 @@
 //! De_k) and `evaluate` (accuracy records for the report).
 
 use crate::artifacts::{
-    dataset_artifact, load_model, model_artifact, read_dataset, read_model_info, DatasetInfo,
-    ModelInfo,
+    dataset_artifact, load_model, model_artifact, read_dataset, DatasetInfo, ModelInfo,
 };
-use crate::training::{stage_device, train_config, training_params, StageObserver};
+use crate::training::{
+    input_model, stage_device, train_config, training_params, InputModel, StageObserver,
+};
 use deeprepair_nn::{build, param_count, Arch};
 use deeprepair_pipeline::kind::fingerprint_path;
 use deeprepair_pipeline::{
@@ -302,10 +303,7 @@ impl StageKind for SelectFailuresKind {
     fn run(&self, ctx: &mut StageCtx) -> Result<Vec<Artifact>, StageError> {
         let per_class: usize = ctx.param("per_class")?;
         let seed: u64 = ctx.param("seed")?;
-        let model_artifact = ctx.input("model")?;
-        let info = read_model_info(&model_artifact)?;
-        let device = stage_device(ctx)?;
-        let (_, model) = load_model(&model_artifact.bytes, &info, &device)?;
+        let InputModel { model, device, .. } = input_model(ctx, "model")?;
         let (ds, dinfo) = read_dataset(&ctx.input("images")?)?;
         let eval = evaluate(
             &*model,
@@ -421,10 +419,12 @@ impl StageKind for EvaluateKind {
     }
     fn run(&self, ctx: &mut StageCtx) -> Result<Vec<Artifact>, StageError> {
         let batch: usize = ctx.param("batch")?;
-        let model_artifact = ctx.input("model")?;
-        let info = read_model_info(&model_artifact)?;
-        let device = stage_device(ctx)?;
-        let (_, model) = load_model(&model_artifact.bytes, &info, &device)?;
+        let InputModel {
+            info,
+            model,
+            device,
+            ..
+        } = input_model(ctx, "model")?;
         let refs = ctx.input_refs("sets")?.to_vec();
         let mut records = Vec::new();
         let mut details = Vec::new();

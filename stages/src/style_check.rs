@@ -5,8 +5,8 @@
 //! does nothing leaves it at the clean accuracy. Also a contact sheet of (content, reference,
 //! stylized) triples for a person to look at.
 
-use crate::artifacts::{load_model, read_dataset, read_model_info};
-use crate::training::stage_device;
+use crate::artifacts::read_dataset;
+use crate::training::{input_model, InputModel};
 use deeprepair_pipeline::{
     Artifact, ArtifactHeader, ArtifactKind, InputSpec, ParamSpec, ParamType, StageCtx, StageError,
     StageKind,
@@ -83,10 +83,7 @@ impl StageKind for StyleCheckKind {
         let clusters: usize = ctx.param("clusters")?;
         let seed: u64 = ctx.param("seed")?;
         let rows: usize = ctx.param("sheet_rows")?;
-        let model_art = ctx.input("model")?;
-        let info = read_model_info(&model_art)?;
-        let device = stage_device(ctx)?;
-        let (_, model) = load_model(&model_art.bytes, &info, &device)?;
+        let InputModel { model, device, .. } = input_model(ctx, "model")?;
         let (failures, finfo) = read_dataset(&ctx.input("failures")?)?;
         let (clean, _) = read_dataset(&ctx.input("clean")?)?;
         let (corrupted, _) = read_dataset(&ctx.input("corrupted")?)?;

@@ -103,3 +103,25 @@ impl TrainObserver for StageObserver<'_, '_> {
         Ok(())
     }
 }
+
+/// A stage's model input, rebuilt on the stage's device.
+pub struct InputModel {
+    pub info: crate::artifacts::ModelInfo,
+    pub varmap: candle_nn::VarMap,
+    pub model: Box<dyn deeprepair_nn::Classifier>,
+    pub device: candle_core::Device,
+}
+
+/// Loads the model artifact bound to input `name`.
+pub fn input_model(ctx: &StageCtx, name: &str) -> anyhow::Result<InputModel> {
+    let artifact = ctx.input(name)?;
+    let info = crate::artifacts::read_model_info(&artifact)?;
+    let device = stage_device(ctx)?;
+    let (varmap, model) = crate::artifacts::load_model(&artifact.bytes, &info, &device)?;
+    Ok(InputModel {
+        info,
+        varmap,
+        model,
+        device,
+    })
+}

@@ -138,6 +138,21 @@ pub fn per_image_batch(
     })
 }
 
+/// [`per_image_batch`] after CIFAR's random crop + flip: `view(cropped, label, rng)`.
+pub fn cropped_views(
+    data: &TrainData,
+    indices: &[usize],
+    seed: u64,
+    views: usize,
+    view: impl Fn(&[u8], u8, &mut ChaCha8Rng) -> anyhow::Result<Vec<Vec<f32>>> + Sync,
+) -> anyhow::Result<TrainBatch> {
+    let (h, w) = (data.height, data.width);
+    per_image_batch(data, indices, seed, views, |img, label, rng| {
+        let base = random_crop_flip(img, h, w, 4, rng);
+        view(&base, label, rng)
+    })
+}
+
 pub fn to_unit(img: &[u8]) -> Vec<f32> {
     img.iter().map(|&v| v as f32 / 255.0).collect()
 }
@@ -156,10 +171,7 @@ impl BatchSource for StandardAugment {
         seed: u64,
         _scorer: &dyn Scorer,
     ) -> anyhow::Result<TrainBatch> {
-        let (h, w) = (data.height, data.width);
-        per_image_batch(data, indices, seed, 1, |img, _, rng| {
-            Ok(vec![to_unit(&random_crop_flip(img, h, w, 4, rng))])
-        })
+        cropped_views(data, indices, seed, 1, |base, _, _| Ok(vec![to_unit(base)]))
     }
 }
 
