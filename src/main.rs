@@ -60,6 +60,8 @@ enum Command {
     /// Repair your own model from a folder of collected failure images: import, repair,
     /// evaluate before/after on held-out failures, write the repaired weights.
     Repair(repair_command::RepairArgs),
+    /// Store a user's safetensors checkpoint (PyTorch names) as a model artifact.
+    ImportModel(repair_command::ImportModelArgs),
 }
 
 fn main() -> ExitCode {
@@ -89,6 +91,7 @@ fn main() -> ExitCode {
         Command::Corrupt(a) => ml_commands::corrupt(a),
         Command::Report(a) => ml_commands::report(a),
         Command::Repair(a) => repair_command::repair(a, &registry),
+        Command::ImportModel(a) => repair_command::import_model(a, &registry),
     };
     match result {
         Ok(code) => code,

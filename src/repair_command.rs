@@ -258,3 +258,74 @@ pub fn repair(args: RepairArgs, registry: &Registry) -> anyhow::Result<ExitCode>
     );
     Ok(ExitCode::SUCCESS)
 }
+
+#[derive(Args)]
+pub struct ImportModelArgs {
+    /// Architecture the weights are for (see `deeprepair models`).
+    #[arg(long)]
+    arch: String,
+    /// Safetensors file with the architecture's PyTorch state_dict names.
+    file: PathBuf,
+    /// Class names in label order (default: CIFAR-10's).
+    #[arg(long, value_delimiter = ',')]
+    classes: Vec<String>,
+    /// The store (default: $DEEPREPAIR_STORE, else ./.deeprepair/store.redb).
+    #[arg(long)]
+    store: Option<PathBuf>,
+}
+
+/// `deeprepair import-model`: a user's checkpoint into the store as a model artifact (through
+/// a one-stage `import-model` run, so it is checked, cached and recorded like any stage).
+pub fn import_model(args: ImportModelArgs, registry: &Registry) -> anyhow::Result<ExitCode> {
+    let path = absolute(&args.file, "model file")?;
+    let store_path = crate::store_path(args.store.clone(), None);
+    let work = store_path.parent().unwrap_or(Path::new(".")).to_path_buf();
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    let classes = if args.classes.is_empty() {
+        String::new()
+    } else {
+        format!(
+            ", num_classes: {}, class_names: [{}]",
+            args.classes.len(),
+            args.classes
+                .iter()
+                .map(|c| format!("{c:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    let manifest_path = work.join("import-model.yaml");
+    let text = format!(
+        "# Written by `deeprepair import-model`.\nname: import-model\nvars: {{model: \"\"}}\nstages:\n  model:\n    kind: import-model\n    params: {{arch: {:?}, path: \"${{model}}\"{classes}}}\n",
+        args.arch
+    );
+    write_atomically(&manifest_path, text.as_bytes())?;
+    let vars = BTreeMap::from([("model".to_string(), path.clone())]);
+    let plan = plan_file_with_vars(&manifest_path, registry, &vars)?;
+    let store = Arc::new(Store::open_writer(&store_path)?);
+    let progress = Arc::new(Progress::new(plan.stages.len() as u64, true));
+    let summary = run_plan(
+        &plan,
+        registry,
+        store.clone(),
+        &RunOptions::default(),
+        progress,
+        Arc::new(AtomicBool::new(false)),
+    )?;
+    if let Some(f) = summary.failed.first() {
+        return Err(UsageError(format!("{path}: {}", f.error)).into());
+    }
+    let digest = store
+        .stage_runs(summary.run)?
+        .iter()
+        .find(|s| s.stage == "model")
+        .and_then(|s| s.outputs.get("model").copied())
+        .context("the import stage recorded no model")?;
+    println!(
+        "{} {} (store {})",
+        digest.hex(),
+        args.arch,
+        store_path.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -331,3 +331,49 @@ fn report_unpacks_the_report_artifact_of_a_run() {
     assert!(!o.status.success());
     assert!(err.contains("no run 7"), "{err}");
 }
+
+#[test]
+fn import_model_stores_a_pytorch_checkpoint_and_names_every_misfit() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store.redb");
+    let file = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/stages/nn/tests/fixtures/tiny_cnn_torch.safetensors"
+    );
+    let ok = deeprepair(&[
+        "import-model",
+        "--arch",
+        "tiny-cnn",
+        file,
+        "--store",
+        store.to_str().unwrap(),
+    ]);
+    let (out, err) = text(&ok);
+    assert!(ok.status.success(), "{err}");
+    let digest = out.split_whitespace().next().unwrap();
+    assert_eq!(digest.len(), 64, "{out}");
+    // The stored model is listed as a model artifact.
+    let ls = deeprepair(&["ls", "--store", store.to_str().unwrap()]);
+    assert!(text(&ls).0.contains(&digest[..12]), "{}", text(&ls).0);
+
+    let bad = deeprepair(&[
+        "import-model",
+        "--arch",
+        "wrn-40-2",
+        file,
+        "--store",
+        store.to_str().unwrap(),
+    ]);
+    let (_, err) = text(&bad);
+    assert_eq!(bad.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("weights do not fit wrn-40-2")
+            && err.contains("missing")
+            && err.contains("conv1.weight"),
+        "{err}"
+    );
+    assert!(
+        err.contains("unexpected"),
+        "extra tensors are listed too: {err}"
+    );
+}
