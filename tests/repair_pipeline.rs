@@ -26,6 +26,10 @@ defaults:
   augmix: {epochs: 1, batch: 32, train_on: train+failures}
   fsgmix: {epochs: 1, batch: 32, train_on: train+failures, weight_steps: 3}
   deeprepair: {epochs: 1, batch: 32, train_on: train+failures, clusters: 2}
+  cutout: {epochs: 1, batch: 32}
+  mixup: {epochs: 1, batch: 32}
+  cutmix: {epochs: 1, batch: 32, prob: 1.0}
+  sensei: {epochs: 2, batch: 32, train_on: failures}
 stages:
   train-data: {kind: dataset, params: {path: "${data}", split: train, per_class: 20}}
   test-data: {kind: dataset, params: {path: "${data}", split: test, per_class: 10, eval_set: clean}}
@@ -47,6 +51,14 @@ stages:
   augmix: {kind: augmix, over: [corruption], inputs: {model: base.model, failures: failures.collected, train: train-data}}
   fsgmix: {kind: fsgmix, over: [corruption], inputs: {model: base.model, failures: failures.collected, train: train-data}}
   deeprepair: {kind: deeprepair, over: [corruption], inputs: {model: base.model, failures: failures.collected, train: train-data}}
+  cutout: {kind: cutout, over: [corruption], inputs: {model: base.model, failures: failures.collected, train: train-data}}
+  mixup: {kind: mixup, over: [corruption], inputs: {model: base.model, failures: failures.collected, train: train-data}}
+  cutmix: {kind: cutmix, over: [corruption], inputs: {model: base.model, failures: failures.collected, train: train-data}}
+  sensei: {kind: sensei, over: [corruption], inputs: {model: base.model, failures: failures.collected}}
+  eval-cutout: {kind: evaluate, over: [corruption], inputs: {model: cutout.model, sets: failures.unseen}}
+  eval-mixup: {kind: evaluate, over: [corruption], inputs: {model: mixup.model, sets: failures.unseen}}
+  eval-cutmix: {kind: evaluate, over: [corruption], inputs: {model: cutmix.model, sets: failures.unseen}}
+  eval-sensei: {kind: evaluate, over: [corruption], inputs: {model: sensei.model, sets: failures.unseen}}
   eval-base: {kind: evaluate, inputs: {model: base.model, sets: [test-data, {from: corrupted, all: true}, {from: failures.unseen, all: true}]}}
   eval-finetune: {kind: evaluate, over: [corruption], inputs: {model: finetune.model, sets: [test-data, corrupted, failures.unseen]}}
   eval-augmix: {kind: evaluate, over: [corruption], inputs: {model: augmix.model, sets: [test-data, corrupted, failures.unseen]}}
@@ -61,6 +73,10 @@ stages:
         - {from: eval-augmix, all: true}
         - {from: eval-fsgmix, all: true}
         - {from: eval-deeprepair, all: true}
+        - {from: eval-cutout, all: true}
+        - {from: eval-mixup, all: true}
+        - {from: eval-cutmix, all: true}
+        - {from: eval-sensei, all: true}
 "#;
 
 #[test]
@@ -78,7 +94,7 @@ fn reduced_smoke_grid_runs_end_to_end_and_reruns_nothing() {
     let first = json(&run_ok(&[
         "run", "--json", "--plain", m_str, "--data", data_arg,
     ]));
-    assert_eq!(first["executed"].as_array().unwrap().len(), 15, "{first}");
+    assert_eq!(first["executed"].as_array().unwrap().len(), 23, "{first}");
 
     let outputs = outputs(&m);
     let records_digest = &outputs["report.records"];
@@ -101,7 +117,17 @@ fn reduced_smoke_grid_runs_end_to_end_and_reruns_nothing() {
         .expect("exported records");
     let records: Vec<serde_json::Value> =
         serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap();
-    for method in ["base", "finetune", "augmix", "fsgmix", "deeprepair"] {
+    for method in [
+        "base",
+        "finetune",
+        "augmix",
+        "fsgmix",
+        "deeprepair",
+        "cutout",
+        "mixup",
+        "cutmix",
+        "sensei",
+    ] {
         assert!(
             records.iter().any(|r| r["method"] == method),
             "no records for {method}"
@@ -124,7 +150,7 @@ fn reduced_smoke_grid_runs_end_to_end_and_reruns_nothing() {
             .iter()
             .filter(|r| r["eval_set"] == "failures:gaussian_noise")
             .count(),
-        5
+        9
     );
 
     // The report artifact unpacks into the tables and figures.
