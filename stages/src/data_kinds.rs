@@ -114,6 +114,11 @@ impl StageKind for DatasetKind {
     }
     fn fingerprint(&self, params: &Value) -> anyhow::Result<Option<String>> {
         let path = params["path"].as_str().unwrap_or_default();
+        if !Path::new(path).exists() {
+            anyhow::bail!(
+                "{path} does not exist; pass --data with CIFAR-10 (an image folder with train/ and test/, or the binary data_batch_*.bin files), or download it with `deeprepair data fetch cifar10 --dest DIR` (needs internet) and pass --data DIR/cifar-10-batches-bin"
+            );
+        }
         Ok(Some(fingerprint_path(Path::new(path))?))
     }
     fn run(&self, ctx: &mut StageCtx) -> Result<Vec<Artifact>, StageError> {
