@@ -306,3 +306,81 @@ fn repair_command_on_a_folder_of_field_failures(
         "{err}"
     );
 }
+
+const PRETRAIN_ONLY: &str = r#"
+name: pretrain-kill
+vars:
+  data: UNSET
+stages:
+  train-data: {kind: dataset, params: {path: "${data}", split: train, per_class: 20}}
+  base:
+    kind: pretrain
+    params: {arch: tiny-cnn, epochs: 8, batch: 16, lr: 0.05}
+    inputs: {train: train-data}
+"#;
+
+/// kill -9 a training stage after its second epoch; the re-run resumes from the stored
+/// checkpoint and ends with the same model bytes as a run never interrupted.
+#[test]
+fn killed_pretraining_resumes_to_the_same_model() {
+    use std::io::{BufRead, BufReader};
+    let Some(data) = data_dir() else {
+        eprintln!(
+            "SKIPPED: ../shared/data/cifar10-lossless-subset not found (set DEEPREPAIR_DATA)"
+        );
+        return;
+    };
+    let data_arg = data.to_str().unwrap();
+    let whole = Scratch::new();
+    let m_whole = whole.write("m.yaml", PRETRAIN_ONLY);
+    run_ok(&[
+        "run",
+        "--plain",
+        m_whole.to_str().unwrap(),
+        "--data",
+        data_arg,
+    ]);
+    let expected = outputs(&m_whole)["base.model"].clone();
+
+    let killed = Scratch::new();
+    let m = killed.write("m.yaml", PRETRAIN_ONLY);
+    let mut child = bin()
+        .env("DEEPREPAIR_LOG", "info")
+        .args(["run", "--plain", m.to_str().unwrap(), "--data", data_arg])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut saw = false;
+    for line in BufReader::new(stderr).lines() {
+        if line.unwrap().contains("base: epoch 2:") {
+            saw = true;
+            break;
+        }
+    }
+    assert!(saw, "the run never logged epoch 2");
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+
+    let resumed = bin()
+        .env("DEEPREPAIR_LOG", "info")
+        .args(["run", "--plain", m.to_str().unwrap(), "--data", data_arg])
+        .output()
+        .unwrap();
+    assert!(resumed.status.success());
+    let log = String::from_utf8_lossy(&resumed.stderr);
+    assert!(
+        log.contains("resuming from the last epoch checkpoint"),
+        "{log}"
+    );
+    assert!(
+        !log.contains("base: epoch 1:"),
+        "epoch 1 was not redone: {log}"
+    );
+    assert_eq!(
+        outputs(&m)["base.model"],
+        expected,
+        "resumed model differs from the uninterrupted one"
+    );
+}
