@@ -384,3 +384,71 @@ fn killed_pretraining_resumes_to_the_same_model() {
         "resumed model differs from the uninterrupted one"
     );
 }
+
+/// The released CIFAR-10-C layout (`<corruption>.npy` in 5 severity blocks, `labels.npy`)
+/// imports as Dv_k with exactly the chosen severity blocks, in order.
+#[test]
+fn cifar10c_npy_imports_the_chosen_severity_blocks() {
+    let s = Scratch::new();
+    let npy_dir = s.path().join("CIFAR-10-C");
+    std::fs::create_dir_all(&npy_dir).unwrap();
+    let (n, per) = (10usize, 32 * 32 * 3);
+    // Image i is filled with the value i; labels cycle through the classes.
+    let images: Vec<u8> = (0..n)
+        .flat_map(|i| std::iter::repeat_n(i as u8, per))
+        .collect();
+    let labels: Vec<u8> = (0..n as u8).map(|i| i % 10).collect();
+    deeprepair_data::write_cifar_c_npy(&npy_dir, "fog", &images, n, &labels).unwrap();
+    let manifest = format!(
+        "name: c\nstages:\n  fog:\n    kind: cifar10c\n    params: {{path: {:?}, corruption: fog, severities: [2, 5]}}\n",
+        npy_dir.display().to_string()
+    );
+    let m = s.write("c.yaml", &manifest);
+    run_ok(&["run", "--plain", m.to_str().unwrap()]);
+    let digest = &outputs(&m)["fog.images"];
+    let out = s.path().join("out");
+    run_ok(&[
+        "export",
+        "--manifest",
+        m.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        digest,
+    ]);
+    let raw = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "drds"))
+        .expect("exported dataset bytes");
+    let ds = deeprepair_data::Dataset::from_bytes(&std::fs::read(raw).unwrap()).unwrap();
+    assert_eq!(ds.len(), 4);
+    // Severity 2 = images 2,3; severity 5 = images 8,9 (blocks of n/5 = 2).
+    let firsts: Vec<u8> = (0..4).map(|i| ds.image(i)[0]).collect();
+    assert_eq!(firsts, vec![2, 3, 8, 9]);
+    assert_eq!(ds.labels, vec![2, 3, 8, 9]);
+
+    // A file that is not 5 severity blocks is refused, naming it.
+    let odd_dir = s.path().join("odd");
+    std::fs::create_dir_all(&odd_dir).unwrap();
+    deeprepair_data::write_cifar_c_npy(&odd_dir, "snow", &images[..7 * per], 7, &labels[..7])
+        .unwrap();
+    let bad = s.write(
+        "bad.yaml",
+        &manifest
+            .replace("corruption: fog", "corruption: snow")
+            .replace(
+                &npy_dir.display().to_string(),
+                &odd_dir.display().to_string(),
+            ),
+    );
+    let o = bin()
+        .args(["run", "--plain", bad.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("snow.npy") && err.contains("severity blocks"),
+        "{err}"
+    );
+}
