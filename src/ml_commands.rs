@@ -8,6 +8,7 @@ use clap::{Args, Subcommand};
 use deeprepair_corrupt::{corrupt_image, image_seed, Corruption, FrostTextures, Resources};
 use deeprepair_data::{decode_image, encode_png, load_dataset, Split};
 use deeprepair_nn::{param_count, Arch};
+use deeprepair_pipeline::did_you_mean;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -44,43 +45,15 @@ fn emit(text: &str) -> anyhow::Result<()> {
     }
 }
 
-/// Levenshtein distance, for did-you-mean suggestions.
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1; b.len() + 1];
-        for (j, cb) in b.iter().enumerate() {
-            let sub = prev[j] + usize::from(ca != *cb);
-            cur[j + 1] = sub.min(prev[j + 1] + 1).min(cur[j] + 1);
-        }
-        prev = cur;
-    }
-    prev[b.len()]
-}
-
-/// The closest of `names` to `given`, if it is close enough to be a typo.
-fn did_you_mean<'a>(given: &str, names: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
-    let given = given.to_ascii_lowercase().replace('-', "_");
-    names
-        .into_iter()
-        .map(|n| (edit_distance(&given, &n.replace('-', "_")), n))
-        .filter(|(d, n)| *d <= 2.max(n.len() / 3))
-        .min_by_key(|(d, _)| *d)
-        .map(|(_, n)| n)
-}
-
 /// Parses a corruption name (clap value parser: an error here exits with code 2).
 pub fn parse_corruption(s: &str) -> Result<Corruption, String> {
     if let Some(c) = Corruption::from_name(s) {
         return Ok(c);
     }
     let names: Vec<&str> = Corruption::ALL.iter().map(|c| c.name()).collect();
-    let hint = did_you_mean(s, names.iter().copied())
-        .map(|n| format!("did you mean '{n}'? "))
-        .unwrap_or_default();
+    let hint = did_you_mean(s, names.iter().copied());
     Err(format!(
-        "unknown corruption '{s}'; {hint}the 15 corruptions are: {}",
+        "unknown corruption '{s}'{hint}; the 15 corruptions are: {}",
         names.join(", ")
     ))
 }
@@ -91,11 +64,9 @@ pub fn parse_arch(s: &str) -> Result<Arch, String> {
         return Ok(a);
     }
     let names: Vec<&str> = Arch::ALL.iter().map(|a| a.name()).collect();
-    let hint = did_you_mean(s, names.iter().copied())
-        .map(|n| format!("did you mean '{n}'? "))
-        .unwrap_or_default();
+    let hint = did_you_mean(s, names.iter().copied());
     Err(format!(
-        "unknown architecture '{s}'; {hint}expected one of: {}",
+        "unknown architecture '{s}'{hint}; expected one of: {}",
         names.join(", ")
     ))
 }

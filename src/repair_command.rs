@@ -11,8 +11,10 @@ use anyhow::Context;
 use clap::Args;
 use deeprepair_pipeline::store::RunState;
 use deeprepair_pipeline::{
-    plan_file_with_vars, progress::Progress, run_plan, Registry, RunOptions, Store,
+    plan_file_with_vars, progress::Progress, run_plan, Digest, Registry, RunOptions, RunSummary,
+    Store,
 };
+use deeprepair_stages::methods::Method;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -64,17 +66,6 @@ pub struct RepairArgs {
     plain: bool,
 }
 
-const METHODS: &[&str] = &[
-    "finetune",
-    "cutout",
-    "mixup",
-    "cutmix",
-    "sensei",
-    "augmix",
-    "fsgmix",
-    "deeprepair",
-];
-
 fn absolute(p: &Path, what: &str) -> anyhow::Result<String> {
     let abs =
         std::fs::canonicalize(p).map_err(|e| UsageError(format!("{what} {}: {e}", p.display())))?;
@@ -83,18 +74,7 @@ fn absolute(p: &Path, what: &str) -> anyhow::Result<String> {
 
 /// The DAG, as an ordinary manifest (written beside the store so `status`/`inspect` work).
 fn manifest(args: &RepairArgs) -> String {
-    let classes = if args.classes.is_empty() {
-        String::new()
-    } else {
-        format!(
-            ", class_names: [{}]",
-            args.classes
-                .iter()
-                .map(|c| format!("{c:?}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    };
+    let classes = class_names_param(&args.classes);
     let failures = |part: &str, eval_set: &str| {
         format!(
             "{{path: \"${{failures}}\", layout: failures, holdout: {h}, part: {part}, seed: {s}, eval_set: \"{eval_set}\", pattern: field{classes}}}",
@@ -137,11 +117,7 @@ stages:
     inputs: {{results: [before, after]}}
 "#,
         arch = args.arch,
-        num_classes = if args.classes.is_empty() {
-            String::new()
-        } else {
-            format!(", num_classes: {}", args.classes.len())
-        },
+        num_classes = num_classes_param(&args.classes),
         collected = failures("kept", "collected:field"),
         unseen = failures("held-out", "failures:field"),
         tpc = args.train_per_class,
@@ -154,11 +130,12 @@ stages:
 }
 
 pub fn repair(args: RepairArgs, registry: &Registry) -> anyhow::Result<ExitCode> {
-    if !METHODS.contains(&args.method.as_str()) {
+    let methods: Vec<&str> = Method::ALL.iter().map(|m| m.name()).collect();
+    if !methods.contains(&args.method.as_str()) {
         return Err(UsageError(format!(
             "--method {}: expected one of {}",
             args.method,
-            METHODS.join(", ")
+            methods.join(", ")
         ))
         .into());
     }
@@ -186,26 +163,11 @@ pub fn repair(args: RepairArgs, registry: &Registry) -> anyhow::Result<ExitCode>
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     let manifest_path = work.join("repair.yaml");
     write_atomically(&manifest_path, manifest(&args).as_bytes())?;
-    let plan = plan_file_with_vars(&manifest_path, registry, &vars)?;
     let store_path = args
         .store
         .clone()
         .unwrap_or_else(|| work.join("store.redb"));
-    let store = Arc::new(Store::open_writer(&store_path)?);
-    let progress = Arc::new(Progress::new(plan.stages.len() as u64, args.plain));
-    let options = RunOptions {
-        handle_ctrl_c: true,
-        ..RunOptions::default()
-    };
-    let summary = run_plan(
-        &plan,
-        registry,
-        store.clone(),
-        &options,
-        progress.clone(),
-        Arc::new(AtomicBool::new(false)),
-    )?;
-    progress.finish();
+    let (store, summary) = run_generated(&manifest_path, &vars, &store_path, args.plain, registry)?;
     if summary.state != RunState::Succeeded {
         for f in &summary.failed {
             eprintln!("stage {} failed: {}", f.stage, f.error);
@@ -216,14 +178,7 @@ pub fn repair(args: RepairArgs, registry: &Registry) -> anyhow::Result<ExitCode>
             ExitCode::FAILURE
         });
     }
-    let stages = store.stage_runs(summary.run)?;
-    let output = |stage: &str, name: &str| {
-        stages
-            .iter()
-            .find(|s| s.stage == stage)
-            .and_then(|s| s.outputs.get(name).copied())
-            .with_context(|| format!("run {} has no output {stage}.{name}", summary.run))
-    };
+    let output = |stage: &str, name: &str| stage_output(&store, summary.run, stage, name);
     let model = store.get_artifact(&output("repaired", "model")?)?;
     write_atomically(&args.out, &model.bytes)?;
     println!("repaired weights: {}", args.out.display());
@@ -281,19 +236,11 @@ pub fn import_model(args: ImportModelArgs, registry: &Registry) -> anyhow::Resul
     let store_path = crate::store_path(args.store.clone(), None);
     let work = store_path.parent().unwrap_or(Path::new(".")).to_path_buf();
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
-    let classes = if args.classes.is_empty() {
-        String::new()
-    } else {
-        format!(
-            ", num_classes: {}, class_names: [{}]",
-            args.classes.len(),
-            args.classes
-                .iter()
-                .map(|c| format!("{c:?}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    };
+    let classes = format!(
+        "{}{}",
+        num_classes_param(&args.classes),
+        class_names_param(&args.classes)
+    );
     let manifest_path = work.join("import-model.yaml");
     let text = format!(
         "# Written by `deeprepair import-model`.\nname: import-model\nvars: {{model: \"\"}}\nstages:\n  model:\n    kind: import-model\n    params: {{arch: {:?}, path: \"${{model}}\"{classes}}}\n",
@@ -301,26 +248,11 @@ pub fn import_model(args: ImportModelArgs, registry: &Registry) -> anyhow::Resul
     );
     write_atomically(&manifest_path, text.as_bytes())?;
     let vars = BTreeMap::from([("model".to_string(), path.clone())]);
-    let plan = plan_file_with_vars(&manifest_path, registry, &vars)?;
-    let store = Arc::new(Store::open_writer(&store_path)?);
-    let progress = Arc::new(Progress::new(plan.stages.len() as u64, true));
-    let summary = run_plan(
-        &plan,
-        registry,
-        store.clone(),
-        &RunOptions::default(),
-        progress,
-        Arc::new(AtomicBool::new(false)),
-    )?;
+    let (store, summary) = run_generated(&manifest_path, &vars, &store_path, true, registry)?;
     if let Some(f) = summary.failed.first() {
         return Err(UsageError(format!("{path}: {}", f.error)).into());
     }
-    let digest = store
-        .stage_runs(summary.run)?
-        .iter()
-        .find(|s| s.stage == "model")
-        .and_then(|s| s.outputs.get("model").copied())
-        .context("the import stage recorded no model")?;
+    let digest = stage_output(&store, summary.run, "model", "model")?;
     println!(
         "{} {} (store {})",
         digest.hex(),
@@ -328,4 +260,59 @@ pub fn import_model(args: ImportModelArgs, registry: &Registry) -> anyhow::Resul
         store_path.display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// `, class_names: [...]` for a generated manifest, or nothing for the default (CIFAR-10).
+fn class_names_param(classes: &[String]) -> String {
+    if classes.is_empty() {
+        return String::new();
+    }
+    let quoted: Vec<String> = classes.iter().map(|c| format!("{c:?}")).collect();
+    format!(", class_names: [{}]", quoted.join(", "))
+}
+
+fn num_classes_param(classes: &[String]) -> String {
+    if classes.is_empty() {
+        String::new()
+    } else {
+        format!(", num_classes: {}", classes.len())
+    }
+}
+
+/// Runs a manifest this module generated through the ordinary pipeline (cached, resumable,
+/// recorded); Ctrl-C stops it safely.
+fn run_generated(
+    manifest: &Path,
+    vars: &BTreeMap<String, String>,
+    store_path: &Path,
+    plain: bool,
+    registry: &Registry,
+) -> anyhow::Result<(Arc<Store>, RunSummary)> {
+    let plan = plan_file_with_vars(manifest, registry, vars)?;
+    let store = Arc::new(Store::open_writer(store_path)?);
+    let progress = Arc::new(Progress::new(plan.stages.len() as u64, plain));
+    let options = RunOptions {
+        handle_ctrl_c: true,
+        ..RunOptions::default()
+    };
+    let summary = run_plan(
+        &plan,
+        registry,
+        store.clone(),
+        &options,
+        progress.clone(),
+        Arc::new(AtomicBool::new(false)),
+    )?;
+    progress.finish();
+    Ok((store, summary))
+}
+
+/// The digest of output `name` of `stage` in `run`.
+fn stage_output(store: &Store, run: u64, stage: &str, name: &str) -> anyhow::Result<Digest> {
+    store
+        .stage_runs(run)?
+        .iter()
+        .find(|s| s.stage == stage)
+        .and_then(|s| s.outputs.get(name).copied())
+        .with_context(|| format!("run {run} has no output {stage}.{name}"))
 }

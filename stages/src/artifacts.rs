@@ -3,10 +3,10 @@
 //! exported model loads in PyTorch) whose metadata carries [`ModelInfo`].
 
 use anyhow::{bail, Context};
-use candle_core::{DType, Device, Tensor, Var};
-use candle_nn::{VarBuilder, VarMap};
+use candle_core::{Device, Tensor};
+use candle_nn::VarMap;
 use deeprepair_data::Dataset;
-use deeprepair_nn::{build, Arch, Classifier};
+use deeprepair_nn::{Arch, Classifier};
 use deeprepair_pipeline::{Artifact, ArtifactHeader, ArtifactKind};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -108,37 +108,21 @@ pub fn load_model(
     device: &Device,
 ) -> anyhow::Result<(VarMap, Box<dyn Classifier>)> {
     let arch = info.arch()?;
-    let tensors =
-        candle_core::safetensors::load_buffer(bytes, device).context("reading safetensors")?;
-    let expected = deeprepair_nn::expected_tensors(arch, info.num_classes)?;
-    let found: HashMap<String, Vec<usize>> = tensors
-        .iter()
-        .map(|(n, t)| (n.clone(), t.dims().to_vec()))
-        .collect();
-    let problems = deeprepair_nn::weights::check_tensors(&expected, &found);
-    if !problems.is_empty() {
-        let list: Vec<String> = problems.iter().map(|p| format!("  {p}")).collect();
-        bail!(
-            "weights do not fit {} ({} classes):\n{}",
-            arch.name(),
-            info.num_classes,
-            list.join("\n")
-        );
-    }
-    let varmap = VarMap::new();
-    {
-        let mut data = varmap.data().lock().expect("varmap lock");
-        for (name, _) in &expected {
-            let t = tensors[name].to_dtype(DType::F32)?;
-            data.insert(name.clone(), Var::from_tensor(&t)?);
-        }
-    }
-    let model = build(
-        arch,
-        info.num_classes,
-        VarBuilder::from_varmap(&varmap, DType::F32, device),
-    )?;
-    Ok((varmap, model))
+    let source = std::path::Path::new("the model");
+    deeprepair_nn::load_weights_from_buffer(arch, info.num_classes, bytes, source, device).map_err(
+        |e| match e {
+            deeprepair_nn::LoadError::Mismatch { problems, .. } => {
+                let list: Vec<String> = problems.iter().map(|p| format!("  {p}")).collect();
+                anyhow::anyhow!(
+                    "weights do not fit {} ({} classes):\n{}",
+                    arch.name(),
+                    info.num_classes,
+                    list.join("\n")
+                )
+            }
+            other => other.into(),
+        },
+    )
 }
 
 pub fn read_model_info(artifact: &Artifact) -> anyhow::Result<ModelInfo> {

@@ -11,24 +11,6 @@ use deeprepair_pipeline::{
 use serde_json::{json, Value};
 use std::path::Path;
 
-pub const CORRUPTION_NAMES: &[&str] = &[
-    "gaussian_noise",
-    "shot_noise",
-    "impulse_noise",
-    "defocus_blur",
-    "glass_blur",
-    "motion_blur",
-    "zoom_blur",
-    "snow",
-    "frost",
-    "fog",
-    "brightness",
-    "contrast",
-    "elastic_transform",
-    "pixelate",
-    "jpeg_compression",
-];
-
 /// `dataset`: loads CIFAR-10 binary files, an image folder (`root/<split>/<class>/*`) or a
 /// stored dataset file; keeps a seeded subset.
 pub struct DatasetKind;
@@ -253,7 +235,7 @@ impl StageKind for CorruptKind {
         vec![
             ParamSpec::required(
                 "corruption",
-                ParamType::Choice(CORRUPTION_NAMES),
+                ParamType::Choice(&deeprepair_corrupt::Corruption::NAMES),
                 "the corruption",
             ),
             ParamSpec::optional(
@@ -480,7 +462,7 @@ impl StageKind for Cifar10cKind {
             ),
             ParamSpec::required(
                 "corruption",
-                ParamType::Choice(CORRUPTION_NAMES),
+                ParamType::Choice(&deeprepair_corrupt::Corruption::NAMES),
                 "which corruption",
             ),
             ParamSpec::optional(

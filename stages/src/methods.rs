@@ -24,9 +24,7 @@ use deeprepair_data::Dataset;
 use deeprepair_pipeline::{
     Artifact, InputSpec, ParamSpec, ParamType, Resources, StageCtx, StageError, StageKind,
 };
-use deeprepair_repair::augmix_ops::{
-    apply, augment_and_mix, sample_op, ImageRef, OpKind, AUGMIX_OPS,
-};
+use deeprepair_repair::augmix_ops::{augment_and_mix_with, ImageRef, AUGMIX_OPS};
 use deeprepair_repair::reference_sampling::{ClassReferenceSampler, Sampling};
 use deeprepair_repair::sensei::{sensei_select, Population, SenseiConfig};
 use deeprepair_repair::style_transfer::{StyleTransfer, WaveletStyle};
@@ -38,7 +36,7 @@ use deeprepair_train::trainer::{
     cropped_views, item_rng, to_unit, BatchSource, Scorer, Targets, TrainBatch, TrainData,
 };
 use rand::Rng;
-use rand_distr::{Beta, Distribution, Gamma};
+use rand_distr::{Beta, Distribution};
 use serde_json::{json, Value};
 use std::sync::Mutex;
 
@@ -466,9 +464,6 @@ struct CutoutSource {
 }
 
 impl BatchSource for CutoutSource {
-    fn views(&self) -> usize {
-        1
-    }
     fn make_batch(
         &self,
         data: &TrainData,
@@ -494,9 +489,6 @@ struct MixSource {
 }
 
 impl BatchSource for MixSource {
-    fn views(&self) -> usize {
-        1
-    }
     fn make_batch(
         &self,
         data: &TrainData,
@@ -539,9 +531,6 @@ struct SenseiSource {
 }
 
 impl BatchSource for SenseiSource {
-    fn views(&self) -> usize {
-        1
-    }
     fn make_batch(
         &self,
         data: &TrainData,
@@ -643,64 +632,35 @@ struct AugmixSource {
 impl AugmixSource {
     /// One augmented view: AugMix's `augment_and_mix`, or with a style guide DeepRepair's
     /// variant where each chain's first op is drawn from O ∪ O^c.
-    fn view(&self, img: &ImageRef, label: u8, rng: &mut impl Rng) -> anyhow::Result<Vec<f32>> {
+    fn view<R: Rng>(&self, img: &ImageRef, label: u8, rng: &mut R) -> anyhow::Result<Vec<f32>> {
         let p = self.params;
-        let Some(style) = &self.style else {
-            return Ok(augment_and_mix(
-                img,
-                &AUGMIX_OPS,
-                p.severity,
-                p.width,
-                p.depth,
-                p.alpha,
-                rng,
-            ));
-        };
-        let ws: Vec<f64> = {
-            let gamma = Gamma::new(p.alpha, 1.0)?;
-            let g: Vec<f64> = (0..p.width).map(|_| gamma.sample(rng)).collect();
-            let total: f64 = g.iter().sum();
-            g.iter().map(|v| v / total).collect()
-        };
-        let m: f64 = Beta::new(p.alpha, p.alpha)?.sample(rng);
-        let mut mixed = vec![0f64; img.pixels.len()];
-        for w in ws {
-            let d = p.depth.unwrap_or_else(|| rng.random_range(1..=3));
-            let mut aug = img.pixels.to_vec();
-            for step in 0..d {
-                let current = ImageRef {
-                    pixels: &aug,
+        augment_and_mix_with(
+            img,
+            &AUGMIX_OPS,
+            p.severity,
+            p.width,
+            p.depth,
+            p.alpha,
+            rng,
+            |current, rng: &mut R| {
+                let Some(style) = &self.style else {
+                    return Ok(None);
+                };
+                if rng.random::<f64>() >= style.prob {
+                    return Ok(None);
+                }
+                let r = style.sampler.sample(label, rng);
+                let reference = ImageRef {
+                    pixels: style.references.image(r),
                     ..*img
                 };
-                aug = if step == 0 && rng.random::<f64>() < style.prob {
-                    let r = style.sampler.sample(label, rng);
-                    let reference = ImageRef {
-                        pixels: style.references.image(r),
-                        ..*img
-                    };
-                    style.transfer.stylize(&current, &reference)?
-                } else {
-                    let kind: OpKind = AUGMIX_OPS[rng.random_range(0..AUGMIX_OPS.len())];
-                    apply(sample_op(kind, p.severity, img.width, rng), &current)
-                };
-            }
-            for (acc, v) in mixed.iter_mut().zip(&aug) {
-                *acc += w * *v as f64 / 255.0;
-            }
-        }
-        Ok(img
-            .pixels
-            .iter()
-            .zip(&mixed)
-            .map(|(&x, &a)| ((1.0 - m) * x as f64 / 255.0 + m * a) as f32)
-            .collect())
+                Ok(Some(style.transfer.stylize(current, &reference)?))
+            },
+        )
     }
 }
 
 impl BatchSource for AugmixSource {
-    fn views(&self) -> usize {
-        3
-    }
     fn make_batch(
         &self,
         data: &TrainData,
@@ -726,9 +686,6 @@ struct FsgmixSource {
 }
 
 impl BatchSource for FsgmixSource {
-    fn views(&self) -> usize {
-        3
-    }
     fn make_batch(
         &self,
         data: &TrainData,

@@ -19,14 +19,6 @@ use deeprepair_train::{evaluate, seeded_var_builder, train};
 use serde_json::{json, Value};
 use std::path::Path;
 
-pub const ARCH_NAMES: &[&str] = &[
-    "tiny-cnn",
-    "allconv",
-    "densenet",
-    "densenet-bc-100-12",
-    "wrn-40-2",
-];
-
 pub fn train_data(ds: &deeprepair_data::Dataset) -> TrainData<'_> {
     TrainData {
         images: &ds.images,
@@ -73,7 +65,7 @@ impl StageKind for PretrainKind {
     fn params(&self) -> Vec<ParamSpec> {
         let mut p = vec![ParamSpec::required(
             "arch",
-            ParamType::Choice(ARCH_NAMES),
+            ParamType::Choice(&deeprepair_nn::Arch::NAMES),
             "architecture",
         )];
         p.extend(training_params(100, 0.1, 128));
@@ -196,7 +188,7 @@ impl StageKind for ImportModelKind {
         vec![
             ParamSpec::required(
                 "arch",
-                ParamType::Choice(ARCH_NAMES),
+                ParamType::Choice(&deeprepair_nn::Arch::NAMES),
                 "architecture the weights are for",
             ),
             ParamSpec::required("path", ParamType::Str, "the .safetensors file"),

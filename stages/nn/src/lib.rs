@@ -17,8 +17,8 @@ use candle_core::{Result, Tensor};
 use candle_nn::{BatchNormConfig, Conv2dConfig, Init, Linear, VarBuilder};
 
 pub use weights::{
-    build_detached, expected_tensors, is_running_stat, load_weights, param_count, save_weights,
-    trainable_vars, LoadError, TensorProblem, TensorShapes,
+    build_detached, expected_tensors, is_running_stat, load_weights, load_weights_from_buffer,
+    param_count, save_weights, trainable_vars, LoadError, TensorProblem, TensorShapes,
 };
 
 /// A classifier: NCHW f32 input (normalized as [`INPUT_MEAN`]/[`INPUT_STD`]) → logits `[N, classes]`.
@@ -56,15 +56,18 @@ impl Arch {
         Arch::Wrn40_2,
     ];
 
+    /// The names used in manifests and on the command line, in declaration order.
+    pub const NAMES: [&'static str; 5] = [
+        "tiny-cnn",
+        "allconv",
+        "densenet",
+        "densenet-bc-100-12",
+        "wrn-40-2",
+    ];
+
     /// The name used in manifests and on the command line.
     pub fn name(self) -> &'static str {
-        match self {
-            Arch::TinyCnn => "tiny-cnn",
-            Arch::AllConvNet => "allconv",
-            Arch::DenseNet40_12 => "densenet",
-            Arch::DenseNetBc100_12 => "densenet-bc-100-12",
-            Arch::Wrn40_2 => "wrn-40-2",
-        }
+        Self::NAMES[self as usize]
     }
 
     pub fn from_name(name: &str) -> Option<Arch> {

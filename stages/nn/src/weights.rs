@@ -199,16 +199,44 @@ pub fn load_weights(
     path: &Path,
     device: &Device,
 ) -> Result<(VarMap, Box<dyn Classifier>), LoadError> {
-    let build_err = |source| LoadError::Build {
-        path: path.to_path_buf(),
-        arch: arch.name(),
-        source,
-    };
     let tensors =
         candle_core::safetensors::load(path, device).map_err(|source| LoadError::Read {
             path: path.to_path_buf(),
             source,
         })?;
+    weights_from_tensors(arch, num_classes, &tensors, path, device)
+}
+
+/// [`load_weights`] from safetensors bytes in memory (a stored artifact); `source` names them
+/// in errors.
+pub fn load_weights_from_buffer(
+    arch: Arch,
+    num_classes: usize,
+    bytes: &[u8],
+    source: &Path,
+    device: &Device,
+) -> Result<(VarMap, Box<dyn Classifier>), LoadError> {
+    let tensors =
+        candle_core::safetensors::load_buffer(bytes, device).map_err(|e| LoadError::Read {
+            path: source.to_path_buf(),
+            source: e,
+        })?;
+    weights_from_tensors(arch, num_classes, &tensors, source, device)
+}
+
+/// Checks `tensors` against what `arch` expects, then builds the VarMap and the model on it.
+fn weights_from_tensors(
+    arch: Arch,
+    num_classes: usize,
+    tensors: &HashMap<String, Tensor>,
+    path: &Path,
+    device: &Device,
+) -> Result<(VarMap, Box<dyn Classifier>), LoadError> {
+    let build_err = |source| LoadError::Build {
+        path: path.to_path_buf(),
+        arch: arch.name(),
+        source,
+    };
     let expected = expected_tensors(arch, num_classes).map_err(build_err)?;
     let found: HashMap<String, Vec<usize>> = tensors
         .iter()

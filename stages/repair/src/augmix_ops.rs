@@ -193,8 +193,9 @@ fn lut_op(img: &ImageRef, f: impl Fn(u8) -> u8) -> Vec<u8> {
     apply_luts(img, &[lut, lut, lut])
 }
 
-/// PIL's AFFINE transform with BILINEAR resampling and black fill (see the module doc).
-fn affine_bilinear(img: &ImageRef, m: [f64; 6]) -> Vec<u8> {
+/// PIL's AFFINE transform with BILINEAR resampling and black fill (see the module doc); also
+/// SENSEI's zoom, which AugMix has no op for.
+pub(crate) fn affine_bilinear(img: &ImageRef, m: [f64; 6]) -> Vec<u8> {
     let (w, h) = (img.width, img.height);
     let (wf, hf) = (w as f64, h as f64);
     let px = |x: usize, y: usize, c: usize| img.pixels[(y * w + x) * 3 + c] as f64;
@@ -285,40 +286,68 @@ pub fn augment_and_mix(
     alpha: f64,
     rng: &mut impl Rng,
 ) -> Vec<f32> {
+    augment_and_mix_with(img, ops, severity, width, depth, alpha, rng, |_, _| {
+        Ok(None)
+    })
+    .expect("AugMix's own ops cannot fail")
+}
+
+/// [`augment_and_mix`] whose chains may start with an op from outside `ops`: before each
+/// chain's first op, `first_op(current, rng)` may return the image to use instead (DeepRepair's
+/// style operations, Algorithm 1); `None` draws from `ops` as usual.
+#[allow(clippy::too_many_arguments)]
+pub fn augment_and_mix_with<R: Rng>(
+    img: &ImageRef,
+    ops: &[OpKind],
+    severity: f64,
+    width: usize,
+    depth: Option<usize>,
+    alpha: f64,
+    rng: &mut R,
+    mut first_op: impl FnMut(&ImageRef, &mut R) -> anyhow::Result<Option<Vec<u8>>>,
+) -> anyhow::Result<Vec<f32>> {
     let ws: Vec<f64> = if width == 1 {
         vec![1.0]
     } else {
         // Dirichlet(α, …, α) as normalized Gamma(α, 1) draws (width is a runtime value).
-        let gamma = Gamma::new(alpha, 1.0).expect("alpha > 0");
+        let gamma = Gamma::new(alpha, 1.0)?;
         let g: Vec<f64> = (0..width).map(|_| gamma.sample(rng)).collect();
         let total: f64 = g.iter().sum();
         g.iter().map(|v| v / total).collect()
     };
-    let m: f64 = Beta::new(alpha, alpha).expect("alpha > 0").sample(rng);
+    let m: f64 = Beta::new(alpha, alpha)?.sample(rng);
     let mut mix = vec![0f64; img.pixels.len()];
     for w in ws {
         let d = depth.unwrap_or_else(|| rng.random_range(1..=3));
         let mut aug = img.pixels.to_vec();
-        for _ in 0..d {
-            let kind = ops[rng.random_range(0..ops.len())];
-            let op = sample_op(kind, severity, img.width, rng);
-            aug = apply(
-                op,
-                &ImageRef {
-                    pixels: &aug,
-                    ..*img
-                },
-            );
+        for step in 0..d {
+            let current = ImageRef {
+                pixels: &aug,
+                ..*img
+            };
+            let replaced = if step == 0 {
+                first_op(&current, rng)?
+            } else {
+                None
+            };
+            aug = match replaced {
+                Some(out) => out,
+                None => {
+                    let kind = ops[rng.random_range(0..ops.len())];
+                    apply(sample_op(kind, severity, img.width, rng), &current)
+                }
+            };
         }
         for (acc, v) in mix.iter_mut().zip(&aug) {
             *acc += w * *v as f64 / 255.0;
         }
     }
-    img.pixels
+    Ok(img
+        .pixels
         .iter()
         .zip(&mix)
         .map(|(&x, &a)| ((1.0 - m) * x as f64 / 255.0 + m * a) as f32)
-        .collect()
+        .collect())
 }
 
 #[cfg(test)]

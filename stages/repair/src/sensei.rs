@@ -35,7 +35,7 @@
 use rand::seq::index::sample;
 use rand::Rng;
 
-use crate::augmix_ops::{apply, ImageRef, Op};
+use crate::augmix_ops::{affine_bilinear, apply, ImageRef, Op};
 
 /// The number of genes in a [`Transform`].
 pub const NUM_GENES: usize = 7;
@@ -572,43 +572,6 @@ fn crossover(
             child
         })
         .collect()
-}
-
-/// PIL-convention affine resampling (output centre (x+0.5, y+0.5) through `m` to the source,
-/// bilinear with edge-clamped neighbours, black outside), as `augmix_ops` does it; used for
-/// zoom, which `augmix_ops` has no op for.
-fn affine_bilinear(img: &ImageRef, m: [f64; 6]) -> Vec<u8> {
-    let (w, h) = (img.width, img.height);
-    let (wf, hf) = (w as f64, h as f64);
-    let px = |x: usize, y: usize, c: usize| img.pixels[(y * w + x) * 3 + c] as f64;
-    let clamp_x = |x: i64| x.clamp(0, w as i64 - 1) as usize;
-    let mut out = vec![0u8; w * h * 3];
-    for y in 0..h {
-        for x in 0..w {
-            let (xo, yo) = (x as f64 + 0.5, y as f64 + 0.5);
-            let xin = m[0] * xo + m[1] * yo + m[2];
-            let yin = m[3] * xo + m[4] * yo + m[5];
-            if !(0.0..wf).contains(&xin) || !(0.0..hf).contains(&yin) {
-                continue;
-            }
-            let (xs, ys) = (xin - 0.5, yin - 0.5);
-            let (xf, yf) = (xs.floor() as i64, ys.floor() as i64);
-            let (dx, dy) = (xs - xf as f64, ys - yf as f64);
-            let (x0, x1) = (clamp_x(xf), clamp_x(xf + 1));
-            let y0 = yf.clamp(0, h as i64 - 1) as usize;
-            let next_row = (yf + 1 >= 0 && yf + 1 < h as i64).then_some((yf + 1) as usize);
-            for c in 0..3 {
-                let v1 = px(x0, y0, c) + (px(x1, y0, c) - px(x0, y0, c)) * dx;
-                let v2 = match next_row {
-                    Some(y1) => px(x0, y1, c) + (px(x1, y1, c) - px(x0, y1, c)) * dx,
-                    None => v1,
-                };
-                let v = v1 + (v2 - v1) * dy;
-                out[(y * w + x) * 3 + c] = if v < 0.0 { 0 } else { v.min(255.0) as u8 };
-            }
-        }
-    }
-    out
 }
 
 /// Applies a transform to an HWC RGB u8 image, size kept: rotate, translate and shear through

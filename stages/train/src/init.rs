@@ -18,12 +18,12 @@ struct SeededVarMap {
 }
 
 fn name_seed(seed: u64, name: &str) -> u64 {
-    let h = blake3_like(name.as_bytes());
+    let h = fnv1a(name.as_bytes());
     mix_seed(&[seed, h])
 }
 
 /// FNV-1a: a stable hash of the variable name (no dependency needed for 64 bits).
-fn blake3_like(bytes: &[u8]) -> u64 {
+fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
         (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
     })

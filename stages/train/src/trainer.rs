@@ -53,6 +53,7 @@ pub struct TrainBatch {
     /// `views × batch` HWC images in [0, 1], view-major: the first `batch` are the view the
     /// classification loss sees ("clean" for JSD methods).
     pub pixels: Vec<f32>,
+    /// 1 (cross-entropy only) or 3 (clean + two views: CE + λ·JSD).
     pub views: usize,
     pub batch: usize,
     pub targets: Targets,
@@ -64,10 +65,8 @@ pub trait Scorer {
     fn losses(&self, images: &[u8], labels: &[u8], n: usize) -> anyhow::Result<Vec<f32>>;
 }
 
-/// A repair method's data side.
+/// A repair method's data side: turns a batch's indices into views and targets.
 pub trait BatchSource: Send + Sync {
-    /// 1 (cross-entropy only) or 3 (clean + two views, CE + λ·JSD).
-    fn views(&self) -> usize;
     fn make_batch(
         &self,
         data: &TrainData,
@@ -161,9 +160,6 @@ pub fn to_unit(img: &[u8]) -> Vec<f32> {
 pub struct StandardAugment;
 
 impl BatchSource for StandardAugment {
-    fn views(&self) -> usize {
-        1
-    }
     fn make_batch(
         &self,
         data: &TrainData,
