@@ -109,9 +109,42 @@ pub struct RunArgs {
     /// CPU thread slots for concurrently running stages (default: all cores).
     #[arg(long, short)]
     jobs: Option<usize>,
-    /// GPU ordinals to use, e.g. `0,1,2,3` (default: none, CPU only).
+    /// GPU ordinals to use, e.g. `0,1,2,3` (default: none, CPU only). Starts one worker
+    /// process per GPU unless `--in-process`.
     #[arg(long)]
     gpus: Option<String>,
+    /// Stages per GPU (overrides the manifest's `gpu_share`).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=64))]
+    gpu_share: Option<u32>,
+    /// Also start this many CPU worker processes; CPU stages then run in them.
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
+    /// Run GPU stages on threads of this process instead of per-GPU worker processes.
+    #[arg(long, conflicts_with_all = ["workers", "slurm"])]
+    in_process: bool,
+    /// Run every stage as a Slurm job (`sbatch`); this process serves the store to them.
+    #[arg(long, conflicts_with = "gpus")]
+    slurm: bool,
+    /// Slurm partition.
+    #[arg(long, requires = "slurm")]
+    slurm_partition: Option<String>,
+    /// An extra `sbatch` argument (repeatable), e.g. `--sbatch-arg=--time=2:00:00`.
+    #[arg(long = "sbatch-arg", requires = "slurm", allow_hyphen_values = true)]
+    sbatch_args: Vec<String>,
+    /// Do not ask Slurm for GPUs (`--gres`) even for stages that declare them.
+    #[arg(long, requires = "slurm")]
+    slurm_cpu_only: bool,
+    /// Address the coordinator listens on for workers (default: 127.0.0.1, or 0.0.0.0 with
+    /// `--slurm`; port 0 picks a free one).
+    #[arg(long)]
+    listen: Option<std::net::SocketAddr>,
+    /// Host name workers use to reach this coordinator (default: this machine's host name
+    /// with `--slurm`, else the listen address).
+    #[arg(long)]
+    advertise: Option<String>,
+    /// Seconds without a heartbeat after which a worker's stage is given to another worker.
+    #[arg(long, default_value_t = 30)]
+    lease_timeout: u64,
     /// Keep running independent stages after a failure.
     #[arg(long)]
     keep_going: bool,
@@ -129,13 +162,143 @@ pub struct RunArgs {
     json: bool,
 }
 
+/// Where stages run besides this process: worker processes (per GPU, CPU) or Slurm jobs.
+struct RemoteSetup {
+    gpus: Vec<u32>,
+    cpu_workers: usize,
+    slurm: Option<deeprepair_workers::slurm::SlurmOptions>,
+    listen: Option<std::net::SocketAddr>,
+    advertise: Option<String>,
+    lease_timeout: std::time::Duration,
+    log_dir: PathBuf,
+}
+
+impl RemoteSetup {
+    /// Starts the coordinator and the workers when any are wanted, and sets the run's
+    /// dispatcher.
+    fn start(
+        self,
+        store: Arc<Store>,
+        options: &mut RunOptions,
+    ) -> anyhow::Result<Option<Arc<dyn deeprepair_pipeline::Dispatcher>>> {
+        use deeprepair_workers::coordinator::Coordinator;
+        use deeprepair_workers::local::{LocalDispatcher, LocalPool, WorkerSpec};
+        if self.gpus.is_empty() && self.cpu_workers == 0 && self.slurm.is_none() {
+            return Ok(None);
+        }
+        let default_listen = if self.slurm.is_some() {
+            "0.0.0.0:0"
+        } else {
+            "127.0.0.1:0"
+        };
+        let listen = self
+            .listen
+            .unwrap_or_else(|| default_listen.parse().expect("a socket address"));
+        let advertise = self.advertise.or_else(|| {
+            (self.slurm.is_some() && listen.ip().is_unspecified()).then(|| {
+                std::fs::read_to_string("/proc/sys/kernel/hostname")
+                    .map(|h| h.trim().to_string())
+                    .unwrap_or_else(|_| "localhost".into())
+            })
+        });
+        let coordinator =
+            Coordinator::start(store, listen, advertise.as_deref(), self.lease_timeout)?;
+        tracing::info!("coordinator listening at {}", coordinator.url());
+        let dispatcher: Arc<dyn deeprepair_pipeline::Dispatcher> = match self.slurm {
+            Some(mut slurm) => {
+                std::fs::create_dir_all(&slurm.log_dir)?;
+                slurm.log_dir = slurm.log_dir.canonicalize()?;
+                // Every stage becomes a job; the local slots only bound how many are queued.
+                options.jobs = options.jobs.max(64);
+                Arc::new(deeprepair_workers::slurm::SlurmDispatcher {
+                    coordinator,
+                    options: slurm,
+                })
+            }
+            None => {
+                let mut specs: Vec<WorkerSpec> = self
+                    .gpus
+                    .iter()
+                    .map(|&g| WorkerSpec {
+                        name: format!("gpu{g}"),
+                        gpu: Some(g),
+                    })
+                    .collect();
+                specs.extend((0..self.cpu_workers).map(|i| WorkerSpec {
+                    name: format!("cpu{i}"),
+                    gpu: None,
+                }));
+                let program = std::env::current_exe()?;
+                let pool = LocalPool::start(coordinator, program, specs, self.log_dir)?;
+                Arc::new(LocalDispatcher { pool })
+            }
+        };
+        options.dispatcher = Some(dispatcher.clone());
+        Ok(Some(dispatcher))
+    }
+}
+
+#[derive(Args)]
+pub struct WorkerArgs {
+    /// The coordinator's URL (`deeprepair run` prints it; the token comes from
+    /// $DEEPREPAIR_WORKER_TOKEN).
+    #[arg(long)]
+    coordinator: String,
+    /// This worker's name in logs and provenance.
+    #[arg(long, default_value = "worker")]
+    name: String,
+    /// The GPU this worker owns, as the coordinator numbers them (the process should see it
+    /// as its only device, e.g. through CUDA_VISIBLE_DEVICES).
+    #[arg(long)]
+    gpu: Option<u32>,
+    /// Run this one task (a stage key) and exit: how a Slurm job runs a stage.
+    #[arg(long)]
+    task: Option<String>,
+    /// Exit after this many seconds without work.
+    #[arg(long)]
+    idle_exit: Option<u64>,
+}
+
+pub fn worker(args: WorkerArgs, registry: &Registry) -> anyhow::Result<ExitCode> {
+    let token = std::env::var(deeprepair_workers::protocol::TOKEN_ENV).map_err(|_| {
+        anyhow::anyhow!(
+            "${} is not set (the coordinator's token)",
+            deeprepair_workers::protocol::TOKEN_ENV
+        )
+    })?;
+    let task = match &args.task {
+        Some(hex) => Some(
+            deeprepair_pipeline::Digest::from_hex(hex)
+                .ok_or_else(|| anyhow::anyhow!("--task {hex}: expected a 64-digit stage key"))?,
+        ),
+        None => None,
+    };
+    let options = deeprepair_workers::worker::WorkerOptions {
+        coordinator: args.coordinator,
+        token,
+        name: args.name,
+        gpu: args.gpu,
+        task,
+        idle_exit: args.idle_exit.map(std::time::Duration::from_secs),
+    };
+    let summary = deeprepair_workers::worker::run_worker(&options, registry)?;
+    tracing::info!(
+        "worker {} done: {} succeeded, {} failed",
+        options.name,
+        summary.succeeded,
+        summary.failed
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 pub fn run(args: RunArgs, registry: &Registry) -> anyhow::Result<ExitCode> {
     let plan = plan_file_with_vars(&args.manifest, registry, &args.vars.map()?)?;
     let path = store_path(args.store, Some(&args.manifest));
     let store = Arc::new(Store::open_writer(&path)?);
     let gpus = deeprepair_workers::gpus_for_run(args.gpus.as_deref())?;
     let mut options = RunOptions {
-        gpus,
+        gpus: gpus.clone(),
+        gpu_share: args.gpu_share,
         keep_going: args.keep_going,
         retries: args.retries,
         only: args.only,
@@ -145,6 +308,30 @@ pub fn run(args: RunArgs, registry: &Registry) -> anyhow::Result<ExitCode> {
     if let Some(j) = args.jobs {
         options.jobs = j.max(1);
     }
+    let remote = RemoteSetup {
+        gpus: if args.in_process { vec![] } else { gpus },
+        cpu_workers: args.workers,
+        slurm: args.slurm.then(|| deeprepair_workers::slurm::SlurmOptions {
+            program: std::env::current_exe().unwrap_or_else(|_| "deeprepair".into()),
+            log_dir: path
+                .parent()
+                .map(|p| p.join("slurm-logs"))
+                .unwrap_or_else(|| "slurm-logs".into()),
+            partition: args.slurm_partition,
+            extra_args: args.sbatch_args,
+            request_gpus: !args.slurm_cpu_only,
+            poll: std::time::Duration::from_secs(2),
+        }),
+        listen: args.listen,
+        advertise: args.advertise,
+        lease_timeout: std::time::Duration::from_secs(args.lease_timeout.max(1)),
+        log_dir: path
+            .parent()
+            .map(|p| p.join("workers"))
+            .unwrap_or_else(|| "workers".into()),
+    };
+    // Kept alive for the whole run: dropping it stops the worker processes and the server.
+    let _dispatcher = remote.start(store.clone(), &mut options)?;
     let progress = Arc::new(Progress::new(plan.stages.len() as u64, args.plain));
     let summary = run_plan(
         &plan,
@@ -681,12 +868,15 @@ pub enum BenchCommand {
     },
     /// Training and evaluation images/second of an architecture on the CPU.
     Train(crate::ml_commands::BenchTrainArgs),
+    /// CPU augmentation throughput (AugMix, DeepRepair) per thread count.
+    Augment(crate::ml_commands::BenchAugmentArgs),
 }
 
 pub fn bench(what: BenchCommand, registry: &Registry) -> anyhow::Result<ExitCode> {
     match what {
         BenchCommand::Orchestrator { stages, dir } => bench_orchestrator(stages, dir, registry),
         BenchCommand::Train(a) => crate::ml_commands::bench_train(a),
+        BenchCommand::Augment(a) => crate::ml_commands::bench_augment(a),
     }
 }
 

@@ -27,6 +27,8 @@ enum Command {
     Plan(commands::PlanArgs),
     /// Run a manifest. Ctrl-C or kill -9 at any point is safe; a re-run resumes.
     Run(commands::RunArgs),
+    /// Run stages for a coordinator (`run --gpus`/`--workers`/`--slurm` start these).
+    Worker(commands::WorkerArgs),
     /// The last (or a given) run: per-stage state and timings.
     Status(commands::StatusArgs),
     /// Artifacts in the store, by stage.
@@ -78,6 +80,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Plan(a) => commands::plan(a, &registry),
         Command::Run(a) => commands::run(a, &registry),
+        Command::Worker(a) => commands::worker(a, &registry),
         Command::Status(a) => commands::status(a),
         Command::Ls(a) => commands::ls(a),
         Command::Inspect(a) => commands::inspect(a),

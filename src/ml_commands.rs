@@ -4,6 +4,7 @@
 
 use crate::commands::{pick_run, write_atomically, StoreArgs};
 use anyhow::Context;
+use clap::builder::TypedValueParser;
 use clap::{Args, Subcommand};
 use deeprepair_corrupt::{corrupt_image, image_seed, Corruption, FrostTextures, Resources};
 use deeprepair_data::{decode_image, encode_png, load_dataset, Split};
@@ -304,48 +305,192 @@ fn corrupt_sheet(
     Ok(ExitCode::SUCCESS)
 }
 
-/// `bench train`: training/eval throughput of one architecture on the CPU.
+/// `bench train`: training/eval throughput of one architecture on the CPU or a GPU.
 #[derive(Args)]
 pub struct BenchTrainArgs {
     /// Architecture (tiny-cnn, allconv, densenet, densenet-bc-100-12, wrn-40-2).
     #[arg(long, default_value = "tiny-cnn", value_parser = parse_arch)]
     arch: Arch,
     /// Batch size.
-    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=65_536))]
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(2..=65_536))]
     batch: u32,
-    /// Train with the JSD consistency loss (3 views per image).
+    /// Train with the JSD consistency loss (3 views per image); the loop rows then build
+    /// every batch with the real AugMix source.
     #[arg(long)]
     jsd: bool,
     /// Timed optimizer steps (after one warm-up step).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     steps: u32,
+    /// Run on this CUDA device (needs a build with `--features cuda`).
+    #[arg(long, value_name = "ORDINAL")]
+    gpu: Option<usize>,
+    /// Batches built ahead on a producer thread in the loop rows (compared with 0).
+    #[arg(long, value_name = "DEPTH", default_value_t = deeprepair_train::trainer::DEFAULT_PREFETCH,
+          value_parser = clap::value_parser!(u64).range(0..=64).map(|v| v as usize))]
+    prefetch: usize,
 }
 
 pub fn bench_train(args: BenchTrainArgs) -> anyhow::Result<ExitCode> {
-    let device = candle_core::Device::Cpu;
-    let r = deeprepair_train::bench::bench_train(
-        args.arch,
-        args.batch as usize,
-        args.jsd,
-        args.steps as usize,
-        &device,
-    )
-    .with_context(|| format!("bench train {}", args.arch.name()))?;
-    emit(&format!(
-        "{:<20} {:>6} {:<5} {:<6} {:>14} {:>14}\n{:<20} {:>6} {:<5} {:<6} {:>14.1} {:>14.1}\n",
-        "arch",
-        "batch",
-        "jsd",
-        "device",
-        "train img/s",
-        "eval img/s",
+    let device = match args.gpu {
+        None => candle_core::Device::Cpu,
+        Some(ordinal) => candle_core::Device::new_cuda(ordinal).map_err(|e| {
+            anyhow::anyhow!(
+                "--gpu {ordinal}: cannot open CUDA device {ordinal}: {e} \
+                 (GPU runs need a build with `--features cuda` and a visible device)"
+            )
+        })?,
+    };
+    let batch = args.batch as usize;
+    let steps = args.steps as usize;
+    let r = deeprepair_train::bench::bench_train(args.arch, batch, args.jsd, steps, &device)
+        .with_context(|| format!("bench train {}", args.arch.name()))?;
+    let device_name = match args.gpu {
+        None => "cpu".to_string(),
+        Some(o) => format!("cuda:{o}"),
+    };
+    let mut out = format!(
+        "{:<20} {:>6} {:<5} {:<7} {:>14} {:>14}  {:<10} {:>8}\n",
+        "arch", "batch", "jsd", "device", "train img/s", "eval img/s", "batches", "prefetch"
+    );
+    out += &format!(
+        "{:<20} {:>6} {:<5} {:<7} {:>14.1} {:>14.1}  {:<10} {:>8}\n",
         r.arch,
         r.batch,
         r.jsd,
-        r.device,
+        device_name,
         r.train_images_per_second,
-        r.eval_images_per_second
-    ))?;
+        r.eval_images_per_second,
+        "fixed",
+        "-"
+    );
+    // The real loop: the method's batch construction on every step.
+    let (source, label): (Box<dyn deeprepair_train::BatchSource>, &str) = if args.jsd {
+        (deeprepair_stages::methods::augmix_source(), "augmix")
+    } else {
+        (
+            Box::new(deeprepair_train::trainer::StandardAugment),
+            "crop+flip",
+        )
+    };
+    let mut depths = vec![0];
+    if args.prefetch != 0 {
+        depths.push(args.prefetch);
+    }
+    for depth in depths {
+        let l = deeprepair_train::bench::bench_train_loop(
+            args.arch, batch, steps, &*source, depth, &device,
+        )
+        .with_context(|| format!("bench train {} (loop, prefetch {depth})", args.arch.name()))?;
+        out += &format!(
+            "{:<20} {:>6} {:<5} {:<7} {:>14.1} {:>14}  {:<10} {:>8}\n",
+            r.arch, r.batch, r.jsd, device_name, l.train_images_per_second, "-", label, depth
+        );
+    }
+    out += "(fixed: the model alone on one prepared batch; other rows: the training loop building \
+            every batch, with `prefetch` batches built ahead on another thread)\n";
+    emit(&out)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `bench augment`: CPU augmentation images/second per thread count.
+#[derive(Args)]
+pub struct BenchAugmentArgs {
+    /// Thread counts to measure (one rayon pool each), e.g. 1,2,4.
+    #[arg(long, value_delimiter = ',', default_values_t = [1usize, 2],
+          value_parser = clap::value_parser!(u64).range(1..=1024).map(|v| v as usize))]
+    threads: Vec<usize>,
+    /// Images augmented per measurement.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u64).range(1..=1_000_000).map(|v| v as usize))]
+    images: usize,
+    /// Batch size (images per `make_batch` call, as in training).
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=65_536).map(|v| v as usize))]
+    batch: usize,
+    /// Real images: a CIFAR-10 binary folder or an image folder with test/ (its test split is
+    /// used, spread over all classes); default: seeded synthetic 32×32 images.
+    #[arg(long, value_name = "DIR")]
+    data: Option<PathBuf>,
+}
+
+pub fn bench_augment(args: BenchAugmentArgs) -> anyhow::Result<ExitCode> {
+    let (images, labels, (h, w), origin) = match &args.data {
+        Some(dir) => {
+            let ds = load_dataset(dir, Split::Test)
+                .map_err(|e| usage(format!("--data {}: {e}", dir.display())))?;
+            if ds.is_empty() {
+                return Err(usage(format!("--data {}: no test images", dir.display())));
+            }
+            // Spread over the whole split (image folders are sorted by class).
+            let idx: Vec<usize> = (0..args.images)
+                .map(|i| i * ds.len() / args.images)
+                .collect();
+            let sub = ds.subset(&idx);
+            (
+                sub.images,
+                sub.labels,
+                (ds.height, ds.width),
+                dir.display().to_string(),
+            )
+        }
+        None => {
+            let (i, l) = deeprepair_train::bench::synthetic_images(args.images, 7);
+            (i, l, (32, 32), "synthetic 32×32".to_string())
+        }
+    };
+    let n = labels.len();
+    let num_classes = labels.iter().copied().max().unwrap_or(0) as usize + 1;
+    let data = deeprepair_train::TrainData {
+        images: &images,
+        labels: &labels,
+        n,
+        height: h,
+        width: w,
+        num_classes,
+    };
+    // DeepRepair's style references: the images themselves stand in for collected failures.
+    let failures = deeprepair_data::Dataset {
+        height: h,
+        width: w,
+        images: images.clone(),
+        labels: labels.clone(),
+        class_names: (0..num_classes).map(|c| format!("class{c}")).collect(),
+        source_ids: None,
+    };
+    let sources: Vec<(&str, Box<dyn deeprepair_train::BatchSource>)> = vec![
+        ("augmix", deeprepair_stages::methods::augmix_source()),
+        (
+            "deeprepair",
+            deeprepair_stages::methods::deeprepair_source(&failures, 0.1, 0)?,
+        ),
+        (
+            "deeprepair-style1",
+            deeprepair_stages::methods::deeprepair_source(&failures, 1.0, 0)?,
+        ),
+    ];
+    let mut out = format!(
+        "{:<18} {:>7} {:>10} {:>16} {:>10}\n",
+        "method", "threads", "images/s", "images/s/thread", "views/s"
+    );
+    for (name, source) in &sources {
+        for &threads in &args.threads {
+            let r = deeprepair_train::bench::bench_source(&**source, &data, args.batch, threads)
+                .with_context(|| format!("bench augment {name} on {threads} threads"))?;
+            out += &format!(
+                "{:<18} {:>7} {:>10.1} {:>16.1} {:>10.1}\n",
+                name,
+                threads,
+                r.images_per_second,
+                r.images_per_second / threads as f64,
+                r.augmented_views_per_second
+            );
+        }
+    }
+    out += &format!(
+        "({n} images of {origin}, batches of {}; each image: crop + flip, then 2 augmented views \
+         (JSD) besides the clean one; deeprepair: style op as a chain's first op with p = 0.1, \
+         deeprepair-style1: p = 1)\n",
+        args.batch
+    );
+    emit(&out)?;
     Ok(ExitCode::SUCCESS)
 }
 

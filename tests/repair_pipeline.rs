@@ -98,23 +98,10 @@ fn reduced_smoke_grid_runs_end_to_end_and_reruns_nothing() {
 
     let outputs = outputs(&m);
     let records_digest = &outputs["report.records"];
-    let dir = s.path().join("export");
-    run_ok(&[
-        "export",
-        "--manifest",
-        m_str,
-        "--out",
-        dir.to_str().unwrap(),
-        records_digest,
-    ]);
-    let file = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| {
-            let name = p.file_name().unwrap().to_string_lossy().to_string();
-            name.ends_with(".json") && !name.ends_with(".artifact.json")
-        })
-        .expect("exported records");
+    let file = export_file(m_str, records_digest, &s.path().join("export"), |name| {
+        name.ends_with(".json") && !name.ends_with(".artifact.json")
+    })
+    .expect("exported records");
     let records: Vec<serde_json::Value> =
         serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap();
     for method in [
@@ -205,33 +192,12 @@ fn repair_command_on_a_folder_of_field_failures(
         eprintln!("SKIPPED repair command: {} not found", jpeg.display());
         return;
     }
-    let model_dir = s.path().join("model");
-    run_ok(&[
-        "export",
-        "--manifest",
-        m_str,
-        "--out",
-        model_dir.to_str().unwrap(),
-        model_digest,
-    ]);
-    let model = std::fs::read_dir(&model_dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .find(|p| p.extension().is_some_and(|e| e == "safetensors"))
-        .expect("exported model");
+    let model = export_file(m_str, model_digest, &s.path().join("model"), |name| {
+        name.ends_with(".safetensors")
+    })
+    .expect("exported model");
     let failures = s.path().join("field-failures");
-    for class in [
-        "airplane",
-        "automobile",
-        "bird",
-        "cat",
-        "deer",
-        "dog",
-        "frog",
-        "horse",
-        "ship",
-        "truck",
-    ] {
+    for class in deeprepair_data::CIFAR10_CLASSES {
         std::fs::create_dir_all(failures.join(class)).unwrap();
         for k in 0..4 {
             let input = jpeg.join(class).join(format!("{:04}.jpg", 200 + k));
@@ -451,4 +417,26 @@ fn cifar10c_npy_imports_the_chosen_severity_blocks() {
         err.contains("snow.npy") && err.contains("severity blocks"),
         "{err}"
     );
+}
+
+/// Exports artifact `digest` of the manifest's store into `dir` and returns the written file
+/// whose name satisfies `wanted` (export also writes a `.artifact.json` header beside it).
+fn export_file(
+    m_str: &str,
+    digest: &str,
+    dir: &std::path::Path,
+    wanted: impl Fn(&str) -> bool,
+) -> Option<std::path::PathBuf> {
+    run_ok(&[
+        "export",
+        "--manifest",
+        m_str,
+        "--out",
+        dir.to_str().unwrap(),
+        digest,
+    ]);
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| wanted(&p.file_name().unwrap().to_string_lossy()))
 }

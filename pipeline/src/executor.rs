@@ -3,6 +3,7 @@
 //! threads, GPU ids), commits each finished stage atomically, and records the run.
 
 use crate::artifact::{Artifact, Digest};
+use crate::dispatch::{Assignment, Dispatcher};
 use crate::key::stage_key_with_fingerprint;
 use crate::kind::{InputRef, ProgressSink, Registry, StageCtx, StageError, Task, TaskStore};
 use crate::plan::Plan;
@@ -37,6 +38,17 @@ pub struct RunOptions {
     /// Install a Ctrl-C handler: first press stops launching and asks running stages to stop
     /// at their next safe point; a second press exits at once (commits are atomic).
     pub handle_ctrl_c: bool,
+    /// Stages per GPU; `None` takes the manifest's `gpu_share` (default 1).
+    pub gpu_share: Option<u32>,
+    /// Runs the stages it accepts in other processes (GPU workers, Slurm jobs); the rest run
+    /// in this process.
+    pub dispatcher: Option<Arc<dyn Dispatcher>>,
+}
+
+impl std::fmt::Debug for dyn Dispatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Dispatcher")
+    }
 }
 
 impl Default for RunOptions {
@@ -53,6 +65,8 @@ impl Default for RunOptions {
             verify_cached: true,
             only: vec![],
             handle_ctrl_c: false,
+            gpu_share: None,
+            dispatcher: None,
         }
     }
 }
@@ -118,6 +132,7 @@ struct Finished {
     mem_mb: u64,
     gpus: Vec<u32>,
     outputs: BTreeMap<String, Digest>,
+    worker: String,
 }
 
 /// Runs the plan to completion (or failure, or cancellation) and records it in the store.
@@ -131,7 +146,11 @@ pub fn run_plan(
 ) -> anyhow::Result<RunSummary> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
-        .max_blocking_threads(options.jobs.max(1) + options.gpus.len() + 2)
+        .max_blocking_threads(
+            options.jobs.max(1)
+                + options.gpus.len() * options.gpu_share.unwrap_or(plan.gpu_share).max(1) as usize
+                + 2,
+        )
         .enable_all()
         .build()?;
     runtime.block_on(Executor::new(plan, registry, store, options, progress, cancel)?.run())
@@ -358,7 +377,10 @@ impl<'a> Executor<'a> {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Finished>();
         let mut free_cpus = self.options.jobs.max(1);
         let mut free_mem = self.options.mem_mb;
-        let mut free_gpus: VecDeque<u32> = self.options.gpus.iter().copied().collect();
+        let share = self.options.gpu_share.unwrap_or(self.plan.gpu_share).max(1) as usize;
+        // GPU ordinal → free slots, in the order the user listed the GPUs.
+        let mut free_gpus: Vec<(u32, usize)> =
+            self.options.gpus.iter().map(|&g| (g, share)).collect();
         let mut running = 0usize;
         let mut last_flush = Instant::now();
 
@@ -405,7 +427,13 @@ impl<'a> Executor<'a> {
                 let stage = &self.plan.stages[i];
                 let want_cpus =
                     (stage.resources.cpus.max(1) as usize).min(self.options.jobs.max(1));
-                let want_gpus = stage.resources.gpus as usize;
+                // A run without GPUs runs GPU stages on the CPU (the default device); a run
+                // with too few GPUs for a data-parallel stage is an error.
+                let want_gpus = if self.options.gpus.is_empty() {
+                    0
+                } else {
+                    stage.resources.gpus as usize
+                };
                 if want_gpus > self.options.gpus.len() {
                     queued.pop_front();
                     let have = self.options.gpus.len();
@@ -419,13 +447,24 @@ impl<'a> Executor<'a> {
                     continue;
                 }
                 let want_mem = stage.resources.mem_mb.min(self.options.mem_mb);
-                if want_cpus > free_cpus || want_gpus > free_gpus.len() || want_mem > free_mem {
+                // Distinct GPUs with a free slot, least loaded first (ties: listed order).
+                let mut candidates: Vec<usize> = (0..free_gpus.len())
+                    .filter(|&g| free_gpus[g].1 > 0)
+                    .collect();
+                candidates.sort_by_key(|&g| std::cmp::Reverse(free_gpus[g].1));
+                if want_cpus > free_cpus || want_gpus > candidates.len() || want_mem > free_mem {
                     break;
                 }
                 let (i, task) = queued.pop_front().expect("front exists");
                 free_cpus -= want_cpus;
                 free_mem -= want_mem;
-                let gpus: Vec<u32> = free_gpus.drain(..want_gpus).collect();
+                let gpus: Vec<u32> = candidates[..want_gpus]
+                    .iter()
+                    .map(|&g| {
+                        free_gpus[g].1 -= 1;
+                        free_gpus[g].0
+                    })
+                    .collect();
                 self.slots[i] = Slot::Running;
                 running += 1;
                 let record = &mut self.records[i];
@@ -434,7 +473,13 @@ impl<'a> Executor<'a> {
                 record.attempt = task.attempt;
                 record.worker = Some(worker_name(&gpus));
                 self.dirty.push(i);
-                self.spawn(i, task, (want_cpus, want_mem), gpus, tx.clone());
+                let assignment = Assignment {
+                    cpus: want_cpus,
+                    mem_mb: want_mem,
+                    gpus,
+                    resources: stage.resources,
+                };
+                self.spawn(i, task, assignment, tx.clone());
             }
             if now.duration_since(last_flush) > Duration::from_millis(250) {
                 self.flush()?;
@@ -453,7 +498,11 @@ impl<'a> Executor<'a> {
                 running -= 1;
                 free_cpus += f.cpus;
                 free_mem += f.mem_mb;
-                free_gpus.extend(f.gpus.iter().copied());
+                for g in &f.gpus {
+                    if let Some(slot) = free_gpus.iter_mut().find(|(id, _)| id == g) {
+                        slot.1 += 1;
+                    }
+                }
                 let i = f.index;
                 match self.finish(f) {
                     Next::Released(ds) => ready.extend(ds),
@@ -500,8 +549,7 @@ impl<'a> Executor<'a> {
         &self,
         i: usize,
         task: Task,
-        (cpus, mem_mb): (usize, u64),
-        gpus: Vec<u32>,
+        assignment: Assignment,
         tx: tokio::sync::mpsc::UnboundedSender<Finished>,
     ) {
         let kind = self
@@ -515,28 +563,33 @@ impl<'a> Executor<'a> {
         let run_id = self.run.id;
         let version = self.plan.stages[i].version.clone();
         let mut record = self.records[i].clone();
+        let dispatcher = self
+            .options
+            .dispatcher
+            .clone()
+            .filter(|d| d.accepts(&assignment));
         tokio::task::spawn_blocking(move || {
             let started_ms = now_ms();
-            let access = StoreAccess(store.clone());
-            let mut ctx = StageCtx::new(
-                &task,
-                &access,
-                progress.as_ref(),
-                cancel,
-                cpus,
-                gpus.clone(),
-            );
-            let outcome =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| kind.run(&mut ctx)))
-                    .unwrap_or_else(|panic| {
-                        let msg = panic
-                            .downcast_ref::<String>()
-                            .cloned()
-                            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                            .unwrap_or_else(|| "unknown panic".into());
-                        Err(StageError::Fatal(anyhow::anyhow!("stage panicked: {msg}")))
-                    });
-            let log_tail = ctx.log_tail().to_vec();
+            let (cpus, mem_mb, gpus) =
+                (assignment.cpus, assignment.mem_mb, assignment.gpus.clone());
+            let (outcome, log_tail, worker) = match &dispatcher {
+                Some(d) => match d.execute(&task, &assignment, progress.as_ref(), &cancel) {
+                    Ok(remote) => (Ok(remote.artifacts), remote.log_tail, remote.worker),
+                    Err(e) => (Err(e), vec![], "remote".to_string()),
+                },
+                None => {
+                    let (outcome, log_tail) = run_in_process(
+                        kind.as_ref(),
+                        &task,
+                        &store,
+                        progress.as_ref(),
+                        cancel,
+                        &assignment,
+                    );
+                    (outcome, log_tail, worker_name(&gpus))
+                }
+            };
+
             let mut outputs = BTreeMap::new();
             let result = outcome.and_then(|artifacts| {
                 let names = kind.outputs();
@@ -565,7 +618,7 @@ impl<'a> Executor<'a> {
                         .collect(),
                     outputs: outputs.clone(),
                     run: run_id,
-                    worker: worker_name(&gpus),
+                    worker: worker.clone(),
                     attempt: task.attempt,
                     started_ms,
                     duration_ms: ended.saturating_sub(started_ms),
@@ -573,6 +626,7 @@ impl<'a> Executor<'a> {
                 };
                 record.state = StageState::Succeeded;
                 record.ended_ms = Some(ended);
+                record.worker = Some(worker.clone());
                 record.outputs = outputs.clone();
                 record.log_tail = log_tail.clone();
                 store
@@ -587,6 +641,7 @@ impl<'a> Executor<'a> {
                 mem_mb,
                 gpus,
                 outputs,
+                worker,
             });
         });
     }
@@ -625,6 +680,7 @@ impl<'a> Executor<'a> {
                 record.ended_ms = Some(now_ms());
                 record.log_tail = f.log_tail;
                 record.error = None;
+                record.worker = Some(f.worker);
                 self.dirty.push(i);
                 self.progress.stage_finished(&path, StageState::Succeeded);
                 self.summary.executed.push(path);
@@ -665,6 +721,29 @@ impl<'a> Executor<'a> {
             }
         }
     }
+}
+
+/// Runs a stage on a blocking thread of this process; a panic becomes a fatal stage error.
+fn run_in_process(
+    kind: &dyn crate::kind::StageKind,
+    task: &Task,
+    store: &Arc<Store>,
+    progress: &dyn ProgressSink,
+    cancel: Arc<AtomicBool>,
+    assignment: &Assignment,
+) -> (Result<Vec<Artifact>, StageError>, Vec<String>) {
+    let access = StoreAccess(store.clone());
+    let mut ctx = StageCtx::new(
+        task,
+        &access,
+        progress,
+        cancel,
+        assignment.cpus,
+        assignment.gpus.clone(),
+    );
+    let outcome = crate::kind::run_catching_panics(kind, &mut ctx);
+    let log_tail = ctx.log_tail().to_vec();
+    (outcome, log_tail)
 }
 
 fn worker_name(gpus: &[u32]) -> String {

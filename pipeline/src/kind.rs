@@ -289,6 +289,24 @@ pub trait StageKind: Send + Sync + 'static {
     fn run(&self, ctx: &mut StageCtx) -> Result<Vec<Artifact>, StageError>;
 }
 
+/// Runs `kind` in `ctx`, turning a panic into a fatal stage error (in-process stages and
+/// worker processes alike).
+pub fn run_catching_panics(
+    kind: &dyn StageKind,
+    ctx: &mut StageCtx,
+) -> Result<Vec<Artifact>, StageError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| kind.run(ctx))).unwrap_or_else(
+        |panic| {
+            let msg = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_else(|| "unknown panic".into());
+            Err(StageError::Fatal(anyhow::anyhow!("stage panicked: {msg}")))
+        },
+    )
+}
+
 /// The stage kinds a binary knows.
 #[derive(Default, Clone)]
 pub struct Registry {

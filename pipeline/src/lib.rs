@@ -5,6 +5,7 @@
 pub mod artifact;
 pub mod bench;
 pub mod builtin;
+pub mod dispatch;
 pub mod executor;
 pub mod key;
 pub mod kind;
@@ -15,6 +16,7 @@ pub mod render;
 pub mod store;
 
 pub use artifact::{Artifact, ArtifactHeader, ArtifactKind, Digest};
+pub use dispatch::{Assignment, Dispatcher, RemoteOutcome};
 pub use executor::{run_plan, RunOptions, RunSummary};
 pub use kind::{
     InputSpec, ParamSpec, ParamType, Registry, Resources, StageCtx, StageError, StageKind,

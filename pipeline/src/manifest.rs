@@ -110,6 +110,9 @@ pub struct RawManifest {
     pub stages: BTreeMap<String, Spanned<RawStage>>,
     #[serde(default)]
     pub overrides: Vec<Spanned<RawOverride>>,
+    /// Stages that may share one GPU (slots per GPU); 1 = a GPU per stage.
+    #[serde(default)]
+    pub gpu_share: Option<Spanned<u32>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -46,6 +46,8 @@ pub struct Plan {
     pub manifest_digest: Digest,
     pub name: String,
     pub stages: Vec<StageInstance>,
+    /// Slots per GPU (the manifest's `gpu_share`, default 1).
+    pub gpu_share: u32,
 }
 
 impl Plan {
@@ -265,6 +267,14 @@ impl<'a> Expander<'a> {
 
     fn expand(&self) -> Result<Plan, ManifestError> {
         let raw = self.raw;
+        if let Some(share) = &raw.gpu_share {
+            if share.value == 0 {
+                return Err(self.err(
+                    &share.referenced,
+                    "gpu_share must be at least 1 (stages per GPU)",
+                ));
+            }
+        }
         // Grid axes: non-empty lists of scalars.
         for (axis, values) in &raw.grid {
             if values.value.is_empty() {
@@ -425,11 +435,6 @@ impl<'a> Expander<'a> {
             }
             layer(&stage.params, &mut base)?;
 
-            let mut resources = kind.resources(&Value::Null);
-            if let Some(r) = &stage.resources {
-                apply_resources(&mut resources, &r.value);
-            }
-
             // Inputs declared by the kind.
             let input_specs = kind.inputs();
             for (input, list) in &bindings[t] {
@@ -493,7 +498,8 @@ impl<'a> Expander<'a> {
                     format!("{name}[{}]", parts.join(","))
                 };
                 let mut params = base.clone();
-                let mut res = resources;
+                // Resource layers of matching overrides, applied once the params are known.
+                let mut override_resources = vec![];
                 for ov in &raw.overrides {
                     let ov_v = &ov.value;
                     if let Some(s) = &ov_v.stage {
@@ -509,7 +515,7 @@ impl<'a> Expander<'a> {
                     if applies {
                         layer(&ov_v.params, &mut params)?;
                         if let Some(r) = &ov_v.resources {
-                            apply_resources(&mut res, &r.value);
+                            override_resources.push(&r.value);
                         }
                     }
                 }
@@ -550,6 +556,14 @@ impl<'a> Expander<'a> {
                         .and_then(|(_, l)| *l)
                         .unwrap_or(spanned_stage.referenced);
                     return Err(self.err(&loc, format!("param '{param}' of stage '{name}': {msg}")));
+                }
+                // The kind's resources for these params < the stage's < matching overrides.
+                let mut res = kind.resources(&params);
+                if let Some(r) = &stage.resources {
+                    apply_resources(&mut res, &r.value);
+                }
+                for r in override_resources {
+                    apply_resources(&mut res, r);
                 }
                 let estimate = kind.estimate(&params);
                 let fingerprint = kind.fingerprint(&params).map_err(|e| {
@@ -685,6 +699,7 @@ impl<'a> Expander<'a> {
                     .unwrap_or_default()
             }),
             stages,
+            gpu_share: raw.gpu_share.as_ref().map_or(1, |g| g.value),
         })
     }
 }

@@ -17,7 +17,10 @@
 
 use crate::artifacts::{model_artifact, read_dataset, ModelInfo};
 use crate::model_kinds::{curve_artifact, stage_error, train_data};
-use crate::training::{input_model, train_config, training_params, InputModel, StageObserver};
+use crate::training::{
+    input_model, rank_devices, run_training, train_config, training_params,
+    validate_training_params, InputModel, RankModel,
+};
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor, Var};
 use deeprepair_data::Dataset;
@@ -31,9 +34,9 @@ use deeprepair_repair::style_transfer::{StyleTransfer, WaveletStyle};
 use deeprepair_repair::weight_distribution::{WeightDistribution, WeightModel};
 use deeprepair_repair::{cutout, fsgmix_ops, mix};
 use deeprepair_train::input::random_crop_flip;
-use deeprepair_train::train;
 use deeprepair_train::trainer::{
-    cropped_views, item_rng, to_unit, BatchSource, Scorer, Targets, TrainBatch, TrainData,
+    cropped_views, item_rng, to_unit, BatchSeed, BatchSource, Scorer, Targets, TrainBatch,
+    TrainData,
 };
 use rand::Rng;
 use rand_distr::{Beta, Distribution};
@@ -246,25 +249,35 @@ impl StageKind for RepairKind {
     fn outputs(&self) -> Vec<&'static str> {
         vec!["model", "metrics"]
     }
-    fn resources(&self, _params: &Value) -> Resources {
-        Resources {
-            cpus: 2,
-            gpus: 0,
-            mem_mb: 4096,
-        }
+    fn resources(&self, params: &Value) -> Resources {
+        crate::training::model_resources(params, 4096)
     }
     fn estimate(&self, params: &Value) -> f64 {
         params["epochs"].as_f64().unwrap_or(1.0)
     }
+    fn validate(&self, params: &Value) -> Result<(), (String, String)> {
+        validate_training_params(params)
+    }
     fn run(&self, ctx: &mut StageCtx) -> Result<Vec<Artifact>, StageError> {
         let method = self.0;
         let config = train_config(ctx)?;
+        let ranks: usize = ctx.param("ranks")?;
+        let devices = rank_devices(ctx, ranks)?;
         let InputModel {
             info: base_info,
             varmap,
             model,
             device,
         } = input_model(ctx, "model")?;
+        // Ranks 1.. get their own copy of the model on their device.
+        let mut replicas: Vec<RankModel> = Vec::with_capacity(ranks);
+        if devices.len() > 1 {
+            let artifact = ctx.input("model")?;
+            for d in &devices[1..] {
+                let (vm, m) = crate::artifacts::load_model(&artifact.bytes, &base_info, d)?;
+                replicas.push((vm, m, d.clone()));
+            }
+        }
         let (failures, finfo) = read_dataset(&ctx.input("failures")?)?;
         if failures.is_empty() {
             return Err(StageError::Fatal(anyhow::anyhow!(
@@ -391,22 +404,10 @@ impl StageKind for RepairKind {
             None
         };
         let val_data = val.as_ref().map(train_data);
-        let resume = ctx.load_checkpoint()?;
-        let outcome = {
-            let mut observer = StageObserver { ctx };
-            train(
-                &*model,
-                &varmap,
-                &data,
-                val_data.as_ref(),
-                &*source,
-                &config,
-                &device,
-                resume.as_deref(),
-                &mut observer,
-            )
-        }
-        .map_err(|e| stage_error(ctx, e))?;
+        replicas.insert(0, (varmap, model, device));
+        let outcome = run_training(ctx, &replicas, &data, val_data.as_ref(), &*source, &config)
+            .map_err(|e| stage_error(ctx, e))?;
+        let varmap = &replicas[0].0;
         // FSGMix's Table I compares training on D_f alone with D_o ∪ D_f: keep them apart.
         if train_on == "failures" {
             variant =
@@ -420,7 +421,7 @@ impl StageKind for RepairKind {
             ..base_info
         };
         Ok(vec![
-            model_artifact(&varmap, &info)?,
+            model_artifact(varmap, &info)?,
             curve_artifact(&outcome)?,
         ])
     }
@@ -468,7 +469,7 @@ impl BatchSource for CutoutSource {
         &self,
         data: &TrainData,
         indices: &[usize],
-        seed: u64,
+        seed: BatchSeed,
         _: &dyn Scorer,
     ) -> anyhow::Result<TrainBatch> {
         cropped_views(data, indices, seed, 1, |base, _, rng| {
@@ -493,7 +494,7 @@ impl BatchSource for MixSource {
         &self,
         data: &TrainData,
         indices: &[usize],
-        seed: u64,
+        seed: BatchSeed,
         _: &dyn Scorer,
     ) -> anyhow::Result<TrainBatch> {
         let mut base = Vec::with_capacity(indices.len() * data.height * data.width * 3);
@@ -503,11 +504,11 @@ impl BatchSource for MixSource {
                 data.height,
                 data.width,
                 4,
-                &mut item_rng(seed, pos as u64),
+                &mut seed.item(pos),
             ));
         }
         let labels: Vec<u8> = indices.iter().map(|&i| data.labels[i]).collect();
-        let mut rng = item_rng(seed, u64::MAX);
+        let mut rng = seed.batch_rng();
         let (n, w, h, c) = (indices.len(), data.width, data.height, data.num_classes);
         let mixed = if self.cutmix {
             mix::cutmix(&base, n, w, h, &labels, c, self.alpha, self.prob, &mut rng)
@@ -531,11 +532,16 @@ struct SenseiSource {
 }
 
 impl BatchSource for SenseiSource {
+    /// The worst variant is chosen by the current model's loss.
+    fn uses_model(&self) -> bool {
+        true
+    }
+
     fn make_batch(
         &self,
         data: &TrainData,
         indices: &[usize],
-        seed: u64,
+        seed: BatchSeed,
         scorer: &dyn Scorer,
     ) -> anyhow::Result<TrainBatch> {
         let bases: Vec<Vec<u8>> = indices
@@ -547,7 +553,7 @@ impl BatchSource for SenseiSource {
                     data.height,
                     data.width,
                     4,
-                    &mut item_rng(seed, pos as u64),
+                    &mut seed.item(pos),
                 )
             })
             .collect();
@@ -574,7 +580,7 @@ impl BatchSource for SenseiSource {
             &mut pops,
             &mut fitness,
             &self.config,
-            &mut item_rng(seed, u64::MAX),
+            &mut seed.batch_rng(),
         );
         for (&i, p) in indices.iter().zip(pops) {
             all[i] = p;
@@ -595,6 +601,49 @@ impl BatchSource for SenseiSource {
     }
 }
 
+/// AugMix's batch source with the paper's defaults (severity 3, width 3, depth 1–3, α = 1):
+/// clean + two augmented views per image, as the `augmix` stage trains (benchmarks use it).
+pub fn augmix_source() -> Box<dyn BatchSource> {
+    Box::new(AugmixSource {
+        params: AugmixParams::DEFAULT,
+        style: None,
+    })
+}
+
+/// DeepRepair's batch source with AugMix's defaults: each chain's first op is, with
+/// probability `style_prob`, the wavelet style op with a failure of the same class (k-means
+/// sampling, 5 clusters per class) as reference.
+pub fn deeprepair_source(
+    failures: &Dataset,
+    style_prob: f64,
+    seed: u64,
+) -> anyhow::Result<Box<dyn BatchSource>> {
+    anyhow::ensure!(
+        !failures.is_empty(),
+        "DeepRepair needs failure images as references"
+    );
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&style_prob),
+        "style probability {style_prob} outside [0, 1]"
+    );
+    let sampler = ClassReferenceSampler::new(
+        &failures.images,
+        &failures.labels,
+        failures.image_len(),
+        Sampling::Cluster { clusters: 5 },
+        seed,
+    )?;
+    Ok(Box::new(AugmixSource {
+        params: AugmixParams::DEFAULT,
+        style: Some(StyleGuide {
+            references: failures.clone(),
+            sampler,
+            transfer: WaveletStyle::default(),
+            prob: style_prob,
+        }),
+    }))
+}
+
 #[derive(Clone, Copy)]
 struct AugmixParams {
     severity: f64,
@@ -604,6 +653,14 @@ struct AugmixParams {
 }
 
 impl AugmixParams {
+    /// The `augmix`/`deeprepair` stages' param defaults.
+    const DEFAULT: AugmixParams = AugmixParams {
+        severity: 3.0,
+        width: 3,
+        depth: None,
+        alpha: 1.0,
+    };
+
     fn from_ctx(ctx: &StageCtx) -> anyhow::Result<Self> {
         let depth: i64 = ctx.param("depth")?;
         Ok(AugmixParams {
@@ -665,7 +722,7 @@ impl BatchSource for AugmixSource {
         &self,
         data: &TrainData,
         indices: &[usize],
-        seed: u64,
+        seed: BatchSeed,
         _: &dyn Scorer,
     ) -> anyhow::Result<TrainBatch> {
         cropped_views(data, indices, seed, 3, |base, label, rng| {
@@ -690,7 +747,7 @@ impl BatchSource for FsgmixSource {
         &self,
         data: &TrainData,
         indices: &[usize],
-        seed: u64,
+        seed: BatchSeed,
         _: &dyn Scorer,
     ) -> anyhow::Result<TrainBatch> {
         cropped_views(data, indices, seed, 3, |base, _, rng| {
@@ -798,4 +855,44 @@ fn learn_fsgmix_weights(
         out.extend(weights.as_tensor().flatten_all()?.to_vec1::<f32>()?);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_public_sources_use_the_stage_defaults() {
+        let defaults: std::collections::HashMap<&str, Value> = augmix_params()
+            .into_iter()
+            .map(|p| (p.name, p.default.expect("optional")))
+            .collect();
+        let d = AugmixParams::DEFAULT;
+        assert_eq!(defaults["severity"], json!(d.severity as i64));
+        assert_eq!(defaults["width"], json!(d.width));
+        assert_eq!(defaults["depth"], json!(-1));
+        assert!(d.depth.is_none());
+        assert_eq!(defaults["alpha"], json!(d.alpha));
+    }
+
+    #[test]
+    fn only_sensei_consults_the_model() {
+        let failures = Dataset {
+            height: 32,
+            width: 32,
+            images: vec![128; 4 * 32 * 32 * 3],
+            labels: vec![0, 1, 0, 1],
+            class_names: vec!["a".into(), "b".into()],
+            source_ids: None,
+        };
+        assert!(!augmix_source().uses_model());
+        assert!(!deeprepair_source(&failures, 0.1, 0).unwrap().uses_model());
+        assert!(deeprepair_source(&failures, 1.5, 0).is_err());
+        let sensei = SenseiSource {
+            config: SenseiConfig::default(),
+            populations: Mutex::new(vec![]),
+        };
+        assert!(sensei.uses_model());
+        assert!(!CutoutSource { length: 16 }.uses_model());
+    }
 }

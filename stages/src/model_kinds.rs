@@ -5,7 +5,8 @@ use crate::artifacts::{
     dataset_artifact, load_model, model_artifact, read_dataset, DatasetInfo, ModelInfo,
 };
 use crate::training::{
-    input_model, stage_device, train_config, training_params, InputModel, StageObserver,
+    input_model, rank_devices, run_training, train_config, training_params,
+    validate_training_params, InputModel, RankModel,
 };
 use deeprepair_nn::{build, param_count, Arch};
 use deeprepair_pipeline::kind::fingerprint_path;
@@ -15,7 +16,7 @@ use deeprepair_pipeline::{
 };
 use deeprepair_report::Record;
 use deeprepair_train::trainer::{StandardAugment, TrainData};
-use deeprepair_train::{evaluate, seeded_var_builder, train};
+use deeprepair_train::{evaluate, seeded_var_builder};
 use serde_json::{json, Value};
 use std::path::Path;
 
@@ -41,11 +42,7 @@ pub fn stage_error(ctx: &StageCtx, e: anyhow::Error) -> StageError {
 
 fn training_resources(params: &Value) -> Resources {
     let heavy = params["arch"].as_str().is_some_and(|a| a != "tiny-cnn");
-    Resources {
-        cpus: 2,
-        gpus: u32::from(heavy),
-        mem_mb: if heavy { 8192 } else { 2048 },
-    }
+    crate::training::model_resources(params, if heavy { 8192 } else { 2048 })
 }
 
 /// `pretrain`: trains an architecture from scratch on a dataset (Dt) with standard
@@ -96,6 +93,9 @@ impl StageKind for PretrainKind {
     fn estimate(&self, params: &Value) -> f64 {
         params["epochs"].as_f64().unwrap_or(1.0)
     }
+    fn validate(&self, params: &Value) -> Result<(), (String, String)> {
+        validate_training_params(params)
+    }
     fn run(&self, ctx: &mut StageCtx) -> Result<Vec<Artifact>, StageError> {
         let arch_name: String = ctx.param("arch")?;
         let arch = Arch::from_name(&arch_name)
@@ -107,35 +107,30 @@ impl StageKind for PretrainKind {
         } else {
             None
         };
-        let device = stage_device(ctx)?;
-        let varmap = candle_nn::VarMap::new();
-        let model = build(
-            arch,
-            ds.num_classes(),
-            seeded_var_builder(&varmap, config.seed, candle_core::DType::F32, &device),
-        )
-        .map_err(anyhow::Error::from)?;
-        let resume = ctx.load_checkpoint()?;
-        if resume.is_some() {
-            ctx.log("resuming from the last epoch checkpoint");
+        let ranks: usize = ctx.param("ranks")?;
+        let mut replicas: Vec<RankModel> = Vec::with_capacity(ranks);
+        for device in rank_devices(ctx, ranks)? {
+            let varmap = candle_nn::VarMap::new();
+            let model = build(
+                arch,
+                ds.num_classes(),
+                seeded_var_builder(&varmap, config.seed, candle_core::DType::F32, &device),
+            )
+            .map_err(anyhow::Error::from)?;
+            replicas.push((varmap, model, device));
         }
         let data = train_data(&ds);
         let val_data = val.as_ref().map(train_data);
-        let outcome = {
-            let mut observer = StageObserver { ctx };
-            train(
-                &*model,
-                &varmap,
-                &data,
-                val_data.as_ref(),
-                &StandardAugment,
-                &config,
-                &device,
-                resume.as_deref(),
-                &mut observer,
-            )
-        }
+        let outcome = run_training(
+            ctx,
+            &replicas,
+            &data,
+            val_data.as_ref(),
+            &StandardAugment,
+            &config,
+        )
         .map_err(|e| stage_error(ctx, e))?;
+        let varmap = &replicas[0].0;
         let info = ModelInfo {
             arch: arch.name().into(),
             num_classes: ds.num_classes(),
@@ -147,7 +142,7 @@ impl StageKind for PretrainKind {
             parameters: param_count(arch, ds.num_classes()),
         };
         Ok(vec![
-            model_artifact(&varmap, &info)?,
+            model_artifact(varmap, &info)?,
             curve_artifact(&outcome)?,
         ])
     }
@@ -285,12 +280,8 @@ impl StageKind for SelectFailuresKind {
     fn outputs(&self) -> Vec<&'static str> {
         vec!["collected", "unseen", "metrics"]
     }
-    fn resources(&self, _params: &Value) -> Resources {
-        Resources {
-            cpus: 2,
-            gpus: 0,
-            mem_mb: 2048,
-        }
+    fn resources(&self, params: &Value) -> Resources {
+        crate::training::model_resources(params, 2048)
     }
     fn run(&self, ctx: &mut StageCtx) -> Result<Vec<Artifact>, StageError> {
         let per_class: usize = ctx.param("per_class")?;
@@ -402,12 +393,8 @@ impl StageKind for EvaluateKind {
     fn outputs(&self) -> Vec<&'static str> {
         vec!["metrics"]
     }
-    fn resources(&self, _params: &Value) -> Resources {
-        Resources {
-            cpus: 2,
-            gpus: 0,
-            mem_mb: 2048,
-        }
+    fn resources(&self, params: &Value) -> Resources {
+        crate::training::model_resources(params, 2048)
     }
     fn run(&self, ctx: &mut StageCtx) -> Result<Vec<Artifact>, StageError> {
         let batch: usize = ctx.param("batch")?;

@@ -3,9 +3,11 @@
 //! training stage shares.
 
 use deeprepair_pipeline::{ParamSpec, ParamType, StageCtx};
-use deeprepair_train::trainer::TrainObserver;
+use deeprepair_train::trainer::{
+    train_data_parallel, BatchSource, Replica, TrainData, TrainObserver, TrainOutcome,
+};
 use deeprepair_train::{EpochStats, TrainConfig};
-use serde_json::json;
+use serde_json::{json, Value};
 
 /// The first GPU the executor gave this stage (with the `cuda` feature), else the CPU.
 pub fn stage_device(ctx: &StageCtx) -> anyhow::Result<candle_core::Device> {
@@ -14,6 +16,17 @@ pub fn stage_device(ctx: &StageCtx) -> anyhow::Result<candle_core::Device> {
             Ok(deeprepair_train::device(Some(g as usize))?)
         }
         _ => Ok(candle_core::Device::Cpu),
+    }
+}
+
+/// What a stage that runs a model asks of the machine: a GPU per rank (the executor gives
+/// none on a CPU-only run, and the stage then runs on the CPU).
+pub fn model_resources(params: &Value, mem_mb: u64) -> deeprepair_pipeline::Resources {
+    let ranks = params["ranks"].as_u64().unwrap_or(1).clamp(1, 64) as u32;
+    deeprepair_pipeline::Resources {
+        cpus: 2,
+        gpus: ranks,
+        mem_mb,
     }
 }
 
@@ -51,7 +64,124 @@ pub fn training_params(epochs: i64, lr: f64, batch: i64) -> Vec<ParamSpec> {
             json!(0),
             "seed for initialization, shuffling and augmentation",
         ),
+        ParamSpec::optional(
+            "ranks",
+            ParamType::Int,
+            json!(1),
+            "data-parallel ranks, each taking batch/ranks images of every batch: one GPU each \
+             on a run with GPUs (the stage asks for `ranks` GPUs), else threads sharing the CPU",
+        ),
     ]
+}
+
+/// Checks the shared training params (`validate` of every training kind).
+pub fn validate_training_params(params: &Value) -> Result<(), (String, String)> {
+    let ranks = params["ranks"].as_i64().unwrap_or(1);
+    if !(1..=64).contains(&ranks) {
+        return Err(("ranks".into(), format!("{ranks} ranks; expected 1 to 64")));
+    }
+    let batch = params["batch"].as_i64().unwrap_or(0);
+    if batch < 2 * ranks {
+        return Err((
+            "batch".into(),
+            format!(
+                "batch {batch} is too small: each of the {ranks} rank(s) needs at least 2 images \
+                 (BatchNorm statistics)"
+            ),
+        ));
+    }
+    for name in ["epochs", "patience", "seed"] {
+        if params[name].as_i64().is_some_and(|v| v < 0) {
+            return Err((name.into(), "must not be negative".into()));
+        }
+    }
+    Ok(())
+}
+
+/// One device per data-parallel rank: with `ranks` GPUs given to the stage (and a CUDA build),
+/// GPU `ctx.gpus[r]` for rank `r`; without GPUs, the CPU for every rank (threads).
+pub fn rank_devices(ctx: &StageCtx, ranks: usize) -> anyhow::Result<Vec<candle_core::Device>> {
+    if ranks <= 1 {
+        return Ok(vec![stage_device(ctx)?]);
+    }
+    if ctx.gpus.is_empty() || !candle_core::utils::cuda_is_available() {
+        return Ok(vec![candle_core::Device::Cpu; ranks]);
+    }
+    if ctx.gpus.len() < ranks {
+        anyhow::bail!(
+            "ranks: {ranks} needs {ranks} GPUs (one per rank) but the stage was given {} \
+             (GPUs {:?}); give it `resources: {{gpus: {ranks}}}` or lower ranks",
+            ctx.gpus.len(),
+            ctx.gpus
+        );
+    }
+    ctx.gpus[..ranks]
+        .iter()
+        .map(|&g| Ok(deeprepair_train::device(Some(g as usize))?))
+        .collect()
+}
+
+/// A model per rank (rank 0 first): its variables, network and device.
+pub type RankModel = (
+    candle_nn::VarMap,
+    Box<dyn deeprepair_nn::Classifier>,
+    candle_core::Device,
+);
+
+/// Trains `ranks[0]` (data-parallel over all of `ranks` when there are several), resuming from
+/// the stage's checkpoint and reporting progress through the stage.
+pub fn run_training(
+    ctx: &mut StageCtx,
+    ranks: &[RankModel],
+    data: &TrainData,
+    validation: Option<&TrainData>,
+    source: &dyn BatchSource,
+    config: &TrainConfig,
+) -> anyhow::Result<TrainOutcome> {
+    let resume = ctx.load_checkpoint()?;
+    if resume.is_some() {
+        ctx.log("resuming from the last epoch checkpoint");
+    }
+    if ranks.len() > 1 {
+        ctx.log(format!(
+            "data-parallel: {} ranks on {:?}, {} images each per batch",
+            ranks.len(),
+            ranks[0].2,
+            config.batch_size / ranks.len()
+        ));
+    }
+    let replicas: Vec<Replica> = ranks
+        .iter()
+        .map(|(varmap, model, device)| Replica {
+            model: &**model,
+            varmap,
+            device,
+        })
+        .collect();
+    let mut observer = StageObserver { ctx };
+    if replicas.len() == 1 {
+        deeprepair_train::train(
+            replicas[0].model,
+            replicas[0].varmap,
+            data,
+            validation,
+            source,
+            config,
+            replicas[0].device,
+            resume.as_deref(),
+            &mut observer,
+        )
+    } else {
+        train_data_parallel(
+            &replicas,
+            data,
+            validation,
+            source,
+            config,
+            resume.as_deref(),
+            &mut observer,
+        )
+    }
 }
 
 pub fn train_config(ctx: &StageCtx) -> anyhow::Result<TrainConfig> {
@@ -69,6 +199,7 @@ pub fn train_config(ctx: &StageCtx) -> anyhow::Result<TrainConfig> {
         seed: ctx.param("seed")?,
         patience: (patience > 0).then_some(patience),
         jsd_lambda: 12.0,
+        prefetch: deeprepair_train::trainer::DEFAULT_PREFETCH,
     })
 }
 

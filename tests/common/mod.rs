@@ -74,3 +74,19 @@ pub fn outputs(manifest: &Path) -> std::collections::BTreeMap<String, String> {
         })
         .collect()
 }
+
+/// The stage records of the last run of the store beside `manifest` (`status --json`).
+pub fn status_rows(manifest: &Path) -> Vec<serde_json::Value> {
+    let store = manifest.parent().unwrap().join(".deeprepair/store.redb");
+    let out = run_ok(&["status", "--json", "--store", store.to_str().unwrap()]);
+    json(&out)["stages"].as_array().unwrap().clone()
+}
+
+/// The artifacts of `manifest_text` run in-process in a fresh store (the reference for runs
+/// elsewhere: worker processes, Slurm jobs).
+pub fn in_process_outputs(manifest_text: &str) -> std::collections::BTreeMap<String, String> {
+    let s = Scratch::new();
+    let m = s.write("p.yaml", manifest_text);
+    run_ok(&["run", "--plain", "-j", "4", m.to_str().unwrap()]);
+    outputs(&m)
+}

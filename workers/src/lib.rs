@@ -1,9 +1,20 @@
-//! Worker runtime. Today: which GPUs a run may use (`--gpus`), and data-parallel gradient
-//! reduction ([`data_parallel`]) with a CPU (threads) backend. Worker processes per GPU and the
-//! NCCL backend are the GPU-workers issue; stages already receive their assigned GPU ordinals
-//! through `StageCtx::gpus`.
+//! Worker runtime: stages running outside the coordinator's process, and data parallelism.
+//!
+//! - [`protocol`], [`coordinator`], [`worker`]: the HTTP protocol, its server (in front of the
+//!   run's store) and its client (`deeprepair worker`).
+//! - [`local`]: worker processes on this machine, one per GPU or N on the CPU.
+//! - [`slurm`]: one Slurm job per stage.
+//! - [`data_parallel`]: the `Collective` interface, its thread backend, bucketed gradient
+//!   averaging; [`nccl`] (feature `nccl`): the NCCL backend.
 
+pub mod coordinator;
 pub mod data_parallel;
+pub mod local;
+#[cfg(feature = "nccl")]
+pub mod nccl;
+pub mod protocol;
+pub mod slurm;
+pub mod worker;
 
 use thiserror::Error;
 

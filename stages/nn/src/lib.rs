@@ -8,6 +8,7 @@ pub mod allconv;
 pub mod densenet;
 pub mod fast_bn;
 pub mod fast_conv;
+pub mod resnet;
 pub mod tiny_cnn;
 pub mod weights;
 pub mod wide_resnet;
@@ -45,6 +46,10 @@ pub enum Arch {
     DenseNetBc100_12,
     /// WRN-40-2, dropout 0 ("wrn-40-2").
     Wrn40_2,
+    /// torchvision's ImageNet ResNets ("resnet18", "resnet34", "resnet50"), its names.
+    ResNet18,
+    ResNet34,
+    ResNet50,
 }
 
 impl Arch {
@@ -54,15 +59,21 @@ impl Arch {
         Arch::DenseNet40_12,
         Arch::DenseNetBc100_12,
         Arch::Wrn40_2,
+        Arch::ResNet18,
+        Arch::ResNet34,
+        Arch::ResNet50,
     ];
 
     /// The names used in manifests and on the command line, in declaration order.
-    pub const NAMES: [&'static str; 5] = [
+    pub const NAMES: [&'static str; 8] = [
         "tiny-cnn",
         "allconv",
         "densenet",
         "densenet-bc-100-12",
         "wrn-40-2",
+        "resnet18",
+        "resnet34",
+        "resnet50",
     ];
 
     /// The name used in manifests and on the command line.
@@ -92,6 +103,9 @@ pub fn build(arch: Arch, num_classes: usize, vb: VarBuilder) -> Result<Box<dyn C
             vb,
         )?),
         Arch::Wrn40_2 => Box::new(wide_resnet::WideResNet::wrn_40_2(num_classes, vb)?),
+        Arch::ResNet18 => Box::new(resnet::ResNet::new(resnet::Depth::R18, num_classes, vb)?),
+        Arch::ResNet34 => Box::new(resnet::ResNet::new(resnet::Depth::R34, num_classes, vb)?),
+        Arch::ResNet50 => Box::new(resnet::ResNet::new(resnet::Depth::R50, num_classes, vb)?),
     })
 }
 
@@ -171,6 +185,11 @@ mod tests {
             (Arch::DenseNet40_12, 10, 1_059_298),
             (Arch::DenseNetBc100_12, 10, 769_162),
             (Arch::Wrn40_2, 10, 2_243_546),
+            // torchvision's resnet18/34/50 (11,689,512 / 21,797,672 / 25,557,032 with 1000
+            // classes), with a 10-class head.
+            (Arch::ResNet18, 10, 11_689_512 - 990 * 513),
+            (Arch::ResNet34, 10, 21_797_672 - 990 * 513),
+            (Arch::ResNet50, 10, 25_557_032 - 990 * 2049),
         ];
         for (arch, nc, count) in pytorch {
             assert_eq!(param_count(arch, nc), count, "{}", arch.name());

@@ -10,6 +10,8 @@
 //! The input is x[i] = sin(0.37 i + 0.5), shape [2, 3, 32, 32].
 //! Train-mode fixtures (all but AllConvNet, whose dropout draws random masks) hold the logits
 //! with batch statistics and one BatchNorm's running stats after that single step.
+//! resnet18's fixture comes from a PyTorch ResNet-18 written with torchvision's layout and
+//! names (torchvision itself was not installable here), eval mode only.
 //! `fixtures/tiny_cnn_torch.safetensors` is tiny-cnn's state_dict as PyTorch saved it (with
 //! `num_batches_tracked`), weights from the same rule.
 
@@ -182,6 +184,13 @@ fn wrn_40_2_matches_pytorch() {
     check_rule(Arch::Wrn40_2);
 }
 
+/// candle-transformers' resnet18 against a PyTorch ResNet-18 with torchvision's layout and
+/// state_dict names (eval only: these models keep BatchNorm frozen).
+#[test]
+fn resnet18_matches_pytorch() {
+    check_rule(Arch::ResNet18);
+}
+
 #[test]
 fn save_load_round_trip() {
     let dir = tempfile::tempdir().unwrap();
@@ -351,5 +360,41 @@ fn bench_eval_forward_128() {
         }
         let per = start.elapsed().as_secs_f64() / reps as f64;
         println!("{}: {:.3} s per eval batch of 128", arch.name(), per);
+    }
+}
+
+/// Our ResNets and candle-transformers' `models::resnet` read the same weights file to the
+/// same eval logits (theirs cannot train: no BatchNorm training mode, no max-pool backward).
+#[test]
+fn resnets_match_candle_transformers() {
+    use candle_transformers::models::resnet;
+    let dir = tempfile::tempdir().unwrap();
+    let x = input();
+    for arch in [Arch::ResNet18, Arch::ResNet34, Arch::ResNet50] {
+        let path = dir.path().join(format!("{}.safetensors", arch.name()));
+        write_rule_weights(arch, 10, &path);
+        let (_, ours) = load_weights(arch, 10, &path, &Device::Cpu).unwrap();
+        let ours = ours.forward_t(&x, false).unwrap();
+        let vb = unsafe {
+            candle_nn::VarBuilder::from_mmaped_safetensors(&[&path], DType::F32, &Device::Cpu)
+        }
+        .unwrap();
+        let reference = match arch {
+            Arch::ResNet18 => resnet::resnet18(10, vb),
+            Arch::ResNet34 => resnet::resnet34(10, vb),
+            _ => resnet::resnet50(10, vb),
+        }
+        .unwrap();
+        let theirs = candle_core::Module::forward(&reference, &x).unwrap();
+        let err: f32 = (ours - theirs)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        println!("{}: max abs difference {err:.3e}", arch.name());
+        assert!(err < 1e-4, "{}: {err}", arch.name());
     }
 }

@@ -1,9 +1,16 @@
 //! `deeprepair bench train`: training and evaluation images/second of an architecture on a
-//! device, on synthetic 32×32 images (throughput does not depend on pixel values).
+//! device, on synthetic 32×32 images (throughput does not depend on pixel values): the model
+//! alone on a fixed batch ([`bench_train`]) and the real loop with a method's batch
+//! construction, with and without prefetching ([`bench_train_loop`]). `deeprepair bench
+//! augment`: a batch source's images/second per thread count ([`bench_source`]).
 
 use crate::init::seeded_var_builder;
 use crate::optim::{Sgd, SgdConfig};
+use crate::trainer::{
+    train, BatchSeed, BatchSource, Scorer, TrainConfig, TrainData, TrainObserver,
+};
 use crate::{input::unit_to_tensor, loss};
+use anyhow::Context;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use deeprepair_nn::{build, Arch};
@@ -75,5 +82,157 @@ pub fn bench_train(
         train_images_per_second: train,
         eval_images_per_second: eval,
         steps,
+    })
+}
+
+/// `n` seeded 32×32 RGB images with structure (gradients, blocks, noise), so augmentation ops
+/// do representative work; labels cycle over 10 classes.
+pub fn synthetic_images(n: usize, seed: u64) -> (Vec<u8>, Vec<u8>) {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let mut next = move || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (state >> 33) as u32
+    };
+    let mut images = Vec::with_capacity(n * 32 * 32 * 3);
+    for _ in 0..n {
+        let (a, b) = (next() % 8, next() % 8);
+        for y in 0..32u32 {
+            for x in 0..32u32 {
+                for c in 0..3u32 {
+                    let block = if (x / 8 + y / 8 + a) % 2 == 0 { 60 } else { 0 };
+                    let grad = (x * (c + 1) * 3 + y * (b + 1) * 2) % 150;
+                    images.push((grad + block + next() % 40) as u8);
+                }
+            }
+        }
+    }
+    let labels = (0..n).map(|i| (i % 10) as u8).collect();
+    (images, labels)
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LoopBench {
+    pub prefetch: usize,
+    /// Training images/second of the real loop, batch construction included.
+    pub train_images_per_second: f64,
+    pub steps: usize,
+}
+
+/// Times `steps` steps (after one warm-up step) of the real training loop ([`train`]) with
+/// `source` building every batch, `prefetch` batches ahead, on synthetic 32×32 images.
+pub fn bench_train_loop(
+    arch: Arch,
+    batch: usize,
+    steps: usize,
+    source: &dyn BatchSource,
+    prefetch: usize,
+    device: &Device,
+) -> anyhow::Result<LoopBench> {
+    if batch < 2 || steps == 0 {
+        anyhow::bail!("the training-loop benchmark needs a batch of at least 2 and a step");
+    }
+    let n = batch * (steps + 1);
+    let (images, labels) = synthetic_images(n, 1);
+    let data = TrainData {
+        images: &images,
+        labels: &labels,
+        n,
+        height: 32,
+        width: 32,
+        num_classes: 10,
+    };
+    let varmap = VarMap::new();
+    let model = build(arch, 10, seeded_var_builder(&varmap, 0, DType::F32, device))?;
+    let config = TrainConfig {
+        epochs: 1,
+        batch_size: batch,
+        prefetch,
+        sgd: SgdConfig {
+            lr: 0.01,
+            ..SgdConfig::default()
+        },
+        ..TrainConfig::default()
+    };
+    /// Time of each finished step.
+    struct Clock(Vec<Instant>);
+    impl TrainObserver for Clock {
+        fn step(&mut self, _: usize, _: usize) -> anyhow::Result<()> {
+            self.0.push(Instant::now());
+            Ok(())
+        }
+    }
+    let mut clock = Clock(Vec::with_capacity(steps + 1));
+    train(
+        &*model, &varmap, &data, None, source, &config, device, None, &mut clock,
+    )?;
+    let t = &clock.0;
+    anyhow::ensure!(
+        t.len() == steps + 1,
+        "{} steps ran, expected {}",
+        t.len(),
+        steps + 1
+    );
+    let secs = t[steps].duration_since(t[0]).as_secs_f64().max(1e-9);
+    Ok(LoopBench {
+        prefetch,
+        train_images_per_second: (steps * batch) as f64 / secs,
+        steps,
+    })
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SourceBench {
+    pub threads: usize,
+    pub images: usize,
+    /// Views per image the source makes (3 for JSD methods: clean + 2 augmented).
+    pub views: usize,
+    pub images_per_second: f64,
+    /// Augmented views/second (JSD sources: 2 per image; others: 1).
+    pub augmented_views_per_second: f64,
+}
+
+/// Batch construction throughput of `source` on `threads` rayon threads: every image of `data`
+/// once, in batches of `batch` (after one warm-up batch), the same calls training makes.
+pub fn bench_source(
+    source: &dyn BatchSource,
+    data: &TrainData,
+    batch: usize,
+    threads: usize,
+) -> anyhow::Result<SourceBench> {
+    if threads == 0 || batch == 0 || data.n == 0 {
+        anyhow::bail!("the augmentation benchmark needs threads, a batch size and images");
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .context("building the benchmark's thread pool")?;
+    struct Refuse;
+    impl Scorer for Refuse {
+        fn losses(&self, _: &[u8], _: &[u8], _: usize) -> anyhow::Result<Vec<f32>> {
+            anyhow::bail!("the augmentation benchmark has no model")
+        }
+    }
+    let indices: Vec<usize> = (0..data.n).collect();
+    pool.install(|| -> anyhow::Result<SourceBench> {
+        let first = &indices[..batch.min(data.n)];
+        let warm = source.make_batch(data, first, BatchSeed::new(0), &Refuse)?;
+        let views = warm.views;
+        let t = Instant::now();
+        for (s, chunk) in indices.chunks(batch).enumerate() {
+            source.make_batch(data, chunk, BatchSeed::new(s as u64 + 1), &Refuse)?;
+        }
+        let per_second = data.n as f64 / t.elapsed().as_secs_f64().max(1e-9);
+        let augmented = if views == 3 { 2 } else { views };
+        Ok(SourceBench {
+            threads,
+            images: data.n,
+            views,
+            images_per_second: per_second,
+            augmented_views_per_second: per_second * augmented as f64,
+        })
     })
 }

@@ -43,6 +43,9 @@ impl Sgd {
             .lock()
             .expect("varmap lock")
             .iter()
+            // BatchNorm running statistics are buffers, never trained, even where a model
+            // (candle-transformers' frozen-BN ResNets) lets gradients reach them.
+            .filter(|(k, _)| !deeprepair_nn::weights::is_running_stat(k))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         vars.sort_by(|a, b| a.0.cmp(&b.0));

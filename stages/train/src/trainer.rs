@@ -6,8 +6,19 @@
 //! checkpoint after every epoch from which a killed run resumes with the same result.
 //!
 //! Randomness is derived, never carried: epoch `e`'s order comes from `(seed, e)`, batch `s`'s
-//! augmentation from `(seed, e, s)`, so a resumed run needs no RNG state and per-image work
-//! can run on any number of threads with the same bytes.
+//! augmentation from `(seed, e, s)` and an image's from its position in the global batch, so a
+//! resumed run needs no RNG state and per-image work can run on any number of threads (or
+//! data-parallel ranks) with the same bytes.
+//!
+//! Prefetching: a source that does not consult the model ([`BatchSource::uses_model`]) builds
+//! batches `s+1 … s+depth` on a producer thread while step `s` trains
+//! ([`TrainConfig::prefetch`]); the batches are the same bytes either way.
+//!
+//! Data parallelism ([`train_data_parallel`]): N ranks (threads; each may own a GPU) each take a
+//! contiguous shard of every global batch, average gradients with a
+//! [`Collective`](deeprepair_workers::data_parallel::Collective) before every step, keep their
+//! own BatchNorm statistics (PyTorch DDP's default; rank 0's are the ones saved) and take the
+//! same early-stopping decisions (rank 0 validates and broadcasts them).
 
 use crate::evaluate::predict;
 use crate::input::{random_crop_flip, unit_to_tensor};
@@ -15,14 +26,19 @@ use crate::loss::{cross_entropy, jensen_shannon, soft_cross_entropy};
 use crate::optim::{Sgd, SgdConfig};
 use crate::schedule::cosine_lr;
 use anyhow::{bail, Context};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::VarMap;
 use deeprepair_nn::Classifier;
+use deeprepair_workers::data_parallel::{
+    all_reduce_gradients, broadcast_weights, is_group_aborted, AbortOnDrop, Collective,
+    ThreadCollective, DEFAULT_BUCKET_BYTES,
+};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use std::collections::HashMap;
+use std::sync::mpsc::{sync_channel, Receiver};
 
 /// Images the loop trains on: `n` u8 RGB HWC images.
 #[derive(Clone, Copy)]
@@ -65,15 +81,48 @@ pub trait Scorer {
     fn losses(&self, images: &[u8], labels: &[u8], n: usize) -> anyhow::Result<Vec<f32>>;
 }
 
+/// The randomness of one batch (or of one rank's shard of it): the batch's seed, derived from
+/// `(seed, epoch, step)`, and where the shard's first image sits in the global batch, so an
+/// image gets the same augmentation however the batch is split across ranks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchSeed {
+    pub seed: u64,
+    /// Position of `indices[0]` in the global batch (0 on a single rank).
+    pub offset: usize,
+}
+
+impl BatchSeed {
+    /// A whole batch (no sharding).
+    pub fn new(seed: u64) -> Self {
+        BatchSeed { seed, offset: 0 }
+    }
+    /// The RNG of the image at position `pos` of this shard.
+    pub fn item(&self, pos: usize) -> ChaCha8Rng {
+        item_rng(self.seed, (self.offset + pos) as u64)
+    }
+    /// The RNG of batch-level choices (Mixup's λ and pairing, SENSEI's GA); every shard of a
+    /// batch draws the same stream.
+    pub fn batch_rng(&self) -> ChaCha8Rng {
+        item_rng(self.seed, u64::MAX)
+    }
+}
+
 /// A repair method's data side: turns a batch's indices into views and targets.
 pub trait BatchSource: Send + Sync {
     fn make_batch(
         &self,
         data: &TrainData,
         indices: &[usize],
-        seed: u64,
+        seed: BatchSeed,
         scorer: &dyn Scorer,
     ) -> anyhow::Result<TrainBatch>;
+
+    /// Whether `make_batch` consults the model through its [`Scorer`] (SENSEI's worst-variant
+    /// search): such a batch depends on the current weights, so it is built in the loop, never
+    /// ahead on the prefetch thread (which gets a scorer that refuses).
+    fn uses_model(&self) -> bool {
+        false
+    }
 }
 
 /// A seeded RNG for item `index` of stream `seed` (per-image randomness independent of threads).
@@ -103,7 +152,7 @@ pub fn mix_seed(parts: &[u64]) -> u64 {
 pub fn per_image_batch(
     data: &TrainData,
     indices: &[usize],
-    seed: u64,
+    seed: BatchSeed,
     views: usize,
     view: impl Fn(&[u8], u8, &mut ChaCha8Rng) -> anyhow::Result<Vec<Vec<f32>>> + Sync,
 ) -> anyhow::Result<TrainBatch> {
@@ -111,7 +160,7 @@ pub fn per_image_batch(
         .par_iter()
         .enumerate()
         .map(|(pos, &i)| {
-            let mut rng = item_rng(seed, pos as u64);
+            let mut rng = seed.item(pos);
             let v = view(data.image(i), data.labels[i], &mut rng)?;
             if v.len() != views {
                 bail!(
@@ -141,7 +190,7 @@ pub fn per_image_batch(
 pub fn cropped_views(
     data: &TrainData,
     indices: &[usize],
-    seed: u64,
+    seed: BatchSeed,
     views: usize,
     view: impl Fn(&[u8], u8, &mut ChaCha8Rng) -> anyhow::Result<Vec<Vec<f32>>> + Sync,
 ) -> anyhow::Result<TrainBatch> {
@@ -164,7 +213,7 @@ impl BatchSource for StandardAugment {
         &self,
         data: &TrainData,
         indices: &[usize],
-        seed: u64,
+        seed: BatchSeed,
         _scorer: &dyn Scorer,
     ) -> anyhow::Result<TrainBatch> {
         cropped_views(data, indices, seed, 1, |base, _, _| Ok(vec![to_unit(base)]))
@@ -184,6 +233,17 @@ pub struct TrainConfig {
     pub patience: Option<usize>,
     /// Weight of the JS consistency term for 3-view sources (AugMix: 12).
     pub jsd_lambda: f64,
+    /// Batches built ahead on a producer thread while the current step trains (0: build each
+    /// batch in the loop). Does not change results; ignored for sources that consult the model.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: usize,
+}
+
+/// [`TrainConfig::prefetch`]'s default.
+pub const DEFAULT_PREFETCH: usize = 2;
+
+fn default_prefetch() -> usize {
+    DEFAULT_PREFETCH
 }
 
 impl Default for TrainConfig {
@@ -196,6 +256,7 @@ impl Default for TrainConfig {
             seed: 0,
             patience: None,
             jsd_lambda: 12.0,
+            prefetch: DEFAULT_PREFETCH,
         }
     }
 }
@@ -339,6 +400,23 @@ impl Scorer for ModelScorer<'_> {
     }
 }
 
+/// The scorer batches built ahead get: a source that scores must say so (`uses_model`).
+struct NoScorer;
+
+impl Scorer for NoScorer {
+    fn losses(&self, _: &[u8], _: &[u8], _: usize) -> anyhow::Result<Vec<f32>> {
+        bail!("this batch source consults the model; its BatchSource::uses_model must return true")
+    }
+}
+
+/// One rank's model: its variables and the device it computes on.
+#[derive(Clone, Copy)]
+pub struct Replica<'a> {
+    pub model: &'a dyn Classifier,
+    pub varmap: &'a VarMap,
+    pub device: &'a Device,
+}
+
 /// Trains `model` (whose variables live in `varmap`) on `data` with `source`'s batches.
 /// `resume`: the bytes of the last checkpoint an observer received, to continue a killed run.
 #[allow(clippy::too_many_arguments)]
@@ -353,15 +431,237 @@ pub fn train(
     resume: Option<&[u8]>,
     observer: &mut dyn TrainObserver,
 ) -> anyhow::Result<TrainOutcome> {
+    check_inputs(data, validation, config, 1)?;
+    let replica = Replica {
+        model,
+        varmap,
+        device,
+    };
+    run_rank(
+        replica,
+        data,
+        validation,
+        source,
+        config,
+        resume,
+        Some(observer),
+        None,
+    )
+}
+
+/// [`train`] with `replicas.len()` data-parallel ranks, one thread each, joined by a
+/// [`ThreadCollective`]. Every replica must be the same architecture; rank 0's initial weights
+/// are broadcast to the others (or all come from `resume`). Rank `r` of a global batch of
+/// `config.batch_size` trains on its `r`-th contiguous shard; gradients are averaged before
+/// every step, so every rank holds the same trainable weights throughout. BatchNorm running
+/// statistics stay per rank; rank 0's `varmap` holds the result. Only rank 0 reports to
+/// `observer` (its checkpoints resume a data-parallel run with the same number of ranks).
+/// A rank that fails fails the whole call (the others are released, not left waiting).
+#[allow(clippy::too_many_arguments)]
+pub fn train_data_parallel(
+    replicas: &[Replica],
+    data: &TrainData,
+    validation: Option<&TrainData>,
+    source: &dyn BatchSource,
+    config: &TrainConfig,
+    resume: Option<&[u8]>,
+    observer: &mut dyn TrainObserver,
+) -> anyhow::Result<TrainOutcome> {
+    let collectives: Vec<Box<dyn Collective>> = ThreadCollective::group(replicas.len())
+        .into_iter()
+        .map(|c| Box::new(c) as Box<dyn Collective>)
+        .collect();
+    train_with_collectives(
+        replicas,
+        collectives,
+        data,
+        validation,
+        source,
+        config,
+        resume,
+        observer,
+    )
+}
+
+/// [`train_data_parallel`] over any collective backend: `collectives[r]` is rank `r`'s handle
+/// (e.g. NCCL communicators, one per GPU).
+#[allow(clippy::too_many_arguments)]
+pub fn train_with_collectives(
+    replicas: &[Replica],
+    collectives: Vec<Box<dyn Collective>>,
+    data: &TrainData,
+    validation: Option<&TrainData>,
+    source: &dyn BatchSource,
+    config: &TrainConfig,
+    resume: Option<&[u8]>,
+    observer: &mut dyn TrainObserver,
+) -> anyhow::Result<TrainOutcome> {
+    let world = replicas.len();
+    if world == 0 {
+        bail!("data-parallel training needs at least one rank");
+    }
+    if collectives.len() != world {
+        bail!("{} collective handles for {world} ranks", collectives.len());
+    }
+    for (r, c) in collectives.iter().enumerate() {
+        if c.rank() != r || c.world_size() != world {
+            bail!(
+                "collective handle {r} is rank {} of {}, expected rank {r} of {world}",
+                c.rank(),
+                c.world_size()
+            );
+        }
+    }
+    check_inputs(data, validation, config, world)?;
+    let mut collectives = collectives.into_iter();
+    let mut first = collectives.next().expect("world ≥ 1");
+    std::thread::scope(|scope| {
+        let others: Vec<_> = collectives
+            .zip(&replicas[1..])
+            .map(|(mut c, &replica)| {
+                scope.spawn(move || {
+                    let mut guard = AbortOnDrop::new(&mut *c);
+                    let result = run_rank(
+                        replica,
+                        data,
+                        validation,
+                        source,
+                        config,
+                        resume,
+                        None,
+                        Some(guard.get()),
+                    );
+                    if result.is_ok() {
+                        guard.disarm();
+                    }
+                    result
+                })
+            })
+            .collect();
+        let mut guard = AbortOnDrop::new(&mut *first);
+        let mine = run_rank(
+            replicas[0],
+            data,
+            validation,
+            source,
+            config,
+            resume,
+            Some(observer),
+            Some(guard.get()),
+        );
+        if mine.is_ok() {
+            guard.disarm();
+        } else {
+            drop(guard); // releases ranks waiting for rank 0
+        }
+        let mut errors: Vec<anyhow::Error> = Vec::new();
+        let mut outcome = None;
+        match mine {
+            Ok(o) => outcome = Some(o),
+            Err(e) => errors.push(e.context("data-parallel rank 0")),
+        }
+        for (i, h) in others.into_iter().enumerate() {
+            match h.join() {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => errors.push(e.context(format!("data-parallel rank {}", i + 1))),
+                Err(_) => errors.push(anyhow::anyhow!("data-parallel rank {} panicked", i + 1)),
+            }
+        }
+        if errors.is_empty() {
+            return Ok(outcome.expect("rank 0 succeeded"));
+        }
+        // Report why the group failed, not the ranks that were merely released.
+        let cause = errors
+            .iter()
+            .position(|e| !is_group_aborted(e))
+            .unwrap_or(0);
+        Err(errors.swap_remove(cause))
+    })
+}
+
+fn check_inputs(
+    data: &TrainData,
+    validation: Option<&TrainData>,
+    config: &TrainConfig,
+    world: usize,
+) -> anyhow::Result<()> {
     if data.n == 0 {
         bail!("no training images");
+    }
+    let per = data.height * data.width * 3;
+    if data.images.len() < data.n * per || data.labels.len() < data.n {
+        bail!(
+            "training data holds {} bytes and {} labels, too few for {} images of {}×{}",
+            data.images.len(),
+            data.labels.len(),
+            data.n,
+            data.width,
+            data.height
+        );
     }
     if config.batch_size < 2 {
         bail!("batch size must be at least 2 (BatchNorm needs batch statistics)");
     }
+    if config.batch_size < 2 * world {
+        bail!(
+            "batch size {} is too small for {world} ranks: each rank needs at least 2 images \
+             (BatchNorm needs batch statistics)",
+            config.batch_size
+        );
+    }
     if config.patience.is_some() && validation.is_none() {
         bail!("early stopping (patience) needs validation data");
     }
+    Ok(())
+}
+
+/// Epoch `epoch`'s batches: `(step, global batch indices)`, skipping a last batch too small to
+/// give every rank two images (a batch of one has no batch statistics).
+fn epoch_batches(
+    n: usize,
+    config: &TrainConfig,
+    epoch: usize,
+    world: usize,
+) -> Vec<(usize, Vec<usize>)> {
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(mix_seed(&[
+        config.seed,
+        epoch as u64,
+    ])));
+    order
+        .chunks(config.batch_size)
+        .enumerate()
+        .filter(|(_, chunk)| chunk.len() >= 2 * world)
+        .map(|(s, chunk)| (s, chunk.to_vec()))
+        .collect()
+}
+
+/// Rank `rank`'s contiguous shard of a global batch of `len`: `start..end`.
+fn shard_range(len: usize, rank: usize, world: usize) -> std::ops::Range<usize> {
+    (rank * len / world)..((rank + 1) * len / world)
+}
+
+/// The training loop of one rank (`collective`: `None` on a single rank). Only the rank that
+/// gets an `observer` reports and checkpoints.
+#[allow(clippy::too_many_arguments)]
+fn run_rank(
+    replica: Replica,
+    data: &TrainData,
+    validation: Option<&TrainData>,
+    source: &dyn BatchSource,
+    config: &TrainConfig,
+    resume: Option<&[u8]>,
+    mut observer: Option<&mut dyn TrainObserver>,
+    mut collective: Option<&mut dyn Collective>,
+) -> anyhow::Result<TrainOutcome> {
+    let Replica {
+        model,
+        varmap,
+        device,
+    } = replica;
+    let (rank, world) = collective
+        .as_ref()
+        .map_or((0, 1), |c| (c.rank(), c.world_size()));
     let mut opt = Sgd::new(varmap, config.sgd);
     let mut progress = Progress::default();
     let mut best: Option<HashMap<String, Tensor>> = None;
@@ -373,6 +673,10 @@ pub fn train(
         best = best_weights;
         progress = p;
     }
+    let all_vars = sorted_vars(varmap);
+    if let Some(c) = collective.as_deref_mut() {
+        broadcast_weights(c, &all_vars).context("broadcasting rank 0's weights")?;
+    }
     let (h, w) = (data.height, data.width);
     let steps_per_epoch = data.n.div_ceil(config.batch_size);
     let total_steps = steps_per_epoch * config.epochs;
@@ -382,68 +686,133 @@ pub fn train(
         width: w,
         device,
     };
-    while progress.next_epoch < config.epochs && !progress.stopped_early {
-        let epoch = progress.next_epoch;
-        let started = std::time::Instant::now();
-        let mut order: Vec<usize> = (0..data.n).collect();
-        order.shuffle(&mut ChaCha8Rng::seed_from_u64(mix_seed(&[
-            config.seed,
-            epoch as u64,
-        ])));
-        let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
-        let mut lr = config.sgd.lr;
-        for (s, chunk) in order.chunks(config.batch_size).enumerate() {
-            if chunk.len() < 2 {
-                continue; // a batch of one has no batch statistics
-            }
-            let step = epoch * steps_per_epoch + s;
-            lr = cosine_lr(step, total_steps, config.sgd.lr, config.min_lr);
-            opt.set_lr(lr);
-            let batch = source.make_batch(
-                data,
-                chunk,
-                mix_seed(&[config.seed, epoch as u64, s as u64]),
-                &scorer,
-            )?;
-            let b = batch.batch;
-            let x = unit_to_tensor(&batch.pixels, batch.views * b, h, w, device)?;
-            let logits = model.forward_t(&x, true)?;
-            let first = logits.narrow(0, 0, b)?;
-            let (mut loss, labels_for_acc) = match &batch.targets {
-                Targets::Hard(labels) => {
-                    let y = Tensor::from_slice(labels, b, device)?;
-                    (cross_entropy(&first, &y)?, labels.clone())
+    let prefetch = config.prefetch > 0 && !source.uses_model();
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        // Batches built ahead: one message per step of every remaining epoch, in loop order;
+        // `depth - 1` queued plus the one being built or waiting to be queued.
+        let first_epoch = progress.next_epoch;
+        let batches: Option<Receiver<anyhow::Result<TrainBatch>>> = prefetch.then(|| {
+            let (tx, rx) = sync_channel(config.prefetch - 1);
+            scope.spawn(move || {
+                for epoch in first_epoch..config.epochs {
+                    for (s, chunk) in epoch_batches(data.n, config, epoch, world) {
+                        let range = shard_range(chunk.len(), rank, world);
+                        let seed = BatchSeed {
+                            seed: mix_seed(&[config.seed, epoch as u64, s as u64]),
+                            offset: range.start,
+                        };
+                        let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            source.make_batch(data, &chunk[range.clone()], seed, &NoScorer)
+                        }))
+                        .unwrap_or_else(|_| Err(anyhow::anyhow!("the batch source panicked")));
+                        let failed = built.is_err();
+                        if tx.send(built).is_err() || failed {
+                            return; // the loop stopped early, or this batch failed
+                        }
+                    }
                 }
-                Targets::Soft(t) => {
-                    let y = Tensor::from_slice(t, (b, data.num_classes), device)?;
-                    let argmax: Vec<u32> = y.argmax(D::Minus1)?.to_vec1()?;
-                    (soft_cross_entropy(&first, &y)?, argmax)
+            });
+            rx
+        });
+        while progress.next_epoch < config.epochs && !progress.stopped_early {
+            let epoch = progress.next_epoch;
+            let started = std::time::Instant::now();
+            let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
+            let mut lr = config.sgd.lr;
+            for (s, chunk) in epoch_batches(data.n, config, epoch, world) {
+                let step = epoch * steps_per_epoch + s;
+                lr = cosine_lr(step, total_steps, config.sgd.lr, config.min_lr);
+                opt.set_lr(lr);
+                let range = shard_range(chunk.len(), rank, world);
+                let shard = &chunk[range.clone()];
+                let batch = match &batches {
+                    Some(rx) => rx.recv().context("the batch producer thread stopped")??,
+                    None => source.make_batch(
+                        data,
+                        shard,
+                        BatchSeed {
+                            seed: mix_seed(&[config.seed, epoch as u64, s as u64]),
+                            offset: range.start,
+                        },
+                        &scorer,
+                    )?,
+                };
+                let b = batch.batch;
+                if b != shard.len() {
+                    bail!(
+                        "the batch source returned {b} images for a batch of {}",
+                        shard.len()
+                    );
                 }
-            };
-            if batch.views == 3 {
-                let a1 = logits.narrow(0, b, b)?;
-                let a2 = logits.narrow(0, 2 * b, b)?;
-                loss = (loss + jensen_shannon(&first, &a1, &a2, config.jsd_lambda)?)?;
-            } else if batch.views != 1 {
-                bail!("batch sources give 1 or 3 views, not {}", batch.views);
+                let x = unit_to_tensor(&batch.pixels, batch.views * b, h, w, device)?;
+                let logits = model.forward_t(&x, true)?;
+                let first = logits.narrow(0, 0, b)?;
+                let (mut loss, labels_for_acc) = match &batch.targets {
+                    Targets::Hard(labels) => {
+                        let y = Tensor::from_slice(labels, b, device)?;
+                        (cross_entropy(&first, &y)?, labels.clone())
+                    }
+                    Targets::Soft(t) => {
+                        let y = Tensor::from_slice(t, (b, data.num_classes), device)?;
+                        let argmax: Vec<u32> = y.argmax(D::Minus1)?.to_vec1()?;
+                        (soft_cross_entropy(&first, &y)?, argmax)
+                    }
+                };
+                if batch.views == 3 {
+                    let a1 = logits.narrow(0, b, b)?;
+                    let a2 = logits.narrow(0, 2 * b, b)?;
+                    loss = (loss + jensen_shannon(&first, &a1, &a2, config.jsd_lambda)?)?;
+                } else if batch.views != 1 {
+                    bail!("batch sources give 1 or 3 views, not {}", batch.views);
+                }
+                let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                if !loss_value.is_finite() {
+                    bail!("training diverged at epoch {epoch}, step {s}: loss {loss_value} (lower the learning rate)");
+                }
+                let grads = match collective.as_deref_mut() {
+                    None => loss.backward()?,
+                    Some(c) => {
+                        // The mean over ranks of shard means is the global batch mean when
+                        // the shards are equal; weight unequal shards by their size.
+                        let weight = (b * world) as f64 / chunk.len() as f64;
+                        let mut grads = if weight == 1.0 {
+                            loss.backward()?
+                        } else {
+                            (loss * weight)?.backward()?
+                        };
+                        let trained: Vec<Var> = all_vars
+                            .iter()
+                            .filter(|v| grads.get(v.as_tensor()).is_some())
+                            .cloned()
+                            .collect();
+                        all_reduce_gradients(c, &trained, &mut grads, DEFAULT_BUCKET_BYTES)?;
+                        grads
+                    }
+                };
+                opt.step(&grads)?;
+                let preds: Vec<u32> = first.argmax(D::Minus1)?.to_vec1()?;
+                correct += preds
+                    .iter()
+                    .zip(&labels_for_acc)
+                    .filter(|(p, y)| p == y)
+                    .count();
+                loss_sum += loss_value * b as f64;
+                seen += b;
+                if let Some(o) = observer.as_deref_mut() {
+                    o.step(step + 1, total_steps)?;
+                }
             }
-            let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            if !loss_value.is_finite() {
-                bail!("training diverged at epoch {epoch}, step {s}: loss {loss_value} (lower the learning rate)");
+            if let Some(c) = collective.as_deref_mut() {
+                // Epoch statistics over the whole global batch.
+                let mut sums = [loss_sum as f32, correct as f32, seen as f32];
+                c.all_reduce_mean(&mut sums)?;
+                let world = world as f64;
+                loss_sum = sums[0] as f64 * world;
+                correct = (sums[1] as f64 * world).round() as usize;
+                seen = (sums[2] as f64 * world).round() as usize;
             }
-            opt.step(&loss.backward()?)?;
-            let preds: Vec<u32> = first.argmax(D::Minus1)?.to_vec1()?;
-            correct += preds
-                .iter()
-                .zip(&labels_for_acc)
-                .filter(|(p, y)| p == y)
-                .count();
-            loss_sum += loss_value * b as f64;
-            seen += b;
-            observer.step(step + 1, total_steps)?;
-        }
-        let (val_loss, val_accuracy) = match validation {
-            Some(v) => {
+            let (mut val_loss, mut val_accuracy) = (None, None);
+            if let (Some(v), 0) = (validation, rank) {
                 let scored = predict(
                     model,
                     v.images,
@@ -459,37 +828,58 @@ pub fn train(
                     .filter(|(s, &y)| s.0 == y)
                     .count() as f64
                     / v.n.max(1) as f64;
-                (Some(loss), Some(acc))
+                (val_loss, val_accuracy) = (Some(loss), Some(acc));
             }
-            None => (None, None),
-        };
-        let stats = EpochStats {
-            epoch,
-            train_loss: loss_sum / seen.max(1) as f64,
-            train_accuracy: correct as f64 / seen.max(1) as f64,
-            val_loss,
-            val_accuracy,
-            lr,
-            images_per_second: seen as f64 / started.elapsed().as_secs_f64().max(1e-9),
-        };
-        if let (Some(patience), Some(vl)) = (config.patience, val_loss) {
-            if progress.best_val_loss.is_none_or(|b| vl < b) {
-                progress.best_val_loss = Some(vl);
-                progress.best_epoch = Some(epoch);
-                progress.epochs_since_best = 0;
-                best = Some(snapshot(varmap));
-            } else {
-                progress.epochs_since_best += 1;
-                if progress.epochs_since_best >= patience {
-                    progress.stopped_early = true;
+            // Early stopping, decided by rank 0.
+            let (mut improved, mut stop) = (false, false);
+            if let (Some(patience), Some(vl)) = (config.patience, val_loss) {
+                improved = progress.best_val_loss.is_none_or(|b| vl < b);
+                stop = !improved && progress.epochs_since_best + 1 >= patience;
+            }
+            if let (Some(c), Some(_)) = (collective.as_deref_mut(), validation) {
+                let mut decision = [
+                    val_loss.unwrap_or(0.0) as f32,
+                    val_accuracy.unwrap_or(0.0) as f32,
+                    f32::from(u8::from(improved)),
+                    f32::from(u8::from(stop)),
+                ];
+                c.broadcast(&mut decision, 0)?;
+                if rank != 0 {
+                    val_loss = Some(decision[0] as f64);
+                    val_accuracy = Some(decision[1] as f64);
+                    improved = decision[2] != 0.0;
+                    stop = decision[3] != 0.0;
                 }
             }
+            let stats = EpochStats {
+                epoch,
+                train_loss: loss_sum / seen.max(1) as f64,
+                train_accuracy: correct as f64 / seen.max(1) as f64,
+                val_loss,
+                val_accuracy,
+                lr,
+                images_per_second: seen as f64 / started.elapsed().as_secs_f64().max(1e-9),
+            };
+            if config.patience.is_some() && val_loss.is_some() {
+                if improved {
+                    progress.best_val_loss = val_loss;
+                    progress.best_epoch = Some(epoch);
+                    progress.epochs_since_best = 0;
+                    best = Some(snapshot(varmap));
+                } else {
+                    progress.epochs_since_best += 1;
+                    progress.stopped_early = stop;
+                }
+            }
+            progress.history.push(stats.clone());
+            progress.next_epoch = epoch + 1;
+            if let Some(o) = observer.as_deref_mut() {
+                let checkpoint = encode_checkpoint(varmap, &opt, best.as_ref(), &progress)?;
+                o.epoch(&stats, &checkpoint)?;
+            }
         }
-        progress.history.push(stats.clone());
-        progress.next_epoch = epoch + 1;
-        let checkpoint = encode_checkpoint(varmap, &opt, best.as_ref(), &progress)?;
-        observer.epoch(&stats, &checkpoint)?;
-    }
+        Ok(())
+    })?;
     if let Some(best) = &best {
         restore(varmap, best)?;
     }
@@ -498,4 +888,17 @@ pub fn train(
         stopped_early: progress.stopped_early,
         best_epoch: best.as_ref().and(progress.best_epoch),
     })
+}
+
+/// The variables of `varmap`, sorted by name (every rank lists them in the same order).
+fn sorted_vars(varmap: &VarMap) -> Vec<Var> {
+    let mut vars: Vec<(String, Var)> = varmap
+        .data()
+        .lock()
+        .expect("varmap lock")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars.into_iter().map(|(_, v)| v).collect()
 }

@@ -1,40 +1,13 @@
 //! The training loop learns, and a run killed after any epoch resumes to the same weights as an
 //! uninterrupted one (tiny-cnn on synthetic, learnable images).
 
+mod common;
 use candle_core::{DType, Device};
 use candle_nn::VarMap;
+use common::{synthetic, weights};
 use deeprepair_nn::{build, Arch};
 use deeprepair_train::trainer::{StandardAugment, TrainObserver};
 use deeprepair_train::{evaluate, seeded_var_builder, train, EpochStats, TrainConfig, TrainData};
-
-/// Class c of 4: a bright band in the top (c < 2) or bottom half, red (c even) or green —
-/// features that survive random crops and horizontal flips.
-fn synthetic(n: usize, seed: u64) -> (Vec<u8>, Vec<u8>) {
-    let mut state = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-    let mut next = || {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (state >> 33) as u32
-    };
-    let (mut images, mut labels) = (Vec::new(), Vec::new());
-    for i in 0..n {
-        let c = (i % 4) as u8;
-        let rows = if c < 2 { 0..8 } else { 8..16 };
-        let bright_channel = (c % 2) as usize;
-        for y in 0..16 {
-            for _x in 0..16 {
-                for ch in 0..3 {
-                    let noise = (next() % 60) as u8;
-                    let lit = rows.contains(&y) && ch == bright_channel;
-                    images.push(if lit { 180 + noise } else { 20 + noise });
-                }
-            }
-        }
-        labels.push(c);
-    }
-    (images, labels)
-}
 
 fn config(epochs: usize) -> TrainConfig {
     TrainConfig {
@@ -61,18 +34,6 @@ impl TrainObserver for Recorder {
         }
         Ok(())
     }
-}
-
-fn weights(varmap: &VarMap) -> Vec<(String, Vec<f32>)> {
-    let mut w: Vec<(String, Vec<f32>)> = varmap
-        .data()
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|(k, v)| (k.clone(), v.flatten_all().unwrap().to_vec1().unwrap()))
-        .collect();
-    w.sort_by(|a, b| a.0.cmp(&b.0));
-    w
 }
 
 fn fresh(seed: u64) -> (VarMap, Box<dyn deeprepair_nn::Classifier>) {

@@ -1,0 +1,45 @@
+//! The seam between the executor and stages that run in other processes (worker processes per
+//! GPU, Slurm jobs). The executor decides *when* a stage runs and with which resources, and
+//! commits its outputs; a [`Dispatcher`] decides *where* it runs and brings the outputs back.
+
+use crate::artifact::Artifact;
+use crate::kind::{ProgressSink, Resources, StageError, Task};
+use std::sync::atomic::AtomicBool;
+
+/// What the executor gave a stage from its slots.
+#[derive(Clone, Debug)]
+pub struct Assignment {
+    /// CPU threads.
+    pub cpus: usize,
+    pub mem_mb: u64,
+    /// GPU ordinals (as the coordinator's machine numbers them).
+    pub gpus: Vec<u32>,
+    /// What the stage declared.
+    pub resources: Resources,
+}
+
+/// A stage that ran elsewhere: its outputs in declaration order and where it ran.
+#[derive(Debug)]
+pub struct RemoteOutcome {
+    pub artifacts: Vec<Artifact>,
+    pub log_tail: Vec<String>,
+    /// e.g. `worker-1(gpu0)@host` or `slurm:1234`.
+    pub worker: String,
+}
+
+/// Runs tasks outside the executor's process.
+pub trait Dispatcher: Send + Sync {
+    /// Whether this dispatcher takes a stage with this assignment; the executor runs the
+    /// others in-process.
+    fn accepts(&self, assignment: &Assignment) -> bool;
+    /// Runs `task` somewhere and blocks until it ends. A lost worker is
+    /// [`StageError::Transient`], so the executor retries it (from its last checkpoint).
+    /// Output digests are verified before returning.
+    fn execute(
+        &self,
+        task: &Task,
+        assignment: &Assignment,
+        progress: &dyn ProgressSink,
+        cancel: &AtomicBool,
+    ) -> Result<RemoteOutcome, StageError>;
+}

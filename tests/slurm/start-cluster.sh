@@ -1,0 +1,259 @@
+#!/usr/bin/env bash
+# Start a private, single-node, real Slurm cluster (munged + slurmctld + slurmd)
+# whose every file lives under DIR.
+#
+#   tests/slurm/start-cluster.sh DIR
+#   . DIR/env.sh            # export SLURM_CONF=DIR/slurm.conf
+#   sbatch --wrap 'hostname'
+#   tests/slurm/stop-cluster.sh DIR
+#
+# Must run as root (slurmd has to be able to start jobs; SlurmUser=root).
+# Optional environment:
+#   SLURM_TEST_CTLD_PORT / SLURM_TEST_SLURMD_PORT  fixed ports (default: random free ones)
+#   SLURM_TEST_GPUS=N          number of fake GPUs declared as GRES (default 2, 0 = none)
+#                              (gres.conf File=DIR/dev/nvidiaN dummy char devices; jobs
+#                              get CUDA_VISIBLE_DEVICES / SLURM_JOB_GPUS)
+#   SLURM_TEST_MIN_JOB_AGE     seconds finished jobs stay visible in scontrol/squeue (300)
+#   SLURM_TEST_PROCTRACK       proctrack plugin (default proctrack/pgid; proctrack/linuxproc
+#                              also works without cgroups but leaks orphans, see README)
+#   SLURM_TEST_TIMEOUT         seconds to wait for the node to become idle (60)
+# The last line on stdout is the client environment:  export SLURM_CONF=DIR/slurm.conf
+set -euo pipefail
+
+if [ $# -ne 1 ]; then
+    echo "usage: $0 DIR" >&2
+    exit 2
+fi
+if [ "$(id -u)" -ne 0 ]; then
+    echo "start-cluster.sh: must run as root" >&2
+    exit 2
+fi
+for b in munged slurmctld slurmd sinfo scontrol; do
+    command -v "$b" >/dev/null 2>&1 || { echo "start-cluster.sh: $b not found; run tests/slurm/install.sh" >&2; exit 2; }
+done
+
+mkdir -p "$1"
+DIR="$(cd "$1" && pwd -P)"
+if [ -e "$DIR/slurm.conf" ]; then
+    echo "start-cluster.sh: $DIR already holds a cluster; use a fresh DIR (or stop-cluster.sh + rm -rf)" >&2
+    exit 2
+fi
+
+TIMEOUT="${SLURM_TEST_TIMEOUT:-60}"
+MIN_JOB_AGE="${SLURM_TEST_MIN_JOB_AGE:-300}"
+NGPU="${SLURM_TEST_GPUS:-2}"
+PROCTRACK="${SLURM_TEST_PROCTRACK:-proctrack/pgid}"
+
+# munged insists that its directories are not group/world writable.
+chmod 0755 "$DIR"
+mkdir -p "$DIR/munge" "$DIR/state" "$DIR/spool" "$DIR/log" "$DIR/run" "$DIR/dev"
+# munge dir 0755 so that non-root clients could reach the socket (the key is 0400).
+chmod 0755 "$DIR/munge"
+chmod 0700 "$DIR/state" "$DIR/spool"
+
+dump_logs() {
+    for f in "$DIR"/log/munged.log "$DIR"/log/slurmctld.log "$DIR"/log/slurmd.log; do
+        [ -f "$f" ] || continue
+        echo "==== tail $f" >&2
+        tail -n 40 "$f" >&2
+    done
+}
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+fail() {
+    echo "start-cluster.sh: $*" >&2
+    dump_logs
+    # do not leave half a cluster running
+    "$HERE/stop-cluster.sh" "$DIR" >/dev/null 2>&1 || true
+    exit 1
+}
+
+# ---------------------------------------------------------------- ports
+port_in_use() {
+    ss -Hltn "sport = :$1" 2>/dev/null | grep -q . && return 0
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    return 1
+}
+pick_port() {
+    local p i
+    for i in $(seq 1 200); do
+        # 20000-32499: below the usual ephemeral range (32768-60999), so an
+        # outgoing connection cannot grab the port between pick and bind
+        p=$(( 20000 + (RANDOM * 32768 + RANDOM) % 12500 ))
+        # avoid the neighbour too (slurmctld may use port+1.. with ranges)
+        if ! port_in_use "$p" && ! port_in_use "$((p + 1))"; then
+            echo "$p"
+            return 0
+        fi
+    done
+    return 1
+}
+CTLD_PORT="${SLURM_TEST_CTLD_PORT:-$(pick_port)}"
+SLURMD_PORT="${SLURM_TEST_SLURMD_PORT:-$(pick_port)}"
+while [ "$SLURMD_PORT" = "$CTLD_PORT" ]; do SLURMD_PORT="$(pick_port)"; done
+
+# ---------------------------------------------------------------- munge
+MUNGE_SOCKET="$DIR/munge/munge.socket"
+if command -v mungekey >/dev/null 2>&1; then
+    mungekey --create --keyfile="$DIR/munge/munge.key" >/dev/null
+else
+    dd if=/dev/urandom of="$DIR/munge/munge.key" bs=1024 count=1 status=none
+fi
+chmod 0400 "$DIR/munge/munge.key"
+
+# munged forks into the background itself and writes its pid file.
+munged \
+    --socket="$MUNGE_SOCKET" \
+    --key-file="$DIR/munge/munge.key" \
+    --pid-file="$DIR/run/munged.pid" \
+    --log-file="$DIR/log/munged.log" \
+    --seed-file="$DIR/munge/munged.seed" \
+    --force \
+    >"$DIR/log/munged.out" 2>&1 || { cat "$DIR/log/munged.out" >&2; fail "munged failed to start"; }
+
+for _ in $(seq 1 50); do
+    [ -S "$MUNGE_SOCKET" ] && break
+    sleep 0.1
+done
+[ -S "$MUNGE_SOCKET" ] || fail "munge socket $MUNGE_SOCKET did not appear"
+if command -v munge >/dev/null 2>&1; then
+    munge --socket="$MUNGE_SOCKET" -n | unmunge --socket="$MUNGE_SOCKET" >/dev/null \
+        || fail "munge self-test failed"
+fi
+
+# ---------------------------------------------------------------- slurm.conf
+HOST="$(hostname -s)"
+# slurmd -C prints the hardware as slurmd sees it, e.g.
+# NodeName=vm CPUs=2 Boards=1 SocketsPerBoard=1 CoresPerSocket=2 ThreadsPerCore=1 RealMemory=24105
+HW="$(slurmd -C | head -n 1)"
+hw() { echo "$HW" | tr ' ' '\n' | sed -n "s/^$1=//p"; }
+CPUS="$(hw CPUs)"
+SOCKETS="$(hw SocketsPerBoard)"
+CORES="$(hw CoresPerSocket)"
+THREADS="$(hw ThreadsPerCore)"
+REALMEM="$(hw RealMemory)"
+[ -n "$CPUS" ] && [ -n "$REALMEM" ] || fail "could not parse 'slurmd -C': $HW"
+# Default memory per CPU so that jobs without --mem do not grab the whole node
+# (with CR_Core_Memory a job without --mem/DefMemPerCPU gets all of RealMemory).
+DEFMEM=$(( REALMEM / CPUS ))
+[ "$DEFMEM" -gt 1024 ] && DEFMEM=1024
+
+NODE_GRES=""
+GRES_TYPES=""
+if [ "$NGPU" -gt 0 ]; then
+    GRES_TYPES="GresTypes=gpu"
+    NODE_GRES="Gres=gpu:$NGPU"
+    {
+        echo "AutoDetect=off"
+        # Slurm 22.05 drops GPUs without File= ("Removing file-less GPU ... from
+        # final GRES list") and the node then goes INVAL with "gres/gpu count
+        # reported lower than configured (0 < 2)", so Count=N alone does not work.
+        # Dummy device files instead: slurmd insists on a character or block
+        # device ("... is not a valid character or block device, fix your
+        # gres.conf") and derives the CUDA_VISIBLE_DEVICES index from the
+        # trailing number. Nothing ever opens them. Prefer real char nodes
+        # (major 195 = nvidia; works as root, also in containers); fall back to
+        # symlinks to /dev/null if mknod is not permitted.
+        for i in $(seq 0 $((NGPU - 1))); do
+            mknod "$DIR/dev/nvidia$i" c 195 "$i" 2>/dev/null \
+                || ln -sf /dev/null "$DIR/dev/nvidia$i"
+            echo "NodeName=$HOST Name=gpu File=$DIR/dev/nvidia$i"
+        done
+    } >"$DIR/gres.conf"
+fi
+
+cat >"$DIR/slurm.conf" <<CONF
+# generated by tests/slurm/start-cluster.sh
+ClusterName=test$(echo "$CTLD_PORT")
+SlurmctldHost=$HOST(127.0.0.1)
+SlurmctldPort=$CTLD_PORT
+SlurmdPort=$SLURMD_PORT
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket=$MUNGE_SOCKET
+MpiDefault=none
+ProctrackType=$PROCTRACK
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+# finished jobs (with state and exit code) are appended here; there is no sacct
+JobCompType=jobcomp/filetxt
+JobCompLoc=$DIR/log/jobcomp.txt
+SchedulerType=sched/backfill
+# batch_sched_delay: the default 3 makes consecutive submissions wait ~3 s for
+# the scheduler; 0 gives ~1 s submit-to-start.
+SchedulerParameters=batch_sched_delay=0
+# A job whose dependency can never be satisfied (afterok on a FAILED job) is
+# CANCELLED (Reason=DependencyNeverSatisfied) instead of staying PENDING
+# forever. (Since 20.02 this lives in DependencyParameters; in
+# SchedulerParameters it is silently ignored.)
+DependencyParameters=kill_invalid_depend
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+DefMemPerCPU=$DEFMEM
+ReturnToService=2
+MinJobAge=$MIN_JOB_AGE
+KillWait=5
+InactiveLimit=0
+SlurmdTimeout=300
+MailProg=/bin/true
+StateSaveLocation=$DIR/state
+SlurmdSpoolDir=$DIR/spool
+SlurmctldPidFile=$DIR/run/slurmctld.pid
+SlurmdPidFile=$DIR/run/slurmd.pid
+SlurmctldLogFile=$DIR/log/slurmctld.log
+SlurmdLogFile=$DIR/log/slurmd.log
+SlurmctldDebug=info
+SlurmdDebug=info
+$GRES_TYPES
+NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS Boards=1 SocketsPerBoard=$SOCKETS CoresPerSocket=$CORES ThreadsPerCore=$THREADS RealMemory=$REALMEM $NODE_GRES State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+CONF
+
+export SLURM_CONF="$DIR/slurm.conf"
+cat >"$DIR/env.sh" <<ENV
+export SLURM_CONF=$DIR/slurm.conf
+ENV
+
+# ---------------------------------------------------------------- daemons
+# Both daemonize themselves and write the pid files named in slurm.conf.
+# -i: ignore any state (there is none in a fresh DIR anyway).
+slurmctld -f "$DIR/slurm.conf" -i >"$DIR/log/slurmctld.out" 2>&1 \
+    || { cat "$DIR/log/slurmctld.out" >&2; fail "slurmctld failed to start"; }
+slurmd -f "$DIR/slurm.conf" -N "$HOST" >"$DIR/log/slurmd.out" 2>&1 \
+    || { cat "$DIR/log/slurmd.out" >&2; fail "slurmd failed to start"; }
+
+state=""
+deadline=$(( $(date +%s) + TIMEOUT ))
+while [ "$(date +%s)" -lt "$deadline" ]; do
+    state="$(sinfo -h -N -n "$HOST" -o '%T' 2>/dev/null | head -n 1 || true)"
+    [ "$state" = idle ] && break
+    for d in slurmctld slurmd munged; do
+        pid="$(cat "$DIR/run/$d.pid" 2>/dev/null || true)"
+        if [ -z "$pid" ] || ! kill -0 "$pid" 2>/dev/null; then
+            # pid files are written right after daemonizing; allow a moment
+            sleep 1
+            pid="$(cat "$DIR/run/$d.pid" 2>/dev/null || true)"
+            if [ -z "$pid" ] || ! kill -0 "$pid" 2>/dev/null; then
+                fail "$d is not running (port clash? see its log below)"
+            fi
+        fi
+    done
+    sleep 0.5
+done
+if [ "$state" != "idle" ]; then
+    scontrol show node "$HOST" >&2 2>/dev/null || true
+    fail "node $HOST did not become idle within ${TIMEOUT}s (last state: '${state}')"
+fi
+
+# slurmctld's scheduler makes its first pass ~3 s after start-up (logging
+# "SchedulerParameters=..." then); a job submitted before waits for it. Wait
+# for it (best effort) so that the first job starts as fast as later ones.
+for _ in $(seq 1 100); do
+    grep -q 'SchedulerParameters=' "$DIR/log/slurmctld.log" 2>/dev/null && break
+    sleep 0.1
+done
+
+echo "slurm cluster up in $DIR (slurmctld :$CTLD_PORT, slurmd :$SLURMD_PORT, node $HOST, ${CPUS} CPUs, ${REALMEM} MB, gpus=$NGPU)" >&2
+echo "export SLURM_CONF=$DIR/slurm.conf"

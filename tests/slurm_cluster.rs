@@ -1,0 +1,193 @@
+//! `run --slurm` against a real single-node Slurm cluster (munged, slurmctld, slurmd started
+//! by tests/slurm/start-cluster.sh): every stage becomes an `sbatch` job whose worker talks to
+//! this run's coordinator over HTTP; a job cancelled mid-stage is resubmitted and resumes from
+//! its checkpoint; GPU stages ask Slurm for `--gres=gpu:N`.
+//!
+//! Needs root and the Slurm packages (`tests/slurm/install.sh`; `.ci/run` installs them and
+//! sets DEEPREPAIR_REQUIRE_SLURM=1, so CI fails rather than skips when Slurm is missing).
+
+mod common;
+use common::*;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const PIPELINE: &str = r#"
+grid:
+  seed: [1, 2, 3]
+stages:
+  source:
+    kind: util.text
+    params: {text: "slurm test"}
+  train:
+    kind: util.work
+    over: [seed]
+    inputs: {after: source}
+    params: {steps: 60, step_ms: 100, checkpoint_every: 5, size: 300000}
+    resources: {cpus: 1, mem_mb: 256}
+  gpu-stage:
+    kind: util.work
+    inputs: {after: source}
+    params: {steps: 2, label: gpu}
+    resources: {cpus: 1, gpus: 1, mem_mb: 256}
+  report:
+    kind: util.concat
+    inputs: {parts: [{from: train, all: true}, gpu-stage]}
+"#;
+
+struct Cluster {
+    dir: PathBuf,
+}
+
+impl Cluster {
+    /// `None` (the test is skipped) when Slurm is not installed and not required.
+    fn start() -> Option<Cluster> {
+        let have = Command::new("sh")
+            .args(["-c", "command -v sbatch && command -v slurmctld"])
+            .stdout(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !have {
+            assert!(
+                std::env::var("DEEPREPAIR_REQUIRE_SLURM").is_err(),
+                "DEEPREPAIR_REQUIRE_SLURM is set but Slurm is not installed (tests/slurm/install.sh)"
+            );
+            eprintln!("SKIPPED: Slurm is not installed (run tests/slurm/install.sh as root)");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap().keep();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/slurm/start-cluster.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "start-cluster.sh failed:\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Some(Cluster { dir })
+    }
+
+    fn conf(&self) -> PathBuf {
+        self.dir.join("slurm.conf")
+    }
+
+    fn squeue(&self, args: &[&str]) -> String {
+        let out = Command::new("squeue")
+            .env("SLURM_CONF", self.conf())
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/slurm/stop-cluster.sh");
+        let _ = Command::new("bash").arg(&script).arg(&self.dir).status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn stages_run_as_slurm_jobs_and_survive_a_cancelled_job() {
+    let Some(cluster) = Cluster::start() else {
+        return;
+    };
+    let expected = in_process_outputs(PIPELINE);
+    let s = Scratch::new();
+    let m = s.write("p.yaml", PIPELINE);
+    let started = Instant::now();
+    let run = bin()
+        .env("SLURM_CONF", cluster.conf())
+        .env("DEEPREPAIR_LOG", "info")
+        .args(["run", "--plain", "--slurm", "--lease-timeout", "10"])
+        .arg(&m)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+
+    // Cancel a job that has been running for 3 s: a train stage (6 s), past a checkpoint.
+    let victim = loop {
+        let running = cluster.squeue(&["-h", "-t", "RUNNING", "-o", "%i %M"]);
+        let long = running.lines().find_map(|line| {
+            let mut fields = line.split_whitespace();
+            let id = fields.next()?;
+            let (min, sec) = fields.next()?.split_once(':')?;
+            let secs = min.parse::<u64>().ok()? * 60 + sec.parse::<u64>().ok()?;
+            (secs >= 3).then(|| id.to_string())
+        });
+        if let Some(id) = long {
+            break id;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no Slurm job started running"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let cancelled = Command::new("scancel")
+        .env("SLURM_CONF", cluster.conf())
+        .arg(&victim)
+        .status()
+        .unwrap();
+    assert!(cancelled.success());
+
+    let out = run.wait_with_output().unwrap();
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "slurm run failed:\n{log}");
+    assert_eq!(outputs(&m), expected, "same artifacts as an in-process run");
+
+    let rows = status_rows(&m);
+    for row in &rows {
+        let worker = row["worker"].as_str().unwrap();
+        assert!(worker.starts_with("slurm:"), "ran as a Slurm job: {row}");
+    }
+    // The cancelled job's stage was resubmitted (its job ended without reporting) and the
+    // new job resumed from the checkpoint the first one committed.
+    let retried: Vec<&serde_json::Value> = rows
+        .iter()
+        .filter(|r| r["attempt"].as_u64().unwrap() > 0)
+        .collect();
+    assert_eq!(
+        retried.len(),
+        1,
+        "the cancelled stage ran again: {rows:?}\n{log}"
+    );
+    assert!(
+        log.contains(&format!("Slurm job {victim} ended")),
+        "the coordinator noticed job {victim}:\n{log}"
+    );
+    let stage = retried[0]["stage"].as_str().unwrap();
+    assert!(stage.starts_with("train"), "{stage}");
+    let store = s.path().join(".deeprepair/store.redb");
+    let inspect = run_ok(&["inspect", stage, "--store", store.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&inspect.stdout);
+    let victim_log = std::fs::read_to_string(
+        s.path()
+            .join(format!(".deeprepair/slurm-logs/slurm-{victim}.log")),
+    )
+    .unwrap_or_default();
+    assert!(
+        text.contains("resumed from checkpoint at step"),
+        "{text}\ncancelled job's log:\n{victim_log}\nrun log:\n{log}"
+    );
+
+    // The GPU stage's job asked Slurm for a GPU and got one (the cluster declares 2).
+    let jobs = cluster.squeue(&["-h", "-t", "all", "-o", "%i|%b|%T"]);
+    assert!(
+        jobs.lines()
+            .any(|l| l.contains("gpu:1") && l.ends_with("COMPLETED")),
+        "a completed job with gres gpu:1:\n{jobs}"
+    );
+}

@@ -1,0 +1,306 @@
+//! Worker processes over real HTTP: `run --workers N` gives the same artifacts as an
+//! in-process run; a worker killed (kill -9) or frozen (SIGSTOP) mid-stage loses nothing
+//! committed: its stage moves to another worker and resumes from the last checkpoint.
+
+mod common;
+use common::*;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+/// Four checkpointing stages of ~3 s each, two at a time, then a fan-in.
+const PIPELINE: &str = r#"
+grid:
+  seed: [1, 2, 3, 4]
+stages:
+  source:
+    kind: util.text
+    params: {text: "worker test"}
+  train:
+    kind: util.work
+    over: [seed]
+    inputs: {after: source}
+    params: {steps: 30, step_ms: 100, checkpoint_every: 5, size: 300000}
+  report:
+    kind: util.concat
+    inputs: {parts: {from: train, all: true}}
+"#;
+
+fn start_run(manifest: &std::path::Path, extra: &[&str]) -> Child {
+    bin()
+        .args(["run", "--plain", "-j", "2", "--workers", "2"])
+        .args(extra)
+        .arg(manifest)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// (pid, name) of the worker processes whose parent is `parent`.
+fn workers_of(parent: u32) -> Vec<(u32, String)> {
+    let mut found = vec![];
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // ppid is the second field after the parenthesized command name.
+        let after = &stat[stat.rfind(')').unwrap_or(0) + 1..];
+        let ppid: u32 = after
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let args: Vec<String> = cmdline
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if ppid == parent && args.get(1).map(String::as_str) == Some("worker") {
+            let name = args
+                .iter()
+                .position(|a| a == "--name")
+                .and_then(|i| args.get(i + 1).cloned())
+                .unwrap_or_default();
+            found.push((pid, name));
+        }
+    }
+    found.sort();
+    found
+}
+
+/// Waits until the run has committed a checkpoint-bearing stage in progress: ~1.5 s in.
+fn wait_for_workers(run: &Child) -> Vec<(u32, String)> {
+    let started = Instant::now();
+    loop {
+        let w = workers_of(run.id());
+        if w.len() == 2 {
+            return w;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "workers did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn finish(run: Child) -> String {
+    let out = run.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "run failed:\n{text}");
+    text
+}
+
+#[test]
+fn cpu_workers_produce_the_in_process_artifacts() {
+    let expected = in_process_outputs(PIPELINE);
+    let s = Scratch::new();
+    let m = s.write("p.yaml", PIPELINE);
+    finish(start_run(&m, &[]));
+    assert_eq!(outputs(&m), expected);
+    // Every stage ran in a worker process, named in its provenance.
+    for row in status_rows(&m) {
+        let worker = row["worker"].as_str().unwrap();
+        assert!(
+            worker.starts_with("cpu0@") || worker.starts_with("cpu1@"),
+            "{row}"
+        );
+    }
+    // A second run answers everything from the cache, workers or not.
+    let out = run_ok(&["run", "--json", "--workers", "1", m.to_str().unwrap()]);
+    let summary = json(&out);
+    assert_eq!(summary["executed"].as_array().unwrap().len(), 0);
+    assert_eq!(summary["cached"].as_array().unwrap().len(), 6);
+}
+
+fn retried_stage_resumed(manifest: &std::path::Path) {
+    let rows = status_rows(manifest);
+    let retried: Vec<&serde_json::Value> = rows
+        .iter()
+        .filter(|r| r["attempt"].as_u64().unwrap() > 0)
+        .collect();
+    assert_eq!(
+        retried.len(),
+        1,
+        "exactly the lost stage is retried: {rows:?}"
+    );
+    let stage = retried[0]["stage"].as_str().unwrap().to_string();
+    let out = run_ok(&[
+        "inspect",
+        &stage,
+        "--store",
+        manifest
+            .parent()
+            .unwrap()
+            .join(".deeprepair/store.redb")
+            .to_str()
+            .unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("resumed from checkpoint at step"),
+        "the retry resumed from the lost worker's checkpoint:\n{text}"
+    );
+}
+
+#[test]
+fn a_killed_worker_loses_nothing_committed() {
+    let expected = in_process_outputs(PIPELINE);
+    let s = Scratch::new();
+    let m = s.write("p.yaml", PIPELINE);
+    let run = start_run(&m, &[]);
+    let workers = wait_for_workers(&run);
+    // Both workers are a checkpoint or more into their first stage.
+    std::thread::sleep(Duration::from_millis(1500));
+    let (victim, name) = &workers[0];
+    let status = std::process::Command::new("kill")
+        .args(["-9", &victim.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let log = finish(run);
+    assert!(
+        log.contains(&format!("worker {name} process exited")),
+        "the coordinator noticed: {log}"
+    );
+    assert_eq!(outputs(&m), expected, "same artifacts as without the kill");
+    retried_stage_resumed(&m);
+}
+
+#[test]
+fn a_frozen_worker_loses_its_lease_to_another_worker() {
+    let expected = in_process_outputs(PIPELINE);
+    let s = Scratch::new();
+    let m = s.write("p.yaml", PIPELINE);
+    let run = start_run(&m, &["--lease-timeout", "2"]);
+    let workers = wait_for_workers(&run);
+    std::thread::sleep(Duration::from_millis(1500));
+    let (victim, name) = workers[0].clone();
+    let stop = |sig: &str| {
+        std::process::Command::new("kill")
+            .args([sig, &victim.to_string()])
+            .status()
+            .unwrap()
+    };
+    assert!(stop("-STOP").success());
+    // The other worker finishes its stage and picks up the frozen one's after the timeout.
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(stop("-CONT").success());
+    finish(run);
+    assert_eq!(outputs(&m), expected);
+    retried_stage_resumed(&m);
+    // The frozen worker woke up to a revoked lease and dropped its late result.
+    let log =
+        std::fs::read_to_string(s.path().join(format!(".deeprepair/workers/{name}.log"))).unwrap();
+    assert!(log.contains("was revoked"), "{log}");
+}
+
+/// Four 0.6 s stages that each declare one GPU.
+const GPU_STAGES: &str = r#"
+gpu_share: 2
+grid:
+  seed: [1, 2, 3, 4]
+stages:
+  g:
+    kind: util.work
+    over: [seed]
+    params: {steps: 6, step_ms: 100}
+    resources: {cpus: 1, gpus: 1}
+"#;
+
+/// The largest number of stages whose [started, ended] intervals overlap.
+fn max_overlap(rows: &[serde_json::Value]) -> usize {
+    let mut events: Vec<(u64, i32)> = vec![];
+    for r in rows {
+        events.push((r["started_ms"].as_u64().unwrap(), 1));
+        events.push((r["ended_ms"].as_u64().unwrap(), -1));
+    }
+    // Ends before starts at the same millisecond.
+    events.sort();
+    let (mut now, mut most) = (0i32, 0i32);
+    for (_, d) in events {
+        now += d;
+        most = most.max(now);
+    }
+    most as usize
+}
+
+#[test]
+fn gpu_slots_follow_gpu_share_and_cpu_runs_ignore_gpu_requests() {
+    // One GPU shared by two stages at a time (in-process: this build has no CUDA, and
+    // util.work only records the GPU it was given).
+    let s = Scratch::new();
+    let m = s.write("g.yaml", GPU_STAGES);
+    run_ok(&[
+        "run",
+        "-j",
+        "4",
+        "--gpus",
+        "0",
+        "--in-process",
+        m.to_str().unwrap(),
+    ]);
+    let rows = status_rows(&m);
+    assert_eq!(rows.len(), 4);
+    assert!(rows.iter().all(|r| r["worker"] == "local:gpu0"), "{rows:?}");
+    assert_eq!(
+        max_overlap(&rows),
+        2,
+        "gpu_share: 2 → two stages per GPU: {rows:?}"
+    );
+
+    // --gpu-share overrides the manifest.
+    let s = Scratch::new();
+    let m = s.write("g.yaml", GPU_STAGES);
+    run_ok(&[
+        "run",
+        "-j",
+        "4",
+        "--gpus",
+        "0",
+        "--in-process",
+        "--gpu-share",
+        "1",
+        m.to_str().unwrap(),
+    ]);
+    assert_eq!(max_overlap(&status_rows(&m)), 1);
+
+    // Without --gpus the same stages run on the CPU, four at a time.
+    let s = Scratch::new();
+    let m = s.write("g.yaml", GPU_STAGES);
+    run_ok(&["run", "-j", "4", m.to_str().unwrap()]);
+    let rows = status_rows(&m);
+    assert!(rows.iter().all(|r| r["worker"] == "local:cpu"), "{rows:?}");
+    assert!(max_overlap(&rows) > 2, "{rows:?}");
+
+    // A data-parallel stage wanting more GPUs than the run has fails clearly.
+    let s = Scratch::new();
+    let m = s.write("g.yaml", &GPU_STAGES.replace("gpus: 1", "gpus: 2"));
+    let out = bin()
+        .args(["run", "--gpus", "0", "--in-process", m.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("needs 2 GPU(s) but the run has 1"), "{err}");
+
+    // gpu_share: 0 is a manifest error with its location.
+    let s = Scratch::new();
+    let m = s.write(
+        "g.yaml",
+        &GPU_STAGES.replace("gpu_share: 2", "gpu_share: 0"),
+    );
+    let out = bin().args(["plan", m.to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("g.yaml:2:") && err.contains("gpu_share must be at least 1"),
+        "{err}"
+    );
+}

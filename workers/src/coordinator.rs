@@ -1,0 +1,559 @@
+//! The coordinator side of the worker protocol ([`crate::protocol`]): an HTTP server (axum,
+//! on its own small tokio runtime) in front of the run's store, and a queue of jobs the
+//! executor hands over. The executor's thread for a stage blocks in [`Coordinator::wait`]
+//! until a worker completes the job, fails it, or is lost; the executor then commits the
+//! outputs itself, so the store keeps one writer and one commit path.
+//!
+//! Leases: a claimed job is leased to one worker, which heartbeats every second. A lease
+//! without a heartbeat for `lease_timeout`, or whose worker process is known to have exited
+//! ([`Coordinator::worker_lost`]), is revoked and the job fails as transient; the executor
+//! retries it, and the stage resumes from the checkpoint its last worker committed.
+
+use crate::protocol::{
+    decode_frame, encode_frame, Claim, ClaimRequest, Failure, Heartbeat, HeartbeatReply, WorkerInfo,
+};
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use deeprepair_pipeline::kind::{ProgressSink, StageError, Task};
+use deeprepair_pipeline::{Digest, RemoteOutcome, Store};
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Which workers may take a job.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Route {
+    /// Any worker.
+    Any,
+    /// The worker that owns this GPU.
+    Gpu(u32),
+    /// Only a worker that asks for this task (a Slurm job started for it).
+    Task(Digest),
+}
+
+struct Job {
+    id: u64,
+    task: Task,
+    route: Route,
+    threads: usize,
+    gpus: Vec<u32>,
+    reply: mpsc::Sender<JobEnd>,
+}
+
+struct Lease {
+    job: Job,
+    worker: WorkerInfo,
+    last_beat: Instant,
+    lines: Vec<String>,
+    progress: Option<(u64, u64, String)>,
+    cancel: bool,
+}
+
+enum JobEnd {
+    Done(RemoteOutcome),
+    Failed(StageError),
+}
+
+#[derive(Default)]
+struct HubState {
+    queue: VecDeque<Job>,
+    leases: HashMap<u64, Lease>,
+    next_id: u64,
+}
+
+struct Hub {
+    state: Mutex<HubState>,
+    /// Wakes long-polling claims when a job is queued.
+    queued: tokio::sync::Notify,
+    store: Arc<Store>,
+    token: String,
+    lease_timeout: Duration,
+}
+
+impl Hub {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HubState> {
+        // A panicking handler must not wedge the run: the state stays consistent per call.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A job handed to the coordinator; [`Coordinator::wait`] on it.
+pub struct Ticket {
+    id: u64,
+    stage: String,
+    replies: mpsc::Receiver<JobEnd>,
+}
+
+pub struct Coordinator {
+    hub: Arc<Hub>,
+    url: String,
+    shutdown: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    server: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Coordinator {
+    /// Serves the protocol on `bind` (port 0 picks a free port). `advertise` is the host
+    /// workers use to reach it (default: the bound address).
+    pub fn start(
+        store: Arc<Store>,
+        bind: SocketAddr,
+        advertise: Option<&str>,
+        lease_timeout: Duration,
+    ) -> anyhow::Result<Arc<Coordinator>> {
+        let listener = std::net::TcpListener::bind(bind)
+            .map_err(|e| anyhow::anyhow!("coordinator cannot listen on {bind}: {e}"))?;
+        listener.set_nonblocking(true)?;
+        let local = listener.local_addr()?;
+        let host = advertise
+            .map(str::to_string)
+            .unwrap_or_else(|| local.ip().to_string());
+        let url = format!("http://{host}:{}", local.port());
+        let hub = Arc::new(Hub {
+            state: Mutex::new(HubState::default()),
+            queued: tokio::sync::Notify::new(),
+            store,
+            token: new_token(),
+            lease_timeout,
+        });
+        let app = Router::new()
+            .route("/v1/claim", post(claim))
+            .route("/v1/leases/{id}/heartbeat", post(heartbeat))
+            .route("/v1/leases/{id}/complete", post(complete))
+            .route("/v1/leases/{id}/fail", post(fail))
+            .route(
+                "/v1/leases/{id}/checkpoint",
+                get(load_checkpoint).put(save_checkpoint),
+            )
+            .route("/v1/artifacts/{digest}", get(artifact))
+            .layer(DefaultBodyLimit::disable())
+            .with_state(hub.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("coordinator-http")
+            .enable_all()
+            .build()?;
+        let server = std::thread::Builder::new()
+            .name("coordinator".into())
+            .spawn(move || {
+                runtime.block_on(async move {
+                    let listener = match tokio::net::TcpListener::from_std(listener) {
+                        Ok(l) => l,
+                        Err(e) => {
+                            tracing::error!("coordinator listener: {e}");
+                            return;
+                        }
+                    };
+                    let serve = axum::serve(listener, app).with_graceful_shutdown(async {
+                        let _ = rx.await;
+                    });
+                    if let Err(e) = serve.await {
+                        tracing::error!("coordinator server: {e}");
+                    }
+                });
+            })?;
+        Ok(Arc::new(Coordinator {
+            hub,
+            url,
+            shutdown: Mutex::new(Some(tx)),
+            server: Mutex::new(Some(server)),
+        }))
+    }
+
+    /// Base URL workers connect to.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The bearer token workers must present (pass it in [`crate::protocol::TOKEN_ENV`]).
+    pub fn token(&self) -> &str {
+        &self.hub.token
+    }
+
+    /// Queues a task for the workers `route` allows.
+    pub fn submit(&self, task: &Task, route: Route, threads: usize, gpus: Vec<u32>) -> Ticket {
+        let (reply, replies) = mpsc::channel();
+        let mut state = self.hub.lock();
+        state.next_id += 1;
+        let id = state.next_id;
+        state.queue.push_back(Job {
+            id,
+            task: task.clone(),
+            route,
+            threads,
+            gpus,
+            reply,
+        });
+        drop(state);
+        self.hub.queued.notify_waiters();
+        Ticket {
+            id,
+            stage: task.stage.clone(),
+            replies,
+        }
+    }
+
+    /// Blocks until the job ends. Forwards worker log lines and progress; revokes a lease whose
+    /// worker went silent; `check` is polled about every 200 ms and may end the wait (e.g.
+    /// a Slurm job that ended without reporting).
+    pub fn wait(
+        &self,
+        ticket: Ticket,
+        progress: &dyn ProgressSink,
+        cancel: &AtomicBool,
+        mut check: impl FnMut(bool) -> Option<StageError>,
+    ) -> Result<RemoteOutcome, StageError> {
+        loop {
+            match ticket.replies.recv_timeout(Duration::from_millis(200)) {
+                Ok(JobEnd::Done(outcome)) => return Ok(outcome),
+                Ok(JobEnd::Failed(e)) => return Err(e),
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(StageError::Transient(anyhow::anyhow!(
+                        "the coordinator dropped the job of {}",
+                        ticket.stage
+                    )))
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            let cancelled = cancel.load(Ordering::Relaxed);
+            let mut state = self.hub.lock();
+            if let Some(pos) = state.queue.iter().position(|j| j.id == ticket.id) {
+                if cancelled {
+                    state.queue.remove(pos);
+                    return Err(StageError::Cancelled);
+                }
+            }
+            let lease_id = state
+                .leases
+                .iter()
+                .find(|(_, l)| l.job.id == ticket.id)
+                .map(|(&id, _)| id);
+            let leased = lease_id.is_some();
+            if let Some(id) = lease_id {
+                let lease = state.leases.get_mut(&id).expect("found above");
+                lease.cancel |= cancelled;
+                for line in lease.lines.drain(..) {
+                    progress.log(&ticket.stage, &line);
+                }
+                if let Some((done, total, unit)) = &lease.progress {
+                    progress.progress(&ticket.stage, *done, *total, unit);
+                }
+                let silent = lease.last_beat.elapsed();
+                if silent > self.hub.lease_timeout {
+                    let lease = state.leases.remove(&id).expect("found above");
+                    return Err(StageError::Transient(anyhow::anyhow!(
+                        "worker {} lost: no heartbeat for {:.1}s",
+                        lease.worker.label(),
+                        silent.as_secs_f64()
+                    )));
+                }
+            }
+            drop(state);
+            if let Some(e) = check(leased) {
+                self.forget(ticket.id);
+                return Err(e);
+            }
+        }
+    }
+
+    /// A worker process is gone: revoke its leases now (their jobs fail as transient).
+    pub fn worker_lost(&self, name: &str, why: &str) {
+        let mut state = self.hub.lock();
+        let ids: Vec<u64> = state
+            .leases
+            .iter()
+            .filter(|(_, l)| l.worker.name == name)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in ids {
+            let lease = state.leases.remove(&id).expect("listed above");
+            let _ = lease
+                .job
+                .reply
+                .send(JobEnd::Failed(StageError::Transient(anyhow::anyhow!(
+                    "worker {} lost: {why}",
+                    lease.worker.label()
+                ))));
+        }
+    }
+
+    /// Jobs waiting for a worker, and jobs leased.
+    pub fn load(&self) -> (usize, usize) {
+        let state = self.hub.lock();
+        (state.queue.len(), state.leases.len())
+    }
+
+    fn forget(&self, job: u64) {
+        let mut state = self.hub.lock();
+        state.queue.retain(|j| j.id != job);
+        state.leases.retain(|_, l| l.job.id != job);
+    }
+}
+
+impl Drop for Coordinator {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.lock().ok().and_then(|mut s| s.take()) {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.lock().ok().and_then(|mut s| s.take()) {
+            let _ = server.join();
+        }
+    }
+}
+
+fn new_token() -> String {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&std::process::id().to_le_bytes());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    hasher.update(&now.as_nanos().to_le_bytes());
+    // Address-space layout adds entropy the clock and pid lack.
+    let stack_probe = 0u8;
+    hasher.update(&(&stack_probe as *const u8 as usize).to_le_bytes());
+    if let Ok(bytes) = std::fs::read("/proc/sys/kernel/random/uuid") {
+        hasher.update(&bytes);
+    }
+    hasher.finalize().to_hex()[..32].to_string()
+}
+
+fn authorized(hub: &Hub, headers: &HeaderMap) -> bool {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| t == hub.token)
+}
+
+fn refuse() -> Response {
+    (StatusCode::UNAUTHORIZED, "missing or wrong worker token").into_response()
+}
+
+fn gone(id: u64) -> Response {
+    (StatusCode::GONE, format!("lease {id} is not held")).into_response()
+}
+
+fn takes(route: &Route, req: &ClaimRequest, task: &Task) -> bool {
+    match (req.task, route) {
+        (Some(wanted), _) => wanted == task.key,
+        (None, Route::Any) => true,
+        (None, Route::Gpu(g)) => req.worker.gpu == Some(*g),
+        (None, Route::Task(_)) => false,
+    }
+}
+
+async fn claim(
+    State(hub): State<Arc<Hub>>,
+    headers: HeaderMap,
+    Json(req): Json<ClaimRequest>,
+) -> Response {
+    if !authorized(&hub, &headers) {
+        return refuse();
+    }
+    let deadline = Instant::now() + Duration::from_millis(req.wait_ms.min(30_000));
+    loop {
+        // Registered before looking, so a job queued in between still wakes this claim.
+        let woken = hub.queued.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        {
+            let mut state = hub.lock();
+            if let Some(pos) = state
+                .queue
+                .iter()
+                .position(|j| takes(&j.route, &req, &j.task))
+            {
+                let job = state.queue.remove(pos).expect("position is valid");
+                let claim = Claim {
+                    lease: job.id,
+                    task: job.task.clone(),
+                    threads: job.threads,
+                    gpus: job.gpus.clone(),
+                };
+                tracing::debug!("{} leased to {}", job.task.stage, req.worker.label());
+                state.leases.insert(
+                    job.id,
+                    Lease {
+                        job,
+                        worker: req.worker.clone(),
+                        last_beat: Instant::now(),
+                        lines: vec![],
+                        progress: None,
+                        cancel: false,
+                    },
+                );
+                return Json(claim).into_response();
+            }
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return StatusCode::NO_CONTENT.into_response();
+        }
+        // Jobs another worker could not take stay queued: re-check at least every 250 ms.
+        let _ = tokio::time::timeout((deadline - now).min(Duration::from_millis(250)), woken).await;
+    }
+}
+
+async fn heartbeat(
+    State(hub): State<Arc<Hub>>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+    Json(beat): Json<Heartbeat>,
+) -> Response {
+    if !authorized(&hub, &headers) {
+        return refuse();
+    }
+    let mut state = hub.lock();
+    let Some(lease) = state.leases.get_mut(&id) else {
+        return gone(id);
+    };
+    lease.last_beat = Instant::now();
+    lease.lines.extend(beat.lines);
+    if beat.progress.is_some() {
+        lease.progress = beat.progress;
+    }
+    Json(HeartbeatReply {
+        cancel: lease.cancel,
+    })
+    .into_response()
+}
+
+async fn complete(
+    State(hub): State<Arc<Hub>>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+    body: Bytes,
+) -> Response {
+    if !authorized(&hub, &headers) {
+        return refuse();
+    }
+    let decoded = tokio::task::spawn_blocking(move || decode_frame(&body)).await;
+    let (artifacts, log_tail) = match decoded {
+        Ok(Ok(d)) => d,
+        Ok(Err(e)) => return (StatusCode::BAD_REQUEST, format!("{e:#}")).into_response(),
+        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    };
+    let Some(lease) = hub.lock().leases.remove(&id) else {
+        return gone(id);
+    };
+    let _ = lease.job.reply.send(JobEnd::Done(RemoteOutcome {
+        artifacts,
+        log_tail,
+        worker: lease.worker.label(),
+    }));
+    StatusCode::OK.into_response()
+}
+
+async fn fail(
+    State(hub): State<Arc<Hub>>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+    Json(failure): Json<Failure>,
+) -> Response {
+    if !authorized(&hub, &headers) {
+        return refuse();
+    }
+    let Some(lease) = hub.lock().leases.remove(&id) else {
+        return gone(id);
+    };
+    let where_ = lease.worker.label();
+    let error = anyhow::anyhow!("{} (on {where_})", failure.error);
+    let end = if failure.cancelled {
+        StageError::Cancelled
+    } else if failure.transient {
+        StageError::Transient(error)
+    } else {
+        StageError::Fatal(error)
+    };
+    let _ = lease.job.reply.send(JobEnd::Failed(end));
+    StatusCode::OK.into_response()
+}
+
+fn leased_key(hub: &Hub, id: u64) -> Option<Digest> {
+    hub.lock().leases.get(&id).map(|l| l.job.task.key)
+}
+
+/// Runs a store call off the async threads (redb blocks); errors become 500, a missing
+/// artifact 404.
+async fn with_store<T: Send + 'static>(
+    hub: &Hub,
+    call: impl FnOnce(&Store) -> Result<T, deeprepair_pipeline::StoreError> + Send + 'static,
+    ok: impl FnOnce(T) -> Response,
+) -> Response {
+    let store = hub.store.clone();
+    match tokio::task::spawn_blocking(move || call(&store)).await {
+        Ok(Ok(value)) => ok(value),
+        Ok(Err(deeprepair_pipeline::StoreError::NotFound(what))) => {
+            (StatusCode::NOT_FOUND, format!("no {what}")).into_response()
+        }
+        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+async fn load_checkpoint(
+    State(hub): State<Arc<Hub>>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+) -> Response {
+    if !authorized(&hub, &headers) {
+        return refuse();
+    }
+    let Some(key) = leased_key(&hub, id) else {
+        return gone(id);
+    };
+    with_store(
+        &hub,
+        move |store| store.load_checkpoint(&key),
+        |found| match found {
+            Some(bytes) => bytes.into_response(),
+            None => StatusCode::NO_CONTENT.into_response(),
+        },
+    )
+    .await
+}
+
+async fn save_checkpoint(
+    State(hub): State<Arc<Hub>>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+    body: Bytes,
+) -> Response {
+    if !authorized(&hub, &headers) {
+        return refuse();
+    }
+    let Some(key) = leased_key(&hub, id) else {
+        return gone(id);
+    };
+    with_store(
+        &hub,
+        move |store| store.save_checkpoint(&key, &body),
+        |()| StatusCode::OK.into_response(),
+    )
+    .await
+}
+
+async fn artifact(
+    State(hub): State<Arc<Hub>>,
+    headers: HeaderMap,
+    Path(digest): Path<String>,
+) -> Response {
+    if !authorized(&hub, &headers) {
+        return refuse();
+    }
+    let Some(digest) = Digest::from_hex(&digest) else {
+        return (StatusCode::BAD_REQUEST, "not a digest").into_response();
+    };
+    with_store(
+        &hub,
+        move |store| store.get_artifact(&digest),
+        |a| encode_frame(&[a], &[]).into_response(),
+    )
+    .await
+}

@@ -1,0 +1,244 @@
+//! Worker processes on this machine: one per GPU (`deeprepair run --gpus 0,1`, each started
+//! with `CUDA_VISIBLE_DEVICES` set to its GPU) and/or N CPU workers (`--workers N`). A
+//! monitor thread notices a worker process that exits, revokes its leases at once (the
+//! executor retries the stage, which resumes from its last checkpoint on whichever worker
+//! claims it) and starts a replacement, up to [`MAX_RESTARTS`] per worker.
+
+use crate::coordinator::{Coordinator, Route};
+use crate::protocol::TOKEN_ENV;
+use deeprepair_pipeline::kind::{ProgressSink, StageError, Task};
+use deeprepair_pipeline::{Assignment, Dispatcher, RemoteOutcome};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub const MAX_RESTARTS: u32 = 3;
+
+/// How to start one worker process.
+#[derive(Clone, Debug)]
+pub struct WorkerSpec {
+    pub name: String,
+    pub gpu: Option<u32>,
+}
+
+struct Slot {
+    spec: WorkerSpec,
+    child: Option<Child>,
+    restarts: u32,
+}
+
+pub struct LocalPool {
+    coordinator: Arc<Coordinator>,
+    program: PathBuf,
+    log_dir: PathBuf,
+    slots: Arc<Mutex<Vec<Slot>>>,
+    stopping: Arc<AtomicBool>,
+    monitor: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LocalPool {
+    /// Starts `program worker …` once per spec; their output goes to `log_dir/<name>.log`.
+    pub fn start(
+        coordinator: Arc<Coordinator>,
+        program: PathBuf,
+        specs: Vec<WorkerSpec>,
+        log_dir: PathBuf,
+    ) -> anyhow::Result<LocalPool> {
+        std::fs::create_dir_all(&log_dir).map_err(|e| {
+            anyhow::anyhow!("cannot create worker log folder {}: {e}", log_dir.display())
+        })?;
+        let mut slots = vec![];
+        for spec in specs {
+            let child = spawn(&coordinator, &program, &spec, &log_dir)?;
+            slots.push(Slot {
+                spec,
+                child: Some(child),
+                restarts: 0,
+            });
+        }
+        let slots = Arc::new(Mutex::new(slots));
+        let stopping = Arc::new(AtomicBool::new(false));
+        let monitor = {
+            let (coordinator, program, log_dir, slots, stopping) = (
+                coordinator.clone(),
+                program.clone(),
+                log_dir.clone(),
+                slots.clone(),
+                stopping.clone(),
+            );
+            std::thread::spawn(move || {
+                while !stopping.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(200));
+                    let mut slots = slots.lock().unwrap_or_else(|p| p.into_inner());
+                    for slot in slots.iter_mut() {
+                        let Some(child) = slot.child.as_mut() else {
+                            continue;
+                        };
+                        let Ok(Some(status)) = child.try_wait() else {
+                            continue;
+                        };
+                        slot.child = None;
+                        if stopping.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        let why = format!("process exited ({status})");
+                        tracing::warn!("worker {} {why}", slot.spec.name);
+                        coordinator.worker_lost(&slot.spec.name, &why);
+                        if slot.restarts < MAX_RESTARTS {
+                            slot.restarts += 1;
+                            match spawn(&coordinator, &program, &slot.spec, &log_dir) {
+                                Ok(child) => slot.child = Some(child),
+                                Err(e) => tracing::error!("restarting {}: {e:#}", slot.spec.name),
+                            }
+                        }
+                    }
+                }
+            })
+        };
+        Ok(LocalPool {
+            coordinator,
+            program,
+            log_dir,
+            slots,
+            stopping,
+            monitor: Some(monitor),
+        })
+    }
+
+    /// Process ids of the live workers, by name (for tests and `status`).
+    pub fn pids(&self) -> Vec<(String, u32)> {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots
+            .iter()
+            .filter_map(|s| s.child.as_ref().map(|c| (s.spec.name.clone(), c.id())))
+            .collect()
+    }
+
+    pub fn log_dir(&self) -> &std::path::Path {
+        &self.log_dir
+    }
+
+    pub fn program(&self) -> &std::path::Path {
+        &self.program
+    }
+
+    /// Whether a live worker process could take a job on this route.
+    fn live_for(&self, route: &Route) -> bool {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.iter().any(|s| {
+            (s.child.is_some() || s.restarts < MAX_RESTARTS)
+                && match route {
+                    Route::Gpu(g) => s.spec.gpu == Some(*g),
+                    _ => s.spec.gpu.is_none(),
+                }
+        })
+    }
+
+    fn has_gpu_worker(&self, gpu: u32) -> bool {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.iter().any(|s| s.spec.gpu == Some(gpu))
+    }
+
+    fn has_cpu_worker(&self) -> bool {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.iter().any(|s| s.spec.gpu.is_none())
+    }
+}
+
+impl Drop for LocalPool {
+    fn drop(&mut self) {
+        self.stopping.store(true, Ordering::Relaxed);
+        if let Some(m) = self.monitor.take() {
+            let _ = m.join();
+        }
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        for slot in slots.iter_mut() {
+            if let Some(mut child) = slot.child.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+}
+
+fn spawn(
+    coordinator: &Coordinator,
+    program: &std::path::Path,
+    spec: &WorkerSpec,
+    log_dir: &std::path::Path,
+) -> anyhow::Result<Child> {
+    let log_path = log_dir.join(format!("{}.log", spec.name));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", log_path.display()))?;
+    let mut cmd = Command::new(program);
+    cmd.arg("worker")
+        .arg("--coordinator")
+        .arg(coordinator.url())
+        .arg("--name")
+        .arg(&spec.name)
+        .env(TOKEN_ENV, coordinator.token())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    if let Some(g) = spec.gpu {
+        cmd.arg("--gpu").arg(g.to_string());
+        // The worker's process sees only its GPU, as ordinal 0.
+        cmd.env("CUDA_VISIBLE_DEVICES", g.to_string());
+    }
+    cmd.spawn().map_err(|e| {
+        anyhow::anyhow!(
+            "cannot start worker {} ({}): {e}",
+            spec.name,
+            program.display()
+        )
+    })
+}
+
+/// Hands stages to the local worker processes: a stage given one GPU goes to that GPU's
+/// worker; a CPU stage goes to any CPU worker. Data-parallel stages (several GPUs) and, when
+/// there are no CPU workers, CPU stages run in the coordinator's process.
+pub struct LocalDispatcher {
+    pub pool: LocalPool,
+}
+
+impl Dispatcher for LocalDispatcher {
+    fn accepts(&self, assignment: &Assignment) -> bool {
+        match assignment.gpus.as_slice() {
+            [] => self.pool.has_cpu_worker(),
+            [g] => self.pool.has_gpu_worker(*g),
+            _ => false,
+        }
+    }
+
+    fn execute(
+        &self,
+        task: &Task,
+        assignment: &Assignment,
+        progress: &dyn ProgressSink,
+        cancel: &AtomicBool,
+    ) -> Result<RemoteOutcome, StageError> {
+        let (route, gpus) = match assignment.gpus.as_slice() {
+            [g] => (Route::Gpu(*g), vec![0]),
+            _ => (Route::Any, vec![]),
+        };
+        let ticket = self
+            .pool
+            .coordinator
+            .submit(task, route.clone(), assignment.cpus, gpus);
+        self.pool
+            .coordinator
+            .wait(ticket, progress, cancel, |leased| {
+                (!leased && !self.pool.live_for(&route)).then(|| {
+                    StageError::Fatal(anyhow::anyhow!(
+                        "no live worker for {route:?}: they exited {MAX_RESTARTS} times; see {}",
+                        self.pool.log_dir.display()
+                    ))
+                })
+            })
+    }
+}

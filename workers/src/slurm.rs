@@ -1,0 +1,190 @@
+//! Stages as Slurm jobs. Slurm does the cluster's work (queueing, placement on nodes with the
+//! requested CPUs, memory and GPUs, `CUDA_VISIBLE_DEVICES`); we submit one `sbatch` job per
+//! ready stage, whose command is `deeprepair worker --task KEY`: it claims exactly that task
+//! from the coordinator over HTTP, runs it, uploads the outputs and exits. The coordinator
+//! keeps the store (one writer) and commits.
+//!
+//! A job that ends without reporting (node failure, `scancel`, time limit, OOM kill) is
+//! noticed by polling `squeue`, and the stage fails as transient: the executor resubmits it,
+//! and it resumes from the checkpoint the last job committed.
+
+use crate::coordinator::{Coordinator, Route};
+use crate::protocol::TOKEN_ENV;
+use anyhow::{bail, Context};
+use deeprepair_pipeline::kind::{ProgressSink, StageError, Task};
+use deeprepair_pipeline::{Assignment, Dispatcher, RemoteOutcome};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug)]
+pub struct SlurmOptions {
+    /// The program the jobs run (must exist at this path on the compute nodes).
+    pub program: PathBuf,
+    /// Where job logs go (`slurm-<job>.log`); must be writable on the compute nodes.
+    pub log_dir: PathBuf,
+    pub partition: Option<String>,
+    /// Extra `sbatch` arguments, e.g. `--time=2:00:00`, `--account=x`.
+    pub extra_args: Vec<String>,
+    /// Ask Slurm for `--gres=gpu:N` for stages that declare GPUs (off on CPU-only clusters).
+    pub request_gpus: bool,
+    /// How often to ask Slurm about a job's state.
+    pub poll: Duration,
+}
+
+pub struct SlurmDispatcher {
+    pub coordinator: Arc<Coordinator>,
+    pub options: SlurmOptions,
+}
+
+/// A Slurm job's state as `squeue` reports it (`None`: Slurm no longer lists it).
+fn job_state(job: &str) -> anyhow::Result<Option<String>> {
+    let out = Command::new("squeue")
+        .args(["-h", "-t", "all", "-j", job, "-o", "%T"])
+        .output()
+        .context("running squeue")?;
+    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        // squeue exits non-zero for a job id it has already forgotten.
+        if err.contains("Invalid job id") {
+            return Ok(None);
+        }
+        bail!("squeue -j {job}: {}", err.trim());
+    }
+    Ok((!text.is_empty()).then_some(text))
+}
+
+impl SlurmDispatcher {
+    fn sbatch(&self, task: &Task, assignment: &Assignment) -> anyhow::Result<String> {
+        let o = &self.options;
+        let mut cmd = Command::new("sbatch");
+        cmd.arg("--parsable")
+            .arg(format!("--job-name=dr-{}", task.key.short()))
+            .arg(format!(
+                "--cpus-per-task={}",
+                assignment.resources.cpus.max(1)
+            ))
+            .arg(format!("--mem={}M", assignment.resources.mem_mb.max(1)))
+            .arg(format!("--output={}/slurm-%j.log", o.log_dir.display()))
+            // The token reaches the job through its environment, not its command line.
+            .arg(format!("--export=ALL,{TOKEN_ENV}"))
+            .env(TOKEN_ENV, self.coordinator.token());
+        if let Some(p) = &o.partition {
+            cmd.arg(format!("--partition={p}"));
+        }
+        if o.request_gpus && assignment.resources.gpus > 0 {
+            cmd.arg(format!("--gres=gpu:{}", assignment.resources.gpus));
+        }
+        cmd.args(&o.extra_args);
+        let worker = format!(
+            "exec {} worker --coordinator {} --task {} --name slurm-$SLURM_JOB_ID",
+            shell_quote(&o.program.display().to_string()),
+            self.coordinator.url(),
+            task.key.hex()
+        );
+        cmd.arg("--wrap").arg(worker);
+        let out = cmd
+            .output()
+            .context("running sbatch (is Slurm installed and SLURM_CONF set?)")?;
+        if !out.status.success() {
+            bail!(
+                "sbatch refused the job of {}: {}",
+                task.stage,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let id = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        if id.is_empty() || !id.chars().all(|c| c.is_ascii_digit()) {
+            bail!("sbatch printed no job id for {}", task.stage);
+        }
+        Ok(id)
+    }
+}
+
+impl Dispatcher for SlurmDispatcher {
+    fn accepts(&self, _assignment: &Assignment) -> bool {
+        true
+    }
+
+    fn execute(
+        &self,
+        task: &Task,
+        assignment: &Assignment,
+        progress: &dyn ProgressSink,
+        cancel: &AtomicBool,
+    ) -> Result<RemoteOutcome, StageError> {
+        let gpus: Vec<u32> = if self.options.request_gpus {
+            (0..assignment.resources.gpus).collect()
+        } else {
+            vec![]
+        };
+        let ticket = self.coordinator.submit(
+            task,
+            Route::Task(task.key),
+            assignment.resources.cpus.max(1) as usize,
+            gpus,
+        );
+        let job = self.sbatch(task, assignment).map_err(StageError::Fatal)?;
+        progress.log(&task.stage, &format!("submitted as Slurm job {job}"));
+        let mut last_poll = Instant::now();
+        let mut ended_at: Option<(Instant, String)> = None;
+        let result = self.coordinator.wait(ticket, progress, cancel, |_leased| {
+            if last_poll.elapsed() < self.options.poll {
+                return None;
+            }
+            last_poll = Instant::now();
+            let state = match job_state(&job) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!("{e:#}");
+                    return None;
+                }
+            };
+            let finished = match state.as_deref() {
+                None => Some("gone from the queue".to_string()),
+                Some("PENDING" | "RUNNING" | "CONFIGURING" | "COMPLETING" | "SUSPENDED") => None,
+                Some(other) => Some(other.to_string()),
+            };
+            match (finished, &ended_at) {
+                (None, _) => None,
+                (Some(state), None) => {
+                    // Give a finished job's last report a moment to arrive.
+                    ended_at = Some((Instant::now(), state));
+                    None
+                }
+                (Some(_), Some((at, state))) if at.elapsed() > Duration::from_secs(5) => {
+                    Some(StageError::Transient(anyhow::anyhow!(
+                        "Slurm job {job} ended ({state}) without reporting; see {}/slurm-{job}.log",
+                        self.options.log_dir.display()
+                    )))
+                }
+                _ => None,
+            }
+        });
+        if matches!(result, Err(StageError::Cancelled)) {
+            let _ = Command::new("scancel").arg(&job).status();
+        }
+        result.map(|mut outcome| {
+            outcome.worker = format!("slurm:{job}/{}", outcome.worker);
+            outcome
+        })
+    }
+}
+
+fn shell_quote(s: &str) -> String {
+    if s.chars()
+        .all(|c| c.is_ascii_alphanumeric() || "/._-+:@".contains(c))
+    {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
