@@ -348,12 +348,31 @@ pub fn bench_train(args: BenchTrainArgs) -> anyhow::Result<ExitCode> {
         None => "cpu".to_string(),
         Some(o) => format!("cuda:{o}"),
     };
+    // NVML's kernel-busy percentage and peak device memory over the timed section.
+    let gpu = |u: Option<deeprepair_train::gpu_usage::GpuUsage>| match u {
+        Some(u) => (
+            format!("{:.0}%", u.utilization_percent),
+            u.peak_memory_mib.to_string(),
+        ),
+        None => ("-".to_string(), "-".to_string()),
+    };
     let mut out = format!(
-        "{:<20} {:>6} {:<5} {:<7} {:>14} {:>14}  {:<10} {:>8}\n",
-        "arch", "batch", "jsd", "device", "train img/s", "eval img/s", "batches", "prefetch"
+        "{:<20} {:>6} {:<5} {:<7} {:>14} {:>14}  {:<10} {:>8} {:>9} {:>9}\n",
+        "arch",
+        "batch",
+        "jsd",
+        "device",
+        "train img/s",
+        "eval img/s",
+        "batches",
+        "prefetch",
+        "GPU util",
+        "GPU MiB"
     );
+    let (train_util, train_mib) = gpu(r.train_gpu);
+    let (eval_util, _) = gpu(r.eval_gpu);
     out += &format!(
-        "{:<20} {:>6} {:<5} {:<7} {:>14.1} {:>14.1}  {:<10} {:>8}\n",
+        "{:<20} {:>6} {:<5} {:<7} {:>14.1} {:>14.1}  {:<10} {:>8} {:>9} {:>9}\n",
         r.arch,
         r.batch,
         r.jsd,
@@ -361,7 +380,9 @@ pub fn bench_train(args: BenchTrainArgs) -> anyhow::Result<ExitCode> {
         r.train_images_per_second,
         r.eval_images_per_second,
         "fixed",
-        "-"
+        "-",
+        format!("{train_util}/{eval_util}"),
+        train_mib
     );
     // The real loop: the method's batch construction on every step.
     let (source, label): (Box<dyn deeprepair_train::BatchSource>, &str) = if args.jsd {
@@ -381,13 +402,25 @@ pub fn bench_train(args: BenchTrainArgs) -> anyhow::Result<ExitCode> {
             args.arch, batch, steps, &*source, depth, &device,
         )
         .with_context(|| format!("bench train {} (loop, prefetch {depth})", args.arch.name()))?;
+        let (util, mib) = gpu(l.gpu);
         out += &format!(
-            "{:<20} {:>6} {:<5} {:<7} {:>14.1} {:>14}  {:<10} {:>8}\n",
-            r.arch, r.batch, r.jsd, device_name, l.train_images_per_second, "-", label, depth
+            "{:<20} {:>6} {:<5} {:<7} {:>14.1} {:>14}  {:<10} {:>8} {:>9} {:>9}\n",
+            r.arch,
+            r.batch,
+            r.jsd,
+            device_name,
+            l.train_images_per_second,
+            "-",
+            label,
+            depth,
+            util,
+            mib
         );
     }
     out += "(fixed: the model alone on one prepared batch; other rows: the training loop building \
-            every batch, with `prefetch` batches built ahead on another thread)\n";
+            every batch, with `prefetch` batches built ahead on another thread. GPU util: NVML's \
+            kernel-busy time over the timed steps (fixed row: train/eval); GPU MiB: peak device \
+            memory in use; - on the CPU or without NVML)\n";
     emit(&out)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -249,6 +249,9 @@ fn bench_train_prints_a_table() {
     assert_eq!(cols[1], "8", "{row}");
     assert_eq!(cols[2], "false", "{row}");
     assert!(cols[4].parse::<f64>().unwrap() > 0.0, "{row}");
+    // GPU utilization and memory columns: nothing to sample on the CPU.
+    assert!(out.contains("GPU util") && out.contains("GPU MiB"), "{out}");
+    assert_eq!(cols[cols.len() - 2..], ["-/-", "-"], "{row}");
 }
 
 #[test]

@@ -289,6 +289,20 @@ stages:
 /// checkpoint and ends with the same model bytes as a run never interrupted.
 #[test]
 fn killed_pretraining_resumes_to_the_same_model() {
+    kill_and_resume(PRETRAIN_ONLY, None);
+}
+
+/// The same with two data-parallel ranks (threads on this CPU) and synchronized BatchNorm:
+/// the stage takes the data-parallel path, says so, and resumes to the same bytes.
+#[test]
+fn killed_data_parallel_pretraining_resumes_to_the_same_model() {
+    kill_and_resume(
+        &PRETRAIN_ONLY.replace("lr: 0.05}", "lr: 0.05, ranks: 2, sync_batch_norm: true}"),
+        Some("data-parallel reduction: threads through host memory, synchronized BatchNorm"),
+    );
+}
+
+fn kill_and_resume(manifest: &str, expected_log: Option<&str>) {
     use std::io::{BufRead, BufReader};
     let Some(data) = data_dir() else {
         eprintln!(
@@ -298,7 +312,7 @@ fn killed_pretraining_resumes_to_the_same_model() {
     };
     let data_arg = data.to_str().unwrap();
     let whole = Scratch::new();
-    let m_whole = whole.write("m.yaml", PRETRAIN_ONLY);
+    let m_whole = whole.write("m.yaml", manifest);
     run_ok(&[
         "run",
         "--plain",
@@ -309,7 +323,7 @@ fn killed_pretraining_resumes_to_the_same_model() {
     let expected = outputs(&m_whole)["base.model"].clone();
 
     let killed = Scratch::new();
-    let m = killed.write("m.yaml", PRETRAIN_ONLY);
+    let m = killed.write("m.yaml", manifest);
     let mut child = bin()
         .env("DEEPREPAIR_LOG", "info")
         .args(["run", "--plain", m.to_str().unwrap(), "--data", data_arg])
@@ -318,14 +332,23 @@ fn killed_pretraining_resumes_to_the_same_model() {
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
-    let mut saw = false;
+    let (mut saw, mut log_before_kill) = (false, String::new());
     for line in BufReader::new(stderr).lines() {
-        if line.unwrap().contains("base: epoch 2:") {
+        let line = line.unwrap();
+        log_before_kill.push_str(&line);
+        log_before_kill.push('\n');
+        if line.contains("base: epoch 2:") {
             saw = true;
             break;
         }
     }
-    assert!(saw, "the run never logged epoch 2");
+    assert!(saw, "the run never logged epoch 2:\n{log_before_kill}");
+    if let Some(expected_log) = expected_log {
+        assert!(
+            log_before_kill.contains(expected_log),
+            "no '{expected_log}' in:\n{log_before_kill}"
+        );
+    }
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
 

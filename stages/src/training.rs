@@ -4,9 +4,10 @@
 
 use deeprepair_pipeline::{ParamSpec, ParamType, StageCtx};
 use deeprepair_train::trainer::{
-    train_data_parallel, BatchSource, Replica, TrainData, TrainObserver, TrainOutcome,
+    train_with_collectives, BatchSource, Replica, TrainData, TrainObserver, TrainOutcome,
 };
 use deeprepair_train::{EpochStats, TrainConfig};
+use deeprepair_workers::data_parallel::{Collective, ThreadCollective};
 use serde_json::{json, Value};
 
 /// The first GPU the executor gave this stage (with the `cuda` feature), else the CPU.
@@ -70,6 +71,13 @@ pub fn training_params(epochs: i64, lr: f64, batch: i64) -> Vec<ParamSpec> {
             json!(1),
             "data-parallel ranks, each taking batch/ranks images of every batch: one GPU each \
              on a run with GPUs (the stage asks for `ranks` GPUs), else threads sharing the CPU",
+        ),
+        ParamSpec::optional(
+            "sync_batch_norm",
+            ParamType::Bool,
+            json!(false),
+            "with ranks > 1: BatchNorm normalizes with the whole batch's statistics, reduced \
+             across ranks (PyTorch's SyncBatchNorm), instead of each rank's shard (DDP's default)",
         ),
     ]
 }
@@ -172,8 +180,30 @@ pub fn run_training(
             &mut observer,
         )
     } else {
-        train_data_parallel(
+        let devices: Vec<candle_core::Device> = ranks.iter().map(|r| r.2.clone()).collect();
+        let gradients = rank_group(&devices)?;
+        let batch_norm = if config.sync_batch_norm {
+            Some(rank_group(&devices)?)
+        } else {
+            None
+        };
+        observer.ctx.log(format!(
+            "data-parallel reduction: {}{}",
+            if devices[0].is_cuda() && cfg!(feature = "nccl") {
+                "NCCL"
+            } else {
+                "threads through host memory"
+            },
+            if batch_norm.is_some() {
+                ", synchronized BatchNorm"
+            } else {
+                ""
+            }
+        ));
+        train_with_collectives(
             &replicas,
+            gradients,
+            batch_norm,
             data,
             validation,
             source,
@@ -182,6 +212,49 @@ pub fn run_training(
             &mut observer,
         )
     }
+}
+
+/// One collective handle per rank of `devices` (rank order): an NCCL communicator per GPU
+/// when the ranks are GPUs and the binary has the `nccl` feature, else a thread group that
+/// reduces through host memory.
+fn rank_group(devices: &[candle_core::Device]) -> anyhow::Result<Vec<Box<dyn Collective>>> {
+    #[cfg(feature = "nccl")]
+    if devices.iter().all(|d| d.is_cuda()) {
+        return nccl_group(devices);
+    }
+    Ok(ThreadCollective::group(devices.len())
+        .into_iter()
+        .map(|c| Box::new(c) as Box<dyn Collective>)
+        .collect())
+}
+
+/// An NCCL group over `devices`, ranks in this process: rank 0's unique id is handed to every
+/// rank directly (a group across processes would pass it through the coordinator, as
+/// `DEEPREPAIR_NCCL_ID`). `ncclCommInitRank` blocks until every rank has joined, so the ranks
+/// join from threads of their own.
+#[cfg(feature = "nccl")]
+fn nccl_group(devices: &[candle_core::Device]) -> anyhow::Result<Vec<Box<dyn Collective>>> {
+    use deeprepair_workers::nccl::{NcclCollective, NcclId};
+    let id = NcclId::new_unique()?;
+    let world = devices.len();
+    std::thread::scope(|s| {
+        let joining: Vec<_> = devices
+            .iter()
+            .enumerate()
+            .map(|(rank, device)| {
+                s.spawn(move || NcclCollective::on_device(device, rank, world, id))
+            })
+            .collect();
+        joining
+            .into_iter()
+            .map(|j| {
+                let c = j
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("a rank panicked joining the NCCL group"))??;
+                Ok(Box::new(c) as Box<dyn Collective>)
+            })
+            .collect()
+    })
 }
 
 pub fn train_config(ctx: &StageCtx) -> anyhow::Result<TrainConfig> {
@@ -200,6 +273,7 @@ pub fn train_config(ctx: &StageCtx) -> anyhow::Result<TrainConfig> {
         patience: (patience > 0).then_some(patience),
         jsd_lambda: 12.0,
         prefetch: deeprepair_train::trainer::DEFAULT_PREFETCH,
+        sync_batch_norm: ctx.param("sync_batch_norm")?,
     })
 }
 

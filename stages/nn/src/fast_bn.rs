@@ -5,13 +5,16 @@
 //! Here the forward is two passes per channel and the backward the textbook three sums
 //! (`dβ = Σdy`, `dγ = Σdy·x̂`, `dx = γ/σ·(dy − dβ/M − x̂·dγ/M)`). Semantics are PyTorch's:
 //! biased variance to normalize, unbiased variance into the running average, `momentum` 0.1.
-//! Eval mode and non-CPU devices use candle's own layers.
+//! Eval mode and non-CPU devices use candle's own layers; inside a [`crate::sync_bn::scope`]
+//! training mode uses the data-parallel group's statistics instead (any device).
 
+use crate::sync_bn::BatchStatsReducer;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
 };
 use candle_nn::{BatchNormConfig, VarBuilder};
 use rayon::prelude::*;
+use std::sync::Arc;
 
 fn slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
     let data = match storage {
@@ -240,27 +243,58 @@ pub fn batch_norm<C: Into<BatchNormConfig>>(
     })
 }
 
-impl candle_core::ModuleT for BatchNorm {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        if !(train && x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() >= 2) {
-            return self.inner.forward_t(x, train);
-        }
-        if x.dim(1)? != self.weight.dim(0)? {
+impl BatchNorm {
+    fn check_features(&self, x: &Tensor) -> Result<()> {
+        if x.rank() < 2 || x.dim(1)? != self.weight.dim(0)? {
             candle_core::bail!(
                 "batch-norm over {} features got input {:?}",
                 self.weight.dim(0)?,
                 x.shape()
             );
         }
-        let x = x.contiguous()?;
-        let stats = x.detach().apply_op1_no_bwd(&Stats)?;
+        Ok(())
+    }
+
+    /// `running = (1 − momentum)·running + momentum·batch` (`var`: the unbiased one).
+    fn update_running(&self, mean: &Tensor, var: &Tensor) -> Result<()> {
         let m = self.momentum;
-        let mean = stats.get(0)?;
-        let var = stats.get(1)?;
         self.running_mean
             .set(&((self.running_mean.as_tensor() * (1.0 - m))? + (mean * m)?)?)?;
         self.running_var
-            .set(&((self.running_var.as_tensor() * (1.0 - m))? + (var * m)?)?)?;
+            .set(&((self.running_var.as_tensor() * (1.0 - m))? + (var * m)?)?)
+    }
+
+    /// Training mode with the statistics of the whole data-parallel batch (any device).
+    fn forward_synced(&self, x: &Tensor, reducer: &Arc<dyn BatchStatsReducer>) -> Result<Tensor> {
+        self.check_features(x)?;
+        let (centred, mean, var, count) =
+            crate::sync_bn::global_moments(&x.contiguous()?, reducer)?;
+        let c = self.weight.dim(0)?;
+        let per_channel: Vec<usize> = (0..x.rank()).map(|d| if d == 1 { c } else { 1 }).collect();
+        let scale = self.weight.div(&(&var + self.eps)?.sqrt()?)?;
+        let y = centred
+            .broadcast_mul(&scale.reshape(per_channel.as_slice())?)?
+            .broadcast_add(&self.bias.reshape(per_channel.as_slice())?)?;
+        let unbiased = (var.detach() * (count / (count - 1.0).max(1.0)))?;
+        self.update_running(&mean.detach(), &unbiased)?;
+        Ok(y)
+    }
+}
+
+impl candle_core::ModuleT for BatchNorm {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        if train {
+            if let Some(reducer) = crate::sync_bn::active() {
+                return self.forward_synced(x, &reducer);
+            }
+        }
+        if !(train && x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() >= 2) {
+            return self.inner.forward_t(x, train);
+        }
+        self.check_features(x)?;
+        let x = x.contiguous()?;
+        let stats = x.detach().apply_op1_no_bwd(&Stats)?;
+        self.update_running(&stats.get(0)?, &stats.get(1)?)?;
         x.apply_op3(&self.weight, &self.bias, BatchNormTrain { eps: self.eps })
     }
 }

@@ -9,6 +9,7 @@ pub mod densenet;
 pub mod fast_bn;
 pub mod fast_conv;
 pub mod resnet;
+pub mod sync_bn;
 pub mod tiny_cnn;
 pub mod weights;
 pub mod wide_resnet;

@@ -4,6 +4,7 @@
 //! construction, with and without prefetching ([`bench_train_loop`]). `deeprepair bench
 //! augment`: a batch source's images/second per thread count ([`bench_source`]).
 
+use crate::gpu_usage::{GpuSampler, GpuUsage};
 use crate::init::seeded_var_builder;
 use crate::optim::{Sgd, SgdConfig};
 use crate::trainer::{
@@ -26,6 +27,9 @@ pub struct TrainBench {
     pub train_images_per_second: f64,
     pub eval_images_per_second: f64,
     pub steps: usize,
+    /// During the timed training steps / eval batches (GPU runs with NVML only).
+    pub train_gpu: Option<GpuUsage>,
+    pub eval_gpu: Option<GpuUsage>,
 }
 
 /// Times `steps` optimizer steps (after one warm-up step) and `steps` eval batches.
@@ -60,20 +64,24 @@ pub fn bench_train(
     };
     step(&mut opt)?;
     device.synchronize()?;
+    let sampler = GpuSampler::start(device);
     let t = Instant::now();
     for _ in 0..steps {
         step(&mut opt)?;
     }
     device.synchronize()?;
     let train = (steps * batch) as f64 / t.elapsed().as_secs_f64();
+    let train_gpu = sampler.and_then(GpuSampler::finish);
     let xe = x.narrow(0, 0, batch)?;
     model.forward_t(&xe, false)?;
     device.synchronize()?;
+    let sampler = GpuSampler::start(device);
     let t = Instant::now();
     for _ in 0..steps {
         model.forward_t(&xe, false)?.argmax(1)?.to_vec1::<u32>()?;
     }
     let eval = (steps * batch) as f64 / t.elapsed().as_secs_f64();
+    let eval_gpu = sampler.and_then(GpuSampler::finish);
     Ok(TrainBench {
         arch: arch.name().to_string(),
         batch,
@@ -82,6 +90,8 @@ pub fn bench_train(
         train_images_per_second: train,
         eval_images_per_second: eval,
         steps,
+        train_gpu,
+        eval_gpu,
     })
 }
 
@@ -120,6 +130,8 @@ pub struct LoopBench {
     /// Training images/second of the real loop, batch construction included.
     pub train_images_per_second: f64,
     pub steps: usize,
+    /// During the timed steps (GPU runs with NVML only).
+    pub gpu: Option<GpuUsage>,
 }
 
 /// Times `steps` steps (after one warm-up step) of the real training loop ([`train`]) with
@@ -157,19 +169,37 @@ pub fn bench_train_loop(
         },
         ..TrainConfig::default()
     };
-    /// Time of each finished step.
-    struct Clock(Vec<Instant>);
-    impl TrainObserver for Clock {
-        fn step(&mut self, _: usize, _: usize) -> anyhow::Result<()> {
-            self.0.push(Instant::now());
+    /// Time of each finished step; samples the GPU from the first (warm-up) step's end to
+    /// the last step's.
+    struct Clock<'d> {
+        times: Vec<Instant>,
+        device: &'d Device,
+        last: usize,
+        sampler: Option<GpuSampler>,
+        gpu: Option<GpuUsage>,
+    }
+    impl TrainObserver for Clock<'_> {
+        fn step(&mut self, done: usize, _: usize) -> anyhow::Result<()> {
+            self.times.push(Instant::now());
+            if done == 1 {
+                self.sampler = GpuSampler::start(self.device);
+            } else if done == self.last {
+                self.gpu = self.sampler.take().and_then(GpuSampler::finish);
+            }
             Ok(())
         }
     }
-    let mut clock = Clock(Vec::with_capacity(steps + 1));
+    let mut clock = Clock {
+        times: Vec::with_capacity(steps + 1),
+        device,
+        last: steps + 1,
+        sampler: None,
+        gpu: None,
+    };
     train(
         &*model, &varmap, &data, None, source, &config, device, None, &mut clock,
     )?;
-    let t = &clock.0;
+    let t = &clock.times;
     anyhow::ensure!(
         t.len() == steps + 1,
         "{} steps ran, expected {}",
@@ -181,6 +211,7 @@ pub fn bench_train_loop(
         prefetch,
         train_images_per_second: (steps * batch) as f64 / secs,
         steps,
+        gpu: clock.gpu,
     })
 }
 

@@ -9,6 +9,7 @@
 
 pub mod bench;
 pub mod evaluate;
+pub mod gpu_usage;
 pub mod init;
 pub mod input;
 pub mod loss;

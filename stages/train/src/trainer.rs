@@ -28,17 +28,20 @@ use crate::schedule::cosine_lr;
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::VarMap;
+use deeprepair_nn::sync_bn::{self, BatchStatsReducer};
 use deeprepair_nn::Classifier;
 use deeprepair_workers::data_parallel::{
     all_reduce_gradients, broadcast_weights, is_group_aborted, AbortOnDrop, Collective,
-    ThreadCollective, DEFAULT_BUCKET_BYTES,
+    GroupAborted, ThreadCollective, DEFAULT_BUCKET_BYTES,
 };
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::{Arc, Mutex};
 
 /// Images the loop trains on: `n` u8 RGB HWC images.
 #[derive(Clone, Copy)]
@@ -237,6 +240,11 @@ pub struct TrainConfig {
     /// batch in the loop). Does not change results; ignored for sources that consult the model.
     #[serde(default = "default_prefetch")]
     pub prefetch: usize,
+    /// Data-parallel runs: training-mode BatchNorm normalizes with the statistics of the whole
+    /// global batch, reduced across ranks (PyTorch's `SyncBatchNorm`), instead of each rank's
+    /// shard (DDP's default). No effect on one rank.
+    #[serde(default)]
+    pub sync_batch_norm: bool,
 }
 
 /// [`TrainConfig::prefetch`]'s default.
@@ -257,6 +265,7 @@ impl Default for TrainConfig {
             patience: None,
             jsd_lambda: 12.0,
             prefetch: DEFAULT_PREFETCH,
+            sync_batch_norm: false,
         }
     }
 }
@@ -446,6 +455,7 @@ pub fn train(
         resume,
         Some(observer),
         None,
+        None,
     )
 }
 
@@ -454,7 +464,8 @@ pub fn train(
 /// are broadcast to the others (or all come from `resume`). Rank `r` of a global batch of
 /// `config.batch_size` trains on its `r`-th contiguous shard; gradients are averaged before
 /// every step, so every rank holds the same trainable weights throughout. BatchNorm running
-/// statistics stay per rank; rank 0's `varmap` holds the result. Only rank 0 reports to
+/// statistics stay per rank (or, with [`TrainConfig::sync_batch_norm`], come from the whole
+/// batch on every rank); rank 0's `varmap` holds the result. Only rank 0 reports to
 /// `observer` (its checkpoints resume a data-parallel run with the same number of ranks).
 /// A rank that fails fails the whole call (the others are released, not left waiting).
 #[allow(clippy::too_many_arguments)]
@@ -467,13 +478,17 @@ pub fn train_data_parallel(
     resume: Option<&[u8]>,
     observer: &mut dyn TrainObserver,
 ) -> anyhow::Result<TrainOutcome> {
-    let collectives: Vec<Box<dyn Collective>> = ThreadCollective::group(replicas.len())
-        .into_iter()
-        .map(|c| Box::new(c) as Box<dyn Collective>)
-        .collect();
+    let group = || -> Vec<Box<dyn Collective>> {
+        ThreadCollective::group(replicas.len())
+            .into_iter()
+            .map(|c| Box::new(c) as Box<dyn Collective>)
+            .collect()
+    };
+    let batch_norm = (config.sync_batch_norm && replicas.len() > 1).then(group);
     train_with_collectives(
         replicas,
-        collectives,
+        group(),
+        batch_norm,
         data,
         validation,
         source,
@@ -484,11 +499,14 @@ pub fn train_data_parallel(
 }
 
 /// [`train_data_parallel`] over any collective backend: `collectives[r]` is rank `r`'s handle
-/// (e.g. NCCL communicators, one per GPU).
+/// (e.g. NCCL communicators, one per GPU). With [`TrainConfig::sync_batch_norm`] on several
+/// ranks, `batch_norm_collectives` is a second group of the same ranks: BatchNorm reduces
+/// inside the forward and backward passes, so it gets a group of its own.
 #[allow(clippy::too_many_arguments)]
 pub fn train_with_collectives(
     replicas: &[Replica],
     collectives: Vec<Box<dyn Collective>>,
+    batch_norm_collectives: Option<Vec<Box<dyn Collective>>>,
     data: &TrainData,
     validation: Option<&TrainData>,
     source: &dyn BatchSource,
@@ -503,24 +521,43 @@ pub fn train_with_collectives(
     if collectives.len() != world {
         bail!("{} collective handles for {world} ranks", collectives.len());
     }
-    for (r, c) in collectives.iter().enumerate() {
-        if c.rank() != r || c.world_size() != world {
-            bail!(
-                "collective handle {r} is rank {} of {}, expected rank {r} of {world}",
-                c.rank(),
-                c.world_size()
-            );
+    let check_group = |what: &str, handles: &[Box<dyn Collective>]| -> anyhow::Result<()> {
+        if handles.len() != world {
+            bail!("{} {what} handles for {world} ranks", handles.len());
         }
-    }
+        for (r, c) in handles.iter().enumerate() {
+            if c.rank() != r || c.world_size() != world {
+                bail!(
+                    "{what} handle {r} is rank {} of {}, expected rank {r} of {world}",
+                    c.rank(),
+                    c.world_size()
+                );
+            }
+        }
+        Ok(())
+    };
+    check_group("collective", &collectives)?;
+    let batch_norm_groups: Vec<Option<Arc<BatchNormGroup>>> = match batch_norm_collectives {
+        _ if !config.sync_batch_norm || world == 1 => vec![None; world],
+        None => bail!("sync_batch_norm on {world} ranks needs a batch-norm collective group"),
+        Some(handles) => {
+            check_group("batch-norm collective", &handles)?;
+            handles
+                .into_iter()
+                .map(|c| Some(Arc::new(BatchNormGroup::new(c, world))))
+                .collect()
+        }
+    };
     check_inputs(data, validation, config, world)?;
-    let mut collectives = collectives.into_iter();
-    let mut first = collectives.next().expect("world ≥ 1");
+    let mut ranks = collectives.into_iter().zip(batch_norm_groups);
+    let (mut first, first_bn) = ranks.next().expect("world ≥ 1");
     std::thread::scope(|scope| {
-        let others: Vec<_> = collectives
+        let others: Vec<_> = ranks
             .zip(&replicas[1..])
-            .map(|(mut c, &replica)| {
+            .map(|((mut c, bn), &replica)| {
                 scope.spawn(move || {
                     let mut guard = AbortOnDrop::new(&mut *c);
+                    let bn_guard = AbortBatchNormOnDrop(bn.clone());
                     let result = run_rank(
                         replica,
                         data,
@@ -530,15 +567,18 @@ pub fn train_with_collectives(
                         resume,
                         None,
                         Some(guard.get()),
+                        bn.clone(),
                     );
                     if result.is_ok() {
                         guard.disarm();
+                        std::mem::forget(bn_guard);
                     }
-                    result
+                    released_by_batch_norm(result, bn.as_deref())
                 })
             })
             .collect();
         let mut guard = AbortOnDrop::new(&mut *first);
+        let bn_guard = AbortBatchNormOnDrop(first_bn.clone());
         let mine = run_rank(
             replicas[0],
             data,
@@ -548,12 +588,17 @@ pub fn train_with_collectives(
             resume,
             Some(observer),
             Some(guard.get()),
+            first_bn.clone(),
         );
         if mine.is_ok() {
             guard.disarm();
+            std::mem::forget(bn_guard);
         } else {
-            drop(guard); // releases ranks waiting for rank 0
+            // Releases ranks waiting for rank 0.
+            drop(guard);
+            drop(bn_guard);
         }
+        let mine = released_by_batch_norm(mine, first_bn.as_deref());
         let mut errors: Vec<anyhow::Error> = Vec::new();
         let mut outcome = None;
         match mine {
@@ -577,6 +622,78 @@ pub fn train_with_collectives(
             .unwrap_or(0);
         Err(errors.swap_remove(cause))
     })
+}
+
+/// A rank's handle on the group that synchronized BatchNorm reduces over.
+struct BatchNormGroup {
+    collective: Mutex<Box<dyn Collective>>,
+    world: usize,
+    /// A reduction found the group aborted: this rank was released, it is not the cause.
+    released: AtomicBool,
+}
+
+impl BatchNormGroup {
+    fn new(collective: Box<dyn Collective>, world: usize) -> Self {
+        BatchNormGroup {
+            collective: Mutex::new(collective),
+            world,
+            released: AtomicBool::new(false),
+        }
+    }
+
+    fn abort(&self) {
+        let mut c = self.collective.lock().unwrap_or_else(|p| p.into_inner());
+        c.abort();
+    }
+}
+
+impl BatchStatsReducer for BatchNormGroup {
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    fn all_reduce_mean(&self, t: &Tensor) -> candle_core::Result<Tensor> {
+        let mut c = self
+            .collective
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("a rank panicked in batch-norm".into()))?;
+        match c.all_reduce_mean_tensor(&t.flatten_all()?) {
+            Ok(mean) => mean.reshape(t.shape()),
+            Err(e) => {
+                if is_group_aborted(&e) {
+                    self.released.store(true, Ordering::SeqCst);
+                }
+                Err(candle_core::Error::Msg(format!(
+                    "synchronized batch-norm: {e:#}"
+                )))
+            }
+        }
+    }
+}
+
+/// Aborts the batch-norm group when dropped (a rank failing or unwinding), unless forgotten.
+struct AbortBatchNormOnDrop(Option<Arc<BatchNormGroup>>);
+
+impl Drop for AbortBatchNormOnDrop {
+    fn drop(&mut self) {
+        if let Some(g) = &self.0 {
+            g.abort();
+        }
+    }
+}
+
+/// A rank whose batch-norm reduction was cut short by another rank's failure reports
+/// [`GroupAborted`], so the caller names the rank that failed first.
+fn released_by_batch_norm<T>(
+    result: anyhow::Result<T>,
+    group: Option<&BatchNormGroup>,
+) -> anyhow::Result<T> {
+    match (result, group) {
+        (Err(e), Some(g)) if g.released.load(Ordering::SeqCst) && !is_group_aborted(&e) => {
+            Err(anyhow::Error::new(GroupAborted).context(format!("{e:#}")))
+        }
+        (result, _) => result,
+    }
 }
 
 fn check_inputs(
@@ -653,7 +770,11 @@ fn run_rank(
     resume: Option<&[u8]>,
     mut observer: Option<&mut dyn TrainObserver>,
     mut collective: Option<&mut dyn Collective>,
+    batch_norm: Option<Arc<BatchNormGroup>>,
 ) -> anyhow::Result<TrainOutcome> {
+    // Training-mode BatchNorm on this thread reduces over the group (validation and the
+    // scorer run in eval mode and stay local).
+    let _sync_batch_norm = batch_norm.map(|g| sync_bn::scope(g as Arc<dyn BatchStatsReducer>));
     let Replica {
         model,
         varmap,

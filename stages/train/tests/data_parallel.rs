@@ -1,7 +1,7 @@
 //! Data-parallel training with thread ranks: N ranks with batch B/N take the same steps as one
-//! rank with batch B (no BatchNorm), every rank ends with the same weights (with BatchNorm,
-//! statistics per rank), sharding does not change which augmentation an image gets, and a
-//! failing rank fails the group instead of hanging it.
+//! rank with batch B (no BatchNorm, or synchronized BatchNorm), every rank ends with the same
+//! weights (with BatchNorm, statistics per rank), sharding does not change which augmentation
+//! an image gets, and a failing rank fails the group instead of hanging it.
 
 mod common;
 
@@ -212,6 +212,75 @@ fn batchnorm_ranks_end_with_the_same_weights_and_learn() {
     .unwrap()
     .accuracy;
     assert!(acc >= 0.75, "rank 0's model learned the classes: {acc}");
+}
+
+/// With synchronized BatchNorm, N ranks with B/N images each normalize with the whole batch's
+/// statistics, so they take the same steps as one rank with batch B: trainable weights and
+/// running statistics match one rank, on every rank. Without it they do not.
+#[test]
+fn synchronized_batchnorm_ranks_match_one_rank_with_the_whole_batch() {
+    // As above: 74 images, a last batch of 10 that 4 ranks split 2/3/2/3.
+    let (images, labels) = synthetic(74, 9);
+    let d = data(&images, &labels);
+    let cfg = TrainConfig {
+        sync_batch_norm: true,
+        ..config(3)
+    };
+    let (vm, model) = tiny_cnn(5);
+    train(
+        &*model,
+        &vm,
+        &d,
+        None,
+        &Plain,
+        &cfg,
+        &Device::Cpu,
+        None,
+        &mut (),
+    )
+    .unwrap();
+    let single = weights(&vm);
+    let run = |world: usize, sync_batch_norm: bool| {
+        let models: Models = (0..world).map(|_| tiny_cnn(5)).collect();
+        let cfg = TrainConfig {
+            sync_batch_norm,
+            ..cfg.clone()
+        };
+        train_data_parallel(&replicas(&models), &d, None, &Plain, &cfg, None, &mut ()).unwrap();
+        models.iter().map(|(vm, _)| weights(vm)).collect::<Vec<_>>()
+    };
+    for world in [2, 4] {
+        let ranks = run(world, true);
+        for (r, w) in ranks.iter().enumerate() {
+            let diff = max_diff(&single, w);
+            assert!(diff < 1e-4, "{world} ranks: rank {r} differs by {diff}");
+        }
+    }
+    let unsynced = run(2, false);
+    let diff = max_diff(&single, &unsynced[0]);
+    assert!(diff > 1e-3, "per-rank statistics give other steps: {diff}");
+}
+
+#[test]
+fn a_failing_rank_releases_ranks_waiting_in_synchronized_batchnorm() {
+    let err = within_a_minute(|| {
+        let (images, labels) = synthetic(64, 1);
+        let d = data(&images, &labels);
+        let models: Models = (0..3).map(|_| tiny_cnn(1)).collect();
+        let source = FailsOnRank1 {
+            calls: Default::default(),
+        };
+        let cfg = TrainConfig {
+            prefetch: 0,
+            sync_batch_norm: true,
+            ..config(2)
+        };
+        train_data_parallel(&replicas(&models), &d, None, &source, &cfg, None, &mut ())
+            .map(|_| ())
+            .map_err(|e| format!("{e:#}"))
+    })
+    .unwrap_err();
+    assert!(err.contains("unreadable image on rank 1"), "{err}");
 }
 
 #[test]
