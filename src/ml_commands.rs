@@ -356,6 +356,13 @@ pub fn bench_train(args: BenchTrainArgs) -> anyhow::Result<ExitCode> {
         ),
         None => ("-".to_string(), "-".to_string()),
     };
+    let row = |train: &str, eval: &str, batches: &str, prefetch: &str, util: &str, mib: &str| {
+        format!(
+            "{:<20} {:>6} {:<5} {:<7} {train:>14} {eval:>14}  {batches:<10} {prefetch:>8} \
+             {util:>9} {mib:>9}\n",
+            r.arch, r.batch, r.jsd, device_name
+        )
+    };
     let mut out = format!(
         "{:<20} {:>6} {:<5} {:<7} {:>14} {:>14}  {:<10} {:>8} {:>9} {:>9}\n",
         "arch",
@@ -371,18 +378,13 @@ pub fn bench_train(args: BenchTrainArgs) -> anyhow::Result<ExitCode> {
     );
     let (train_util, train_mib) = gpu(r.train_gpu);
     let (eval_util, _) = gpu(r.eval_gpu);
-    out += &format!(
-        "{:<20} {:>6} {:<5} {:<7} {:>14.1} {:>14.1}  {:<10} {:>8} {:>9} {:>9}\n",
-        r.arch,
-        r.batch,
-        r.jsd,
-        device_name,
-        r.train_images_per_second,
-        r.eval_images_per_second,
+    out += &row(
+        &format!("{:.1}", r.train_images_per_second),
+        &format!("{:.1}", r.eval_images_per_second),
         "fixed",
         "-",
-        format!("{train_util}/{eval_util}"),
-        train_mib
+        &format!("{train_util}/{eval_util}"),
+        &train_mib,
     );
     // The real loop: the method's batch construction on every step.
     let (source, label): (Box<dyn deeprepair_train::BatchSource>, &str) = if args.jsd {
@@ -403,18 +405,13 @@ pub fn bench_train(args: BenchTrainArgs) -> anyhow::Result<ExitCode> {
         )
         .with_context(|| format!("bench train {} (loop, prefetch {depth})", args.arch.name()))?;
         let (util, mib) = gpu(l.gpu);
-        out += &format!(
-            "{:<20} {:>6} {:<5} {:<7} {:>14.1} {:>14}  {:<10} {:>8} {:>9} {:>9}\n",
-            r.arch,
-            r.batch,
-            r.jsd,
-            device_name,
-            l.train_images_per_second,
+        out += &row(
+            &format!("{:.1}", l.train_images_per_second),
             "-",
             label,
-            depth,
-            util,
-            mib
+            &depth.to_string(),
+            &util,
+            &mib,
         );
     }
     out += "(fixed: the model alone on one prepared batch; other rows: the training loop building \

@@ -222,10 +222,7 @@ fn rank_group(devices: &[candle_core::Device]) -> anyhow::Result<Vec<Box<dyn Col
     if devices.iter().all(|d| d.is_cuda()) {
         return nccl_group(devices);
     }
-    Ok(ThreadCollective::group(devices.len())
-        .into_iter()
-        .map(|c| Box::new(c) as Box<dyn Collective>)
-        .collect())
+    Ok(ThreadCollective::boxed_group(devices.len()))
 }
 
 /// An NCCL group over `devices`, ranks in this process: rank 0's unique id is handed to every

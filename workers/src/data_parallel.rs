@@ -130,6 +130,14 @@ impl ThreadCollective {
             .collect()
     }
 
+    /// [`ThreadCollective::group`] as trait objects, as the trainer takes them.
+    pub fn boxed_group(world: usize) -> Vec<Box<dyn Collective>> {
+        Self::group(world)
+            .into_iter()
+            .map(|c| Box::new(c) as Box<dyn Collective>)
+            .collect()
+    }
+
     /// Every rank contributes `buffer`; `combine` turns the rank-ordered parts into the result.
     fn exchange(
         &mut self,

@@ -358,12 +358,12 @@ pub fn relu(x: &Tensor) -> Result<Tensor> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use candle_core::{Device, ModuleT, Var};
     use candle_nn::VarMap;
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    pub(crate) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
             .unwrap()
             .abs()
@@ -374,6 +374,18 @@ mod tests {
             .unwrap()
             .to_scalar()
             .unwrap()
+    }
+
+    /// Sets a 3-feature BatchNorm's γ and β to non-trivial values.
+    pub(crate) fn set_affine(vm: &VarMap) {
+        let data = vm.data().lock().unwrap();
+        let dev = data["weight"].device().clone();
+        data["weight"]
+            .set(&Tensor::new(&[0.5f32, 1.5, -1.0], &dev).unwrap())
+            .unwrap();
+        data["bias"]
+            .set(&Tensor::new(&[0.1f32, -0.2, 0.3], &dev).unwrap())
+            .unwrap();
     }
 
     #[test]
@@ -390,15 +402,8 @@ mod tests {
         let ours = batch_norm(3, 1e-5, vb_a).unwrap();
         let theirs = candle_nn::batch_norm(3, 1e-5, vb_b).unwrap();
         // Non-trivial affine parameters, the same on both sides.
-        for vm in [&vm_a, &vm_b] {
-            let data = vm.data().lock().unwrap();
-            data["weight"]
-                .set(&Tensor::new(&[0.5f32, 1.5, -1.0], &dev).unwrap())
-                .unwrap();
-            data["bias"]
-                .set(&Tensor::new(&[0.1f32, -0.2, 0.3], &dev).unwrap())
-                .unwrap();
-        }
+        set_affine(&vm_a);
+        set_affine(&vm_b);
         let w = Tensor::randn(0f32, 1., (4, 3, 5, 5), &dev).unwrap();
         let ya = ours.forward_t(&x, true).unwrap();
         let yb = theirs.forward_t(&x, true).unwrap();

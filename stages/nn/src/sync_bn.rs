@@ -134,6 +134,7 @@ impl CustomOp1 for GradAllReduceMean {
 mod tests {
     use super::*;
     use crate::fast_bn::batch_norm;
+    use crate::fast_bn::tests::{max_diff, set_affine};
     use candle_core::{DType, Device, ModuleT, Var};
     use candle_nn::{VarBuilder, VarMap};
     use std::sync::{Barrier, Mutex};
@@ -192,34 +193,13 @@ mod tests {
             .collect()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
-
     /// Runs BatchNorm (γ, β set) in training mode on `x` with upstream gradient `w`;
     /// returns (y, dx, dγ, dβ, running_mean, running_var).
     fn run(x: &Tensor, w: &Tensor, reducer: Option<Arc<dyn BatchStatsReducer>>) -> Vec<Tensor> {
         let dev = x.device();
         let vm = VarMap::new();
         let bn = batch_norm(3, 1e-5, VarBuilder::from_varmap(&vm, DType::F32, dev)).unwrap();
-        {
-            let data = vm.data().lock().unwrap();
-            data["weight"]
-                .set(&Tensor::new(&[0.5f32, 1.5, -1.0], dev).unwrap())
-                .unwrap();
-            data["bias"]
-                .set(&Tensor::new(&[0.1f32, -0.2, 0.3], dev).unwrap())
-                .unwrap();
-        }
+        set_affine(&vm);
         let x = Var::from_tensor(x).unwrap();
         let _scope = reducer.map(scope);
         let y = bn.forward_t(&x, true).unwrap();

@@ -478,16 +478,12 @@ pub fn train_data_parallel(
     resume: Option<&[u8]>,
     observer: &mut dyn TrainObserver,
 ) -> anyhow::Result<TrainOutcome> {
-    let group = || -> Vec<Box<dyn Collective>> {
-        ThreadCollective::group(replicas.len())
-            .into_iter()
-            .map(|c| Box::new(c) as Box<dyn Collective>)
-            .collect()
-    };
-    let batch_norm = (config.sync_batch_norm && replicas.len() > 1).then(group);
+    let world = replicas.len();
+    let batch_norm =
+        (config.sync_batch_norm && world > 1).then(|| ThreadCollective::boxed_group(world));
     train_with_collectives(
         replicas,
-        group(),
+        ThreadCollective::boxed_group(world),
         batch_norm,
         data,
         validation,

@@ -11,7 +11,7 @@ use common::{data, synthetic, tiny_cnn, weights};
 use deeprepair_nn::Classifier;
 use deeprepair_train::trainer::{
     train_data_parallel, BatchSeed, BatchSource, Replica, Scorer, StandardAugment, Targets,
-    TrainBatch, TrainObserver,
+    TrainBatch, TrainObserver, TrainOutcome,
 };
 use deeprepair_train::{seeded_var_builder, train, EpochStats, TrainConfig, TrainData};
 use std::sync::mpsc;
@@ -88,6 +88,16 @@ fn config(epochs: usize) -> TrainConfig {
 
 type Models = Vec<(VarMap, Box<dyn Classifier>)>;
 
+/// The reference: one rank, the whole batch, [`Plain`] images, on the CPU.
+fn train_one_rank(
+    model: &dyn Classifier,
+    vm: &VarMap,
+    d: &TrainData,
+    cfg: &TrainConfig,
+) -> TrainOutcome {
+    train(model, vm, d, None, &Plain, cfg, &Device::Cpu, None, &mut ()).unwrap()
+}
+
 fn replicas(models: &Models) -> Vec<Replica<'_>> {
     models
         .iter()
@@ -119,18 +129,7 @@ fn ranks_with_shards_match_one_rank_with_the_whole_batch() {
     let cfg = config(3);
     let (vm, model) = small(4);
     let init = weights(&vm);
-    let single = train(
-        &*model,
-        &vm,
-        &d,
-        None,
-        &Plain,
-        &cfg,
-        &Device::Cpu,
-        None,
-        &mut (),
-    )
-    .unwrap();
+    let single = train_one_rank(&*model, &vm, &d, &cfg);
     let single_w = weights(&vm);
     assert!(
         max_diff(&init, &single_w) > 1e-3,
@@ -227,18 +226,7 @@ fn synchronized_batchnorm_ranks_match_one_rank_with_the_whole_batch() {
         ..config(3)
     };
     let (vm, model) = tiny_cnn(5);
-    train(
-        &*model,
-        &vm,
-        &d,
-        None,
-        &Plain,
-        &cfg,
-        &Device::Cpu,
-        None,
-        &mut (),
-    )
-    .unwrap();
+    train_one_rank(&*model, &vm, &d, &cfg);
     let single = weights(&vm);
     let run = |world: usize, sync_batch_norm: bool| {
         let models: Models = (0..world).map(|_| tiny_cnn(5)).collect();
