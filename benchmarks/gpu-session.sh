@@ -98,7 +98,13 @@ cmd_nccl() {
   for t in $("$TESTS" --list --ignored 2>/dev/null | sed -n 's/: test$//p'); do
     run_logged nccl 150 "$TESTS" --ignored --exact "$t" --nocapture --test-threads=1
   done
-  grep -E "^test |test result|NCCL (refused|accepted|version)|panicked" "$OUT/nccl.log" > "$OUT/nccl-summary.txt"
+  # Synchronized BatchNorm on the GPU (the trainer's data-parallel tests, GPU ones included).
+  if unpack dp-tests "$WORK/dp-tests"; then
+    run_logged nccl 240 "$WORK/dp-tests" --include-ignored --nocapture --test-threads=1
+  else
+    log "no $CARRY/dp-tests.gz: synchronized BatchNorm on the GPU not checked"
+  fi
+  grep -E "^test |test result|NCCL (refused|accepted|version)|panicked|max weight difference" "$OUT/nccl.log" > "$OUT/nccl-summary.txt"
   cat "$OUT/nccl-summary.txt"
 }
 
@@ -185,6 +191,19 @@ cmd_pack() {
     rm -f "$CARRY/nccl-tests.gz"
     log "no NCCL test executable under $target/release/deps (cargo test --release --features nccl --target-dir $target -p deeprepair-workers --no-run)"
   fi
+  # The data-parallel trainer tests built with --features cuda (synchronized BatchNorm on GPU).
+  local dp=""
+  for t in $(ls -t "$target"/release/deps/data_parallel-* 2>/dev/null); do
+    case $t in *.d) continue ;; esac
+    [ -x "$t" ] && grep -q -a "synchronized_batchnorm_on_a_gpu_matches_one_rank" "$t" && { dp=$t; break; }
+  done
+  if [ -n "$dp" ]; then
+    cp "$dp" "$tmp/dp-tests" && strip "$tmp/dp-tests"
+    gzip -9 -c "$tmp/dp-tests" > "$CARRY/dp-tests.gz"
+  else
+    rm -f "$CARRY/dp-tests.gz"
+    log "no GPU data-parallel test executable (cargo test --release --features cuda --target-dir $target -p deeprepair-train --test data_parallel --no-run)"
+  fi
   # CIFAR-10 JPEG subset for manifests/smoke.yaml (per_class 300 train, 100 test): the first
   # N files of each class folder, same layout.
   if [ -d "$data_src" ]; then
@@ -206,6 +225,7 @@ cmd_pack() {
     echo "packed $(date -u +%FT%TZ) from $(git rev-parse --short HEAD)$(git diff --quiet HEAD 2>/dev/null || echo ' (+ uncommitted changes)')"
     echo "deeprepair: built $(date -u -r "$bin" +%FT%TZ), sha256 $(sha256sum "$tmp/deeprepair" | cut -c1-16) (stripped)"
     [ -n "$tests" ] && echo "nccl-tests: $(basename "$tests"), built $(date -u -r "$tests" +%FT%TZ)"
+    [ -n "$dp" ] && echo "dp-tests: $(basename "$dp"), built $(date -u -r "$dp" +%FT%TZ)"
   } > "$CARRY/MANIFEST.txt"
   rm -rf "$tmp"
   echo "== $CARRY/"

@@ -29,7 +29,9 @@ use deeprepair_pipeline::{
 };
 use deeprepair_repair::augmix_ops::{augment_and_mix_with, ImageRef, AUGMIX_OPS};
 use deeprepair_repair::reference_sampling::{ClassReferenceSampler, Sampling};
-use deeprepair_repair::sensei::{sensei_select, Population, SenseiConfig};
+use deeprepair_repair::sensei::{
+    decode_populations, encode_populations, sensei_select, Population, SenseiConfig,
+};
 use deeprepair_repair::style_transfer::{StyleTransfer, WaveletStyle};
 use deeprepair_repair::weight_distribution::{WeightDistribution, WeightModel};
 use deeprepair_repair::{cutout, fsgmix_ops, mix};
@@ -526,8 +528,8 @@ impl BatchSource for MixSource {
 
 struct SenseiSource {
     config: SenseiConfig,
-    /// One population per training image, evolving across epochs (not part of checkpoints:
-    /// a resumed run restarts the search from fresh populations).
+    /// One population per training image, evolving across epochs; saved in every checkpoint,
+    /// so a resumed run continues the same search.
     populations: Mutex<Vec<Population>>,
 }
 
@@ -535,6 +537,24 @@ impl BatchSource for SenseiSource {
     /// The worst variant is chosen by the current model's loss.
     fn uses_model(&self) -> bool {
         true
+    }
+
+    fn save_state(&self) -> anyhow::Result<Option<Vec<u8>>> {
+        let populations = self.populations.lock().expect("populations");
+        Ok(Some(encode_populations(&populations)))
+    }
+
+    fn restore_state(&self, state: &[u8]) -> anyhow::Result<()> {
+        let restored = decode_populations(state)?;
+        let mut populations = self.populations.lock().expect("populations");
+        anyhow::ensure!(
+            restored.len() == populations.len(),
+            "the checkpoint holds SENSEI populations for {} images, this run trains on {}",
+            restored.len(),
+            populations.len()
+        );
+        *populations = restored;
+        Ok(())
     }
 
     fn make_batch(
@@ -894,5 +914,28 @@ mod tests {
         };
         assert!(sensei.uses_model());
         assert!(!CutoutSource { length: 16 }.uses_model());
+    }
+
+    /// SENSEI's populations travel in the checkpoint; a checkpoint for another training set
+    /// is refused.
+    #[test]
+    fn sensei_populations_are_saved_and_restored() {
+        use rand::SeedableRng;
+        let config = SenseiConfig::default();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let searched: Vec<Population> =
+            (0..3).map(|_| Population::new(&config, &mut rng)).collect();
+        let source = |populations: Vec<Population>| SenseiSource {
+            config: SenseiConfig::default(),
+            populations: Mutex::new(populations),
+        };
+        let state = source(searched.clone()).save_state().unwrap().unwrap();
+        let resumed = source(vec![Population::default(); 3]);
+        resumed.restore_state(&state).unwrap();
+        assert_eq!(*resumed.populations.lock().unwrap(), searched);
+        let err = source(vec![Population::default(); 2])
+            .restore_state(&state)
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("for 3 images"), "{err:#}");
     }
 }

@@ -342,6 +342,67 @@ pub struct Proposal {
     pub robust: bool,
 }
 
+/// Every image's population as bytes, exactly (checkpoints carry them so that a resumed run
+/// continues the same search): per population a flag byte and a member count (u32 LE), per
+/// member the 7 genes (f64 LE) and the loss (f32 LE). A format this small needs no crate.
+pub fn encode_populations(populations: &[Population]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + populations.len() * 5);
+    out.extend_from_slice(&(populations.len() as u64).to_le_bytes());
+    for p in populations {
+        out.push(u8::from(p.evaluated));
+        out.extend_from_slice(&(p.members.len() as u32).to_le_bytes());
+        for m in &p.members {
+            for gene in m.transform.genes() {
+                out.extend_from_slice(&gene.to_le_bytes());
+            }
+            out.extend_from_slice(&m.loss.to_le_bytes());
+        }
+    }
+    out
+}
+
+/// The inverse of [`encode_populations`]; refuses truncated or trailing bytes.
+pub fn decode_populations(bytes: &[u8]) -> anyhow::Result<Vec<Population>> {
+    let mut rest = bytes;
+    let mut take = |n: usize| -> anyhow::Result<&[u8]> {
+        anyhow::ensure!(rest.len() >= n, "SENSEI populations: truncated");
+        let (head, tail) = rest.split_at(n);
+        rest = tail;
+        Ok(head)
+    };
+    let count = u64::from_le_bytes(take(8)?.try_into()?) as usize;
+    let mut populations = Vec::with_capacity(count.min(bytes.len()));
+    for _ in 0..count {
+        let evaluated = match take(1)?[0] {
+            0 => false,
+            1 => true,
+            other => anyhow::bail!("SENSEI populations: flag byte {other}"),
+        };
+        let members = u32::from_le_bytes(take(4)?.try_into()?) as usize;
+        let mut p = Population {
+            members: Vec::with_capacity(members.min(bytes.len())),
+            evaluated,
+        };
+        for _ in 0..members {
+            let mut genes = [0f64; NUM_GENES];
+            for g in &mut genes {
+                *g = f64::from_le_bytes(take(8)?.try_into()?);
+            }
+            p.members.push(Individual {
+                transform: Transform::from_genes(genes),
+                loss: f32::from_le_bytes(take(4)?.try_into()?),
+            });
+        }
+        populations.push(p);
+    }
+    anyhow::ensure!(
+        rest.is_empty(),
+        "SENSEI populations: {} trailing bytes",
+        rest.len()
+    );
+    Ok(populations)
+}
+
 impl Population {
     /// The initial population: the identity plus `initial_population − 1` random transforms,
     /// losses initialized to 1 as in the reference.
@@ -712,6 +773,30 @@ mod tests {
     use super::*;
     use rand::rngs::StdRng;
     use rand::SeedableRng;
+
+    #[test]
+    fn populations_round_trip_exactly_and_bad_bytes_are_refused() {
+        let cfg = SenseiConfig::default();
+        let mut rng = StdRng::seed_from_u64(5);
+        let mut evaluated = Population::new(&cfg, &mut rng);
+        evaluated.evaluated = true;
+        evaluated.members[1].loss = 0.1 + 0.2; // not representable in short decimal
+        let pops = vec![
+            Population::default(),
+            evaluated,
+            Population::new(&cfg, &mut rng),
+        ];
+        let bytes = encode_populations(&pops);
+        assert_eq!(decode_populations(&bytes).unwrap(), pops);
+        assert!(decode_populations(&bytes[..bytes.len() - 1]).is_err());
+        let mut trailing = bytes.clone();
+        trailing.push(0);
+        assert!(decode_populations(&trailing).is_err());
+        assert_eq!(
+            decode_populations(&encode_populations(&[])).unwrap(),
+            Vec::<Population>::new()
+        );
+    }
 
     fn gradient(w: usize, h: usize) -> Vec<u8> {
         (0..h)

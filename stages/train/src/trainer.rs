@@ -126,6 +126,19 @@ pub trait BatchSource: Send + Sync {
     fn uses_model(&self) -> bool {
         false
     }
+
+    /// The state the source carries from batch to batch (SENSEI's GA populations), as bytes;
+    /// `None` for a stateless source. Every checkpoint holds it, taken after the epoch's last
+    /// batch, so a resumed run continues from the same state. A source with state is built in
+    /// the loop, never prefetched.
+    fn save_state(&self) -> anyhow::Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
+
+    /// Puts back what [`BatchSource::save_state`] returned (before training resumes).
+    fn restore_state(&self, _state: &[u8]) -> anyhow::Result<()> {
+        bail!("this batch source keeps no state, but the checkpoint holds some")
+    }
 }
 
 /// A seeded RNG for item `index` of stream `seed` (per-image randomness independent of threads).
@@ -334,11 +347,15 @@ fn restore(varmap: &VarMap, tensors: &HashMap<String, Tensor>) -> anyhow::Result
     Ok(())
 }
 
+/// The checkpoint's tensor holding the batch source's state, as bytes.
+const SOURCE_STATE: &str = "source/state";
+
 fn encode_checkpoint(
     varmap: &VarMap,
     opt: &Sgd,
     best: Option<&HashMap<String, Tensor>>,
     progress: &Progress,
+    source_state: Option<Vec<u8>>,
 ) -> anyhow::Result<Vec<u8>> {
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     for (k, v) in snapshot(varmap) {
@@ -351,6 +368,13 @@ fn encode_checkpoint(
         for (k, v) in best {
             tensors.push((format!("best/{k}"), v.to_device(&Device::Cpu)?));
         }
+    }
+    if let Some(state) = source_state {
+        let len = state.len();
+        tensors.push((
+            SOURCE_STATE.to_string(),
+            Tensor::from_vec(state, len, &Device::Cpu)?,
+        ));
     }
     tensors.sort_by(|a, b| a.0.cmp(&b.0));
     let meta = HashMap::from([("progress".to_string(), serde_json::to_string(progress)?)]);
@@ -384,6 +408,23 @@ fn decode_checkpoint(bytes: &[u8], device: &Device) -> anyhow::Result<Decoded> {
         }
     }
     Ok((model, sgd, (!best.is_empty()).then_some(best), progress))
+}
+
+/// Puts the batch source's state from checkpoint `resume` back, if it holds one (checkpoints
+/// written before sources had state hold none: the source then starts afresh). Called once,
+/// before any rank starts: every rank shares the source.
+fn restore_source_state(source: &dyn BatchSource, resume: Option<&[u8]>) -> anyhow::Result<()> {
+    let Some(bytes) = resume else {
+        return Ok(());
+    };
+    let tensors =
+        safetensors::SafeTensors::deserialize(bytes).context("reading the training checkpoint")?;
+    if let Ok(state) = tensors.tensor(SOURCE_STATE) {
+        source
+            .restore_state(state.data())
+            .context("restoring the batch source's state from the checkpoint")?;
+    }
+    Ok(())
 }
 
 struct ModelScorer<'a> {
@@ -441,6 +482,7 @@ pub fn train(
     observer: &mut dyn TrainObserver,
 ) -> anyhow::Result<TrainOutcome> {
     check_inputs(data, validation, config, 1)?;
+    restore_source_state(source, resume)?;
     let replica = Replica {
         model,
         varmap,
@@ -545,6 +587,7 @@ pub fn train_with_collectives(
         }
     };
     check_inputs(data, validation, config, world)?;
+    restore_source_state(source, resume)?;
     let mut ranks = collectives.into_iter().zip(batch_norm_groups);
     let (mut first, first_bn) = ranks.next().expect("world ≥ 1");
     std::thread::scope(|scope| {
@@ -791,6 +834,8 @@ fn run_rank(
         progress = p;
     }
     let all_vars = sorted_vars(varmap);
+    // Before the broadcast below, so no rank has made a batch yet.
+    let stateful = source.save_state()?.is_some();
     if let Some(c) = collective.as_deref_mut() {
         broadcast_weights(c, &all_vars).context("broadcasting rank 0's weights")?;
     }
@@ -803,7 +848,7 @@ fn run_rank(
         width: w,
         device,
     };
-    let prefetch = config.prefetch > 0 && !source.uses_model();
+    let prefetch = config.prefetch > 0 && !source.uses_model() && !stateful;
     std::thread::scope(|scope| -> anyhow::Result<()> {
         // Batches built ahead: one message per step of every remaining epoch, in loop order;
         // `depth - 1` queued plus the one being built or waiting to be queued.
@@ -928,6 +973,16 @@ fn run_rank(
                 correct = (sums[1] as f64 * world).round() as usize;
                 seen = (sums[2] as f64 * world).round() as usize;
             }
+            // Every rank has made its last batch of the epoch (the reduction above waited for
+            // them); the one that checkpoints takes the source's state before any rank makes
+            // the next epoch's first batch (the barrier below).
+            let source_state = match (&observer, stateful) {
+                (Some(_), true) => source.save_state()?,
+                _ => None,
+            };
+            if let (Some(c), true) = (collective.as_deref_mut(), stateful) {
+                c.all_reduce_mean(&mut [0.0])?;
+            }
             let (mut val_loss, mut val_accuracy) = (None, None);
             if let (Some(v), 0) = (validation, rank) {
                 let scored = predict(
@@ -991,7 +1046,8 @@ fn run_rank(
             progress.history.push(stats.clone());
             progress.next_epoch = epoch + 1;
             if let Some(o) = observer.as_deref_mut() {
-                let checkpoint = encode_checkpoint(varmap, &opt, best.as_ref(), &progress)?;
+                let checkpoint =
+                    encode_checkpoint(varmap, &opt, best.as_ref(), &progress, source_state)?;
                 o.epoch(&stats, &checkpoint)?;
             }
         }

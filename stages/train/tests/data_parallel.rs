@@ -402,3 +402,47 @@ fn a_batch_too_small_for_the_ranks_is_refused() {
         train_data_parallel(&replicas(&models), &d, None, &Plain, &cfg, None, &mut ()).unwrap_err();
     assert!(format!("{err:#}").contains("4 ranks"), "{err:#}");
 }
+
+/// On a GPU: two ranks as threads on GPU 0 (reducing through host memory) with synchronized
+/// BatchNorm take one rank's steps, which exercises the CUDA side of `sync_bn` (the identity
+/// op's device copy and candle's kernels in the composed normalization).
+#[cfg(feature = "cuda")]
+#[test]
+#[ignore = "needs a CUDA GPU: cargo test -p deeprepair-train --features cuda --test data_parallel -- --ignored"]
+fn synchronized_batchnorm_on_a_gpu_matches_one_rank() {
+    let gpu = Device::new_cuda(0).expect("CUDA device 0");
+    let (images, labels) = synthetic(74, 9);
+    let d = data(&images, &labels);
+    let cfg = TrainConfig {
+        sync_batch_norm: true,
+        ..config(3)
+    };
+    let on_gpu = || {
+        let varmap = VarMap::new();
+        let model = deeprepair_nn::build(
+            deeprepair_nn::Arch::TinyCnn,
+            4,
+            seeded_var_builder(&varmap, 5, DType::F32, &gpu),
+        )
+        .unwrap();
+        (varmap, model)
+    };
+    let (vm, model) = on_gpu();
+    train(&*model, &vm, &d, None, &Plain, &cfg, &gpu, None, &mut ()).unwrap();
+    let single = weights(&vm);
+    let models: Models = (0..2).map(|_| on_gpu()).collect();
+    let replicas: Vec<Replica> = models
+        .iter()
+        .map(|(varmap, model)| Replica {
+            model: &**model,
+            varmap,
+            device: &gpu,
+        })
+        .collect();
+    train_data_parallel(&replicas, &d, None, &Plain, &cfg, None, &mut ()).unwrap();
+    for (r, (vm, _)) in models.iter().enumerate() {
+        let diff = max_diff(&single, &weights(vm));
+        println!("rank {r}: max weight difference to one rank {diff:e}");
+        assert!(diff < 1e-3, "rank {r} differs by {diff}");
+    }
+}

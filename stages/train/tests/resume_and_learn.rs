@@ -1,12 +1,15 @@
 //! The training loop learns, and a run killed after any epoch resumes to the same weights as an
-//! uninterrupted one (tiny-cnn on synthetic, learnable images).
+//! uninterrupted one (tiny-cnn on synthetic, learnable images), a batch source's state included.
 
 mod common;
 use candle_core::{DType, Device};
 use candle_nn::VarMap;
 use common::{synthetic, weights};
 use deeprepair_nn::{build, Arch};
-use deeprepair_train::trainer::{StandardAugment, TrainObserver};
+use deeprepair_train::trainer::{
+    train_data_parallel, BatchSeed, BatchSource, Replica, Scorer, StandardAugment, Targets,
+    TrainBatch, TrainObserver,
+};
 use deeprepair_train::{evaluate, seeded_var_builder, train, EpochStats, TrainConfig, TrainData};
 
 fn config(epochs: usize) -> TrainConfig {
@@ -207,4 +210,132 @@ fn early_stopping_restores_the_best_epoch() {
         "best weights restored: {} vs {best_loss}",
         after.mean_loss
     );
+}
+
+/// A source with state (like SENSEI's GA populations): every image's visit count shifts its
+/// brightness, so the batches depend on everything the source saw before.
+struct CountingSource {
+    visits: std::sync::Mutex<Vec<u32>>,
+}
+
+impl CountingSource {
+    fn new(n: usize) -> Self {
+        CountingSource {
+            visits: std::sync::Mutex::new(vec![0; n]),
+        }
+    }
+    fn visits(&self) -> Vec<u32> {
+        self.visits.lock().unwrap().clone()
+    }
+}
+
+impl BatchSource for CountingSource {
+    fn make_batch(
+        &self,
+        data: &TrainData,
+        indices: &[usize],
+        _: BatchSeed,
+        _: &dyn Scorer,
+    ) -> anyhow::Result<TrainBatch> {
+        let mut visits = self.visits.lock().unwrap();
+        let mut pixels = Vec::new();
+        for &i in indices {
+            visits[i] += 1;
+            let shift = (visits[i] % 5) as f32 * 0.05;
+            pixels.extend(
+                data.image(i)
+                    .iter()
+                    .map(|&v| v as f32 / 255.0 * 0.8 + shift),
+            );
+        }
+        Ok(TrainBatch {
+            pixels,
+            views: 1,
+            batch: indices.len(),
+            targets: Targets::Hard(indices.iter().map(|&i| data.labels[i] as u32).collect()),
+        })
+    }
+
+    fn save_state(&self) -> anyhow::Result<Option<Vec<u8>>> {
+        Ok(Some(
+            self.visits().iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ))
+    }
+
+    fn restore_state(&self, state: &[u8]) -> anyhow::Result<()> {
+        *self.visits.lock().unwrap() = state
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        Ok(())
+    }
+}
+
+/// The checkpoint carries the source's state: a run killed after epoch 2 and resumed with a
+/// fresh source ends with the uninterrupted run's weights and source state, on one rank and
+/// on two (where the state is taken while no rank is ahead in the next epoch).
+#[test]
+fn a_sources_state_resumes_with_the_checkpoint() {
+    let (images, labels) = synthetic(64, 3);
+    let data = TrainData {
+        images: &images,
+        labels: &labels,
+        n: 64,
+        height: 16,
+        width: 16,
+        num_classes: 4,
+    };
+    let cfg = config(4);
+    for world in [1, 2] {
+        let run = |source: &CountingSource,
+                   resume: Option<&[u8]>,
+                   recorder: &mut Recorder|
+         -> (anyhow::Result<()>, Vec<(String, Vec<f32>)>) {
+            let models: Vec<_> = (0..world).map(|_| fresh(0)).collect();
+            let replicas: Vec<Replica> = models
+                .iter()
+                .map(|(varmap, model)| Replica {
+                    model: &**model,
+                    varmap,
+                    device: &Device::Cpu,
+                })
+                .collect();
+            let result = if world == 1 {
+                let r = &replicas[0];
+                train(
+                    r.model, r.varmap, &data, None, source, &cfg, r.device, resume, recorder,
+                )
+            } else {
+                train_data_parallel(&replicas, &data, None, source, &cfg, resume, recorder)
+            };
+            (result.map(|_| ()), weights(&models[0].0))
+        };
+        let whole_source = CountingSource::new(64);
+        let (result, whole) = run(&whole_source, None, &mut Recorder::default());
+        result.unwrap();
+        assert!(whole_source.visits().iter().all(|&v| v == 4));
+
+        let mut killed = Recorder {
+            stop_after: Some(2),
+            ..Recorder::default()
+        };
+        let (result, _) = run(&CountingSource::new(64), None, &mut killed);
+        assert!(result.is_err(), "killed after epoch 2");
+        let resumed_source = CountingSource::new(64);
+        let (result, resumed) = run(
+            &resumed_source,
+            Some(&killed.checkpoints[1]),
+            &mut Recorder::default(),
+        );
+        result.unwrap();
+        assert_eq!(
+            resumed_source.visits(),
+            whole_source.visits(),
+            "{world} rank(s): the resumed source continued from the saved visits"
+        );
+        assert_eq!(
+            resumed, whole,
+            "{world} rank(s): same weights as uninterrupted"
+        );
+    }
 }
