@@ -328,6 +328,13 @@ pub struct BenchTrainArgs {
     #[arg(long, value_name = "DEPTH", default_value_t = deeprepair_train::trainer::DEFAULT_PREFETCH,
           value_parser = clap::value_parser!(u64).range(0..=64).map(|v| v as usize))]
     prefetch: usize,
+    /// Data-parallel ranks in the loop rows, all on the chosen device (threads sharing it):
+    /// the cost of sharding and reducing, not a multi-GPU speed-up.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64).map(|v| v as usize))]
+    ranks: usize,
+    /// With --ranks > 1: synchronized BatchNorm in the loop rows.
+    #[arg(long)]
+    sync_bn: bool,
 }
 
 pub fn bench_train(args: BenchTrainArgs) -> anyhow::Result<ExitCode> {
@@ -356,15 +363,21 @@ pub fn bench_train(args: BenchTrainArgs) -> anyhow::Result<ExitCode> {
         ),
         None => ("-".to_string(), "-".to_string()),
     };
-    let row = |train: &str, eval: &str, batches: &str, prefetch: &str, util: &str, mib: &str| {
+    let row = |train: &str,
+               eval: &str,
+               batches: &str,
+               prefetch: &str,
+               ranks: &str,
+               util: &str,
+               mib: &str| {
         format!(
             "{:<20} {:>6} {:<5} {:<7} {train:>14} {eval:>14}  {batches:<10} {prefetch:>8} \
-             {util:>9} {mib:>9}\n",
+             {ranks:>7} {util:>9} {mib:>9}\n",
             r.arch, r.batch, r.jsd, device_name
         )
     };
     let mut out = format!(
-        "{:<20} {:>6} {:<5} {:<7} {:>14} {:>14}  {:<10} {:>8} {:>9} {:>9}\n",
+        "{:<20} {:>6} {:<5} {:<7} {:>14} {:>14}  {:<10} {:>8} {:>7} {:>9} {:>9}\n",
         "arch",
         "batch",
         "jsd",
@@ -373,6 +386,7 @@ pub fn bench_train(args: BenchTrainArgs) -> anyhow::Result<ExitCode> {
         "eval img/s",
         "batches",
         "prefetch",
+        "ranks",
         "GPU util",
         "GPU MiB"
     );
@@ -383,6 +397,7 @@ pub fn bench_train(args: BenchTrainArgs) -> anyhow::Result<ExitCode> {
         &format!("{:.1}", r.eval_images_per_second),
         "fixed",
         "-",
+        "1",
         &format!("{train_util}/{eval_util}"),
         &train_mib,
     );
@@ -399,9 +414,19 @@ pub fn bench_train(args: BenchTrainArgs) -> anyhow::Result<ExitCode> {
     if args.prefetch != 0 {
         depths.push(args.prefetch);
     }
+    let ranks = if args.sync_bn && args.ranks > 1 {
+        format!("{}+sync", args.ranks)
+    } else {
+        args.ranks.to_string()
+    };
     for depth in depths {
+        let options = deeprepair_train::bench::LoopOptions {
+            prefetch: depth,
+            ranks: args.ranks,
+            sync_batch_norm: args.sync_bn,
+        };
         let l = deeprepair_train::bench::bench_train_loop(
-            args.arch, batch, steps, &*source, depth, &device,
+            args.arch, batch, steps, &*source, options, &device,
         )
         .with_context(|| format!("bench train {} (loop, prefetch {depth})", args.arch.name()))?;
         let (util, mib) = gpu(l.gpu);
@@ -410,12 +435,14 @@ pub fn bench_train(args: BenchTrainArgs) -> anyhow::Result<ExitCode> {
             "-",
             label,
             &depth.to_string(),
+            &ranks,
             &util,
             &mib,
         );
     }
     out += "(fixed: the model alone on one prepared batch; other rows: the training loop building \
-            every batch, with `prefetch` batches built ahead on another thread. GPU util: NVML's \
+            every batch, with `prefetch` batches built ahead on another thread and `ranks` data-parallel \
+            ranks sharing the device. GPU util: NVML's \
             kernel-busy time over the timed steps (fixed row: train/eval); GPU MiB: peak device \
             memory in use; - on the CPU or without NVML)\n";
     emit(&out)?;

@@ -252,6 +252,30 @@ fn bench_train_prints_a_table() {
     // GPU utilization and memory columns: nothing to sample on the CPU.
     assert!(out.contains("GPU util") && out.contains("GPU MiB"), "{out}");
     assert_eq!(cols[cols.len() - 2..], ["-/-", "-"], "{row}");
+
+    // The loop rows with two data-parallel ranks and synchronized BatchNorm.
+    let o = deeprepair(&[
+        "bench",
+        "train",
+        "--steps",
+        "1",
+        "--batch",
+        "8",
+        "--prefetch",
+        "0",
+        "--ranks",
+        "2",
+        "--sync-bn",
+    ]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    let loop_row = out
+        .lines()
+        .find(|l| l.contains("crop+flip"))
+        .unwrap_or_else(|| panic!("no loop row:\n{out}"));
+    let cols: Vec<&str> = loop_row.split_whitespace().collect();
+    assert_eq!(cols[cols.len() - 3], "2+sync", "{loop_row}");
+    assert!(cols[4].parse::<f64>().unwrap() > 0.0, "{loop_row}");
 }
 
 #[test]

@@ -8,7 +8,8 @@ use crate::gpu_usage::{GpuSampler, GpuUsage};
 use crate::init::seeded_var_builder;
 use crate::optim::{Sgd, SgdConfig};
 use crate::trainer::{
-    train, BatchSeed, BatchSource, Scorer, TrainConfig, TrainData, TrainObserver,
+    train, train_data_parallel, BatchSeed, BatchSource, Replica, Scorer, TrainConfig, TrainData,
+    TrainObserver,
 };
 use crate::{input::unit_to_tensor, loss};
 use anyhow::Context;
@@ -124,9 +125,21 @@ pub fn synthetic_images(n: usize, seed: u64) -> (Vec<u8>, Vec<u8>) {
     (images, labels)
 }
 
+/// How [`bench_train_loop`] trains.
+#[derive(Clone, Copy, Debug)]
+pub struct LoopOptions {
+    /// Batches built ahead on the producer thread.
+    pub prefetch: usize,
+    /// Data-parallel ranks, all on the benchmark's device (threads sharing it).
+    pub ranks: usize,
+    pub sync_batch_norm: bool,
+}
+
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct LoopBench {
     pub prefetch: usize,
+    pub ranks: usize,
+    pub sync_batch_norm: bool,
     /// Training images/second of the real loop, batch construction included.
     pub train_images_per_second: f64,
     pub steps: usize,
@@ -134,18 +147,26 @@ pub struct LoopBench {
     pub gpu: Option<GpuUsage>,
 }
 
-/// Times `steps` steps (after one warm-up step) of the real training loop ([`train`]) with
-/// `source` building every batch, `prefetch` batches ahead, on synthetic 32×32 images.
+/// Times `steps` steps (after one warm-up step) of the real training loop ([`train`], or
+/// [`train_data_parallel`] over `options.ranks` replicas on `device`) with `source` building
+/// every batch, `options.prefetch` batches ahead, on synthetic 32×32 images.
 pub fn bench_train_loop(
     arch: Arch,
     batch: usize,
     steps: usize,
     source: &dyn BatchSource,
-    prefetch: usize,
+    options: LoopOptions,
     device: &Device,
 ) -> anyhow::Result<LoopBench> {
-    if batch < 2 || steps == 0 {
-        anyhow::bail!("the training-loop benchmark needs a batch of at least 2 and a step");
+    let LoopOptions {
+        prefetch,
+        ranks,
+        sync_batch_norm,
+    } = options;
+    if batch < 2 * ranks.max(1) || steps == 0 {
+        anyhow::bail!(
+            "the training-loop benchmark needs a step and a batch of at least 2 per rank"
+        );
     }
     let n = batch * (steps + 1);
     let (images, labels) = synthetic_images(n, 1);
@@ -157,12 +178,18 @@ pub fn bench_train_loop(
         width: 32,
         num_classes: 10,
     };
-    let varmap = VarMap::new();
-    let model = build(arch, 10, seeded_var_builder(&varmap, 0, DType::F32, device))?;
+    let models = (0..ranks.max(1))
+        .map(|_| {
+            let varmap = VarMap::new();
+            let model = build(arch, 10, seeded_var_builder(&varmap, 0, DType::F32, device))?;
+            Ok((varmap, model))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let config = TrainConfig {
         epochs: 1,
         batch_size: batch,
         prefetch,
+        sync_batch_norm,
         sgd: SgdConfig {
             lr: 0.01,
             ..SgdConfig::default()
@@ -196,9 +223,22 @@ pub fn bench_train_loop(
         sampler: None,
         gpu: None,
     };
-    train(
-        &*model, &varmap, &data, None, source, &config, device, None, &mut clock,
-    )?;
+    if models.len() == 1 {
+        let (varmap, model) = &models[0];
+        train(
+            &**model, varmap, &data, None, source, &config, device, None, &mut clock,
+        )?;
+    } else {
+        let replicas: Vec<Replica> = models
+            .iter()
+            .map(|(varmap, model)| Replica {
+                model: &**model,
+                varmap,
+                device,
+            })
+            .collect();
+        train_data_parallel(&replicas, &data, None, source, &config, None, &mut clock)?;
+    }
     let t = &clock.times;
     anyhow::ensure!(
         t.len() == steps + 1,
@@ -209,6 +249,8 @@ pub fn bench_train_loop(
     let secs = t[steps].duration_since(t[0]).as_secs_f64().max(1e-9);
     Ok(LoopBench {
         prefetch,
+        ranks: models.len(),
+        sync_batch_norm,
         train_images_per_second: (steps * batch) as f64 / secs,
         steps,
         gpu: clock.gpu,
