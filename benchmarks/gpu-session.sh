@@ -167,6 +167,16 @@ cmd_smoke() {
 }
 
 # ---- here: gzip what the GPU host needs into gpu-carry/ (builds nothing) -------------------
+# The newest executable matching GLOB that contains the test name MARKER (empty if none).
+newest_test_exe() {
+  local glob=$1 marker=$2 t
+  # shellcheck disable=SC2086 # GLOB is meant to expand
+  for t in $(ls -t $glob 2>/dev/null); do
+    case $t in *.d|*.rlib|*.rmeta) continue ;; esac
+    [ -x "$t" ] && grep -q -a "$marker" "$t" && { echo "$t"; return; }
+  done
+}
+
 cmd_pack() {
   local target=${TARGET_DIR:-target-cuda} data_src=${DATA_SRC:-../shared/data/cifar10-jpeg}
   local bin=$target/release/deeprepair
@@ -179,11 +189,8 @@ cmd_pack() {
   gzip -9 -c "$tmp/deeprepair" > "$CARRY/deeprepair.gz"
   # The deeprepair-workers test executable built with --features nccl: the newest one that
   # holds the NCCL tests (cargo test --no-run prints its path).
-  local t tests=""
-  for t in $(ls -t "$target"/release/deps/deeprepair_workers-* 2>/dev/null); do
-    case $t in *.d|*.rlib|*.rmeta) continue ;; esac
-    [ -x "$t" ] && grep -q -a "two_ranks_on_one_gpu_as_threads" "$t" && { tests=$t; break; }
-  done
+  local tests
+  tests=$(newest_test_exe "$target/release/deps/deeprepair_workers-*" two_ranks_on_one_gpu_as_threads)
   if [ -n "$tests" ]; then
     cp "$tests" "$tmp/nccl-tests" && strip "$tmp/nccl-tests"
     gzip -9 -c "$tmp/nccl-tests" > "$CARRY/nccl-tests.gz"
@@ -192,11 +199,8 @@ cmd_pack() {
     log "no NCCL test executable under $target/release/deps (cargo test --release --features nccl --target-dir $target -p deeprepair-workers --no-run)"
   fi
   # The data-parallel trainer tests built with --features cuda (synchronized BatchNorm on GPU).
-  local dp=""
-  for t in $(ls -t "$target"/release/deps/data_parallel-* 2>/dev/null); do
-    case $t in *.d) continue ;; esac
-    [ -x "$t" ] && grep -q -a "synchronized_batchnorm_on_a_gpu_matches_one_rank" "$t" && { dp=$t; break; }
-  done
+  local dp
+  dp=$(newest_test_exe "$target/release/deps/data_parallel-*" synchronized_batchnorm_on_a_gpu_matches_one_rank)
   if [ -n "$dp" ]; then
     cp "$dp" "$tmp/dp-tests" && strip "$tmp/dp-tests"
     gzip -9 -c "$tmp/dp-tests" > "$CARRY/dp-tests.gz"

@@ -99,12 +99,16 @@ fn train_one_rank(
 }
 
 fn replicas(models: &Models) -> Vec<Replica<'_>> {
+    replicas_on(models, &Device::Cpu)
+}
+
+fn replicas_on<'a>(models: &'a Models, device: &'a Device) -> Vec<Replica<'a>> {
     models
         .iter()
         .map(|(varmap, model)| Replica {
             model: &**model,
             varmap,
-            device: &Device::Cpu,
+            device,
         })
         .collect()
 }
@@ -431,15 +435,16 @@ fn synchronized_batchnorm_on_a_gpu_matches_one_rank() {
     train(&*model, &vm, &d, None, &Plain, &cfg, &gpu, None, &mut ()).unwrap();
     let single = weights(&vm);
     let models: Models = (0..2).map(|_| on_gpu()).collect();
-    let replicas: Vec<Replica> = models
-        .iter()
-        .map(|(varmap, model)| Replica {
-            model: &**model,
-            varmap,
-            device: &gpu,
-        })
-        .collect();
-    train_data_parallel(&replicas, &d, None, &Plain, &cfg, None, &mut ()).unwrap();
+    train_data_parallel(
+        &replicas_on(&models, &gpu),
+        &d,
+        None,
+        &Plain,
+        &cfg,
+        None,
+        &mut (),
+    )
+    .unwrap();
     for (r, (vm, _)) in models.iter().enumerate() {
         let diff = max_diff(&single, &weights(vm));
         println!("rank {r}: max weight difference to one rank {diff:e}");

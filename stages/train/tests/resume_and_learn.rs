@@ -4,7 +4,7 @@
 mod common;
 use candle_core::{DType, Device};
 use candle_nn::VarMap;
-use common::{synthetic, weights};
+use common::{data, synthetic, weights};
 use deeprepair_nn::{build, Arch};
 use deeprepair_train::trainer::{
     train_data_parallel, BatchSeed, BatchSource, Replica, Scorer, StandardAugment, Targets,
@@ -53,14 +53,7 @@ fn fresh(seed: u64) -> (VarMap, Box<dyn deeprepair_nn::Classifier>) {
 #[test]
 fn learns_and_resumes_to_identical_weights() {
     let (images, labels) = synthetic(64, 1);
-    let data = TrainData {
-        images: &images,
-        labels: &labels,
-        n: 64,
-        height: 16,
-        width: 16,
-        num_classes: 4,
-    };
+    let data = data(&images, &labels);
     // Uninterrupted.
     let (vm_a, model_a) = fresh(0);
     let init = weights(&vm_a);
@@ -277,14 +270,7 @@ impl BatchSource for CountingSource {
 #[test]
 fn a_sources_state_resumes_with_the_checkpoint() {
     let (images, labels) = synthetic(64, 3);
-    let data = TrainData {
-        images: &images,
-        labels: &labels,
-        n: 64,
-        height: 16,
-        width: 16,
-        num_classes: 4,
-    };
+    let data = data(&images, &labels);
     let cfg = config(4);
     for world in [1, 2] {
         let run = |source: &CountingSource,
