@@ -167,6 +167,19 @@ cmd_smoke() {
 }
 
 # ---- here: gzip what the GPU host needs into gpu-carry/ (builds nothing) -------------------
+# Strips a copy of executable SRC into $tmp (the caller's scratch folder) and gzips it to
+# $CARRY/NAME.gz; without SRC, removes a stale NAME.gz and says how to build it (HOW).
+pack_exe() {
+  local src=$1 name=$2 how=${3:-}
+  if [ -n "$src" ]; then
+    cp "$src" "$tmp/$name" && strip "$tmp/$name"
+    gzip -9 -c "$tmp/$name" > "$CARRY/$name.gz"
+  else
+    rm -f "$CARRY/$name.gz"
+    log "no $name executable under $target/release: build it with $how"
+  fi
+}
+
 # The newest executable matching GLOB that contains the test name MARKER (empty if none).
 newest_test_exe() {
   local glob=$1 marker=$2 t
@@ -185,29 +198,18 @@ cmd_pack() {
   mkdir -p "$CARRY"
   local tmp; tmp=$(mktemp -d)
   # Stripping a copy drops the debug info (~190 MB → ~50 MB) before gzip -9 (→ ~12 MB).
-  cp "$bin" "$tmp/deeprepair" && strip "$tmp/deeprepair"
-  gzip -9 -c "$tmp/deeprepair" > "$CARRY/deeprepair.gz"
+  pack_exe "$bin" deeprepair
   # The deeprepair-workers test executable built with --features nccl: the newest one that
   # holds the NCCL tests (cargo test --no-run prints its path).
   local tests
   tests=$(newest_test_exe "$target/release/deps/deeprepair_workers-*" two_ranks_on_one_gpu_as_threads)
-  if [ -n "$tests" ]; then
-    cp "$tests" "$tmp/nccl-tests" && strip "$tmp/nccl-tests"
-    gzip -9 -c "$tmp/nccl-tests" > "$CARRY/nccl-tests.gz"
-  else
-    rm -f "$CARRY/nccl-tests.gz"
-    log "no NCCL test executable under $target/release/deps (cargo test --release --features nccl --target-dir $target -p deeprepair-workers --no-run)"
-  fi
+  pack_exe "$tests" nccl-tests \
+    "cargo test --release --features nccl --target-dir $target -p deeprepair-workers --no-run"
   # The data-parallel trainer tests built with --features cuda (synchronized BatchNorm on GPU).
   local dp
   dp=$(newest_test_exe "$target/release/deps/data_parallel-*" synchronized_batchnorm_on_a_gpu_matches_one_rank)
-  if [ -n "$dp" ]; then
-    cp "$dp" "$tmp/dp-tests" && strip "$tmp/dp-tests"
-    gzip -9 -c "$tmp/dp-tests" > "$CARRY/dp-tests.gz"
-  else
-    rm -f "$CARRY/dp-tests.gz"
-    log "no GPU data-parallel test executable (cargo test --release --features cuda --target-dir $target -p deeprepair-train --test data_parallel --no-run)"
-  fi
+  pack_exe "$dp" dp-tests \
+    "cargo test --release --features cuda --target-dir $target -p deeprepair-train --test data_parallel --no-run"
   # CIFAR-10 JPEG subset for manifests/smoke.yaml (per_class 300 train, 100 test): the first
   # N files of each class folder, same layout.
   if [ -d "$data_src" ]; then
@@ -227,7 +229,7 @@ cmd_pack() {
   fi
   {
     echo "packed $(date -u +%FT%TZ) from $(git rev-parse --short HEAD)$(git diff --quiet HEAD 2>/dev/null || echo ' (+ uncommitted changes)')"
-    echo "deeprepair: built $(date -u -r "$bin" +%FT%TZ), sha256 $(sha256sum "$tmp/deeprepair" | cut -c1-16) (stripped)"
+    echo "deeprepair: built $(date -u -r "$bin" +%FT%TZ), sha256 $(gunzip -c "$CARRY/deeprepair.gz" | sha256sum | cut -c1-16) (stripped)"
     [ -n "$tests" ] && echo "nccl-tests: $(basename "$tests"), built $(date -u -r "$tests" +%FT%TZ)"
     [ -n "$dp" ] && echo "dp-tests: $(basename "$dp"), built $(date -u -r "$dp" +%FT%TZ)"
   } > "$CARRY/MANIFEST.txt"

@@ -137,59 +137,29 @@ mod tests {
     use crate::fast_bn::tests::{max_diff, set_affine};
     use candle_core::{DType, Device, ModuleT, Var};
     use candle_nn::{VarBuilder, VarMap};
-    use std::sync::{Barrier, Mutex};
+    use deeprepair_workers::data_parallel::{Collective, ThreadCollective};
+    use std::sync::Mutex;
 
-    /// Ranks as threads: every rank deposits its vector, the last one to arrive averages.
-    struct ThreadGroup {
-        world: usize,
-        parts: Mutex<Vec<Vec<f32>>>,
-        result: Mutex<Vec<f32>>,
-        barrier: Barrier,
-    }
-
-    struct Handle {
-        rank: usize,
-        group: Arc<ThreadGroup>,
-    }
+    /// A rank of the trainer's thread collective (ranks as threads of this process).
+    struct Handle(Mutex<ThreadCollective>);
 
     impl BatchStatsReducer for Handle {
         fn world_size(&self) -> usize {
-            self.group.world
+            self.0.lock().unwrap().world_size()
         }
         fn all_reduce_mean(&self, t: &Tensor) -> Result<Tensor> {
-            let g = &self.group;
-            g.parts.lock().unwrap()[self.rank] = t.to_vec1()?;
-            if g.barrier.wait().is_leader() {
-                let parts = g.parts.lock().unwrap();
-                let mut mean = vec![0f32; parts[0].len()];
-                for p in parts.iter() {
-                    for (m, v) in mean.iter_mut().zip(p) {
-                        *m += v / g.world as f32;
-                    }
-                }
-                *g.result.lock().unwrap() = mean;
-            }
-            g.barrier.wait();
-            let out = Tensor::new(g.result.lock().unwrap().as_slice(), t.device())?;
-            g.barrier.wait(); // nobody overwrites `result` before everyone has read it
-            Ok(out)
+            self.0
+                .lock()
+                .unwrap()
+                .all_reduce_mean_tensor(t)
+                .map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
         }
     }
 
     fn group(world: usize) -> Vec<Arc<dyn BatchStatsReducer>> {
-        let g = Arc::new(ThreadGroup {
-            world,
-            parts: Mutex::new(vec![vec![]; world]),
-            result: Mutex::new(vec![]),
-            barrier: Barrier::new(world),
-        });
-        (0..world)
-            .map(|rank| {
-                Arc::new(Handle {
-                    rank,
-                    group: g.clone(),
-                }) as Arc<dyn BatchStatsReducer>
-            })
+        ThreadCollective::group(world)
+            .into_iter()
+            .map(|c| Arc::new(Handle(Mutex::new(c))) as Arc<dyn BatchStatsReducer>)
             .collect()
     }
 

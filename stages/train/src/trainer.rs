@@ -610,7 +610,7 @@ pub fn train_with_collectives(
                     );
                     if result.is_ok() {
                         guard.disarm();
-                        std::mem::forget(bn_guard);
+                        bn_guard.disarm();
                     }
                     released_by_batch_norm(result, bn.as_deref())
                 })
@@ -631,7 +631,7 @@ pub fn train_with_collectives(
         );
         if mine.is_ok() {
             guard.disarm();
-            std::mem::forget(bn_guard);
+            bn_guard.disarm();
         } else {
             // Releases ranks waiting for rank 0.
             drop(guard);
@@ -710,8 +710,15 @@ impl BatchStatsReducer for BatchNormGroup {
     }
 }
 
-/// Aborts the batch-norm group when dropped (a rank failing or unwinding), unless forgotten.
+/// Aborts the batch-norm group when dropped (a rank failing or unwinding), unless disarmed.
 struct AbortBatchNormOnDrop(Option<Arc<BatchNormGroup>>);
+
+impl AbortBatchNormOnDrop {
+    /// The rank finished normally: dropping no longer aborts.
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
 
 impl Drop for AbortBatchNormOnDrop {
     fn drop(&mut self) {

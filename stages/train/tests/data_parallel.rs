@@ -255,23 +255,19 @@ fn synchronized_batchnorm_ranks_match_one_rank_with_the_whole_batch() {
 
 #[test]
 fn a_failing_rank_releases_ranks_waiting_in_synchronized_batchnorm() {
-    let err = within_a_minute(|| {
-        let (images, labels) = synthetic(64, 1);
-        let d = data(&images, &labels);
-        let models: Models = (0..3).map(|_| tiny_cnn(1)).collect();
-        let source = FailsOnRank1 {
+    let cfg = TrainConfig {
+        prefetch: 0,
+        sync_batch_norm: true,
+        ..config(2)
+    };
+    let err = group_error(
+        || (0..3).map(|_| tiny_cnn(1)).collect(),
+        FailsOnRank1 {
             calls: Default::default(),
-        };
-        let cfg = TrainConfig {
-            prefetch: 0,
-            sync_batch_norm: true,
-            ..config(2)
-        };
-        train_data_parallel(&replicas(&models), &d, None, &source, &cfg, None, &mut ())
-            .map(|_| ())
-            .map_err(|e| format!("{e:#}"))
-    })
-    .unwrap_err();
+        },
+        cfg,
+        (),
+    );
     assert!(err.contains("unreadable image on rank 1"), "{err}");
 }
 
@@ -341,55 +337,59 @@ impl TrainObserver for CancelAfter {
     }
 }
 
-/// Runs `f` on a thread and fails the test if it has not returned after a minute (a hang).
-fn within_a_minute<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+/// Trains `models()` data-parallel on 64 synthetic images, on a thread of its own, and returns
+/// the error training ends with; fails the test if it has not ended after a minute (a hang).
+fn group_error(
+    models: impl FnOnce() -> Models + Send + 'static,
+    source: impl BatchSource + 'static,
+    cfg: TrainConfig,
+    mut observer: impl TrainObserver + Send + 'static,
+) -> String {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
-        let _ = tx.send(f());
+        let (images, labels) = synthetic(64, 1);
+        let d = data(&images, &labels);
+        let models = models();
+        let result = train_data_parallel(
+            &replicas(&models),
+            &d,
+            None,
+            &source,
+            &cfg,
+            None,
+            &mut observer,
+        );
+        let _ = tx.send(result.map(|_| ()).map_err(|e| format!("{e:#}")));
     });
     rx.recv_timeout(Duration::from_secs(60))
         .expect("data-parallel training hung instead of failing")
+        .unwrap_err()
 }
 
 #[test]
 fn a_failing_rank_fails_the_group_instead_of_hanging_it() {
     for prefetch in [0, 2] {
-        let err = within_a_minute(move || {
-            let (images, labels) = synthetic(64, 1);
-            let d = data(&images, &labels);
-            let models: Models = (0..3).map(|_| small(1)).collect();
-            let source = FailsOnRank1 {
+        let cfg = TrainConfig {
+            prefetch,
+            ..config(2)
+        };
+        let err = group_error(
+            || (0..3).map(|_| small(1)).collect(),
+            FailsOnRank1 {
                 calls: Default::default(),
-            };
-            let cfg = TrainConfig {
-                prefetch,
-                ..config(2)
-            };
-            train_data_parallel(&replicas(&models), &d, None, &source, &cfg, None, &mut ())
-                .map(|_| ())
-                .map_err(|e| format!("{e:#}"))
-        })
-        .unwrap_err();
+            },
+            cfg,
+            (),
+        );
         assert!(err.contains("unreadable image on rank 1"), "{err}");
     }
     // Rank 0's observer stopping the run (Ctrl-C) stops every rank.
-    let err = within_a_minute(|| {
-        let (images, labels) = synthetic(64, 1);
-        let d = data(&images, &labels);
-        let models: Models = (0..2).map(|_| small(1)).collect();
-        train_data_parallel(
-            &replicas(&models),
-            &d,
-            None,
-            &Plain,
-            &config(3),
-            None,
-            &mut CancelAfter(3),
-        )
-        .map(|_| ())
-        .map_err(|e| format!("{e:#}"))
-    })
-    .unwrap_err();
+    let err = group_error(
+        || (0..2).map(|_| small(1)).collect(),
+        Plain,
+        config(3),
+        CancelAfter(3),
+    );
     assert!(err.contains("cancelled"), "{err}");
 }
 
