@@ -302,6 +302,118 @@ fn killed_data_parallel_pretraining_resumes_to_the_same_model() {
     );
 }
 
+/// Two ranks as two worker processes (`run --workers 2`: a gang meeting through the
+/// coordinator, reducing over TCP) with synchronized BatchNorm give the bytes two ranks as
+/// threads give. A rank's worker killed after epoch 2 fails the whole gang; the stage is
+/// retried as a new gang, resumes from the epoch checkpoint and still ends with those bytes.
+#[test]
+fn data_parallel_ranks_as_worker_processes_match_threads_and_survive_a_killed_rank() {
+    gang_loses_a_rank(RankFault::Killed);
+}
+
+/// The same with a rank's worker frozen (SIGSTOP) for 4 s: its lease times out, the other
+/// rank stops waiting for it (cancelled), and the retried gang resumes to the same bytes.
+#[test]
+fn a_frozen_rank_abandons_its_gang_and_the_retry_resumes() {
+    gang_loses_a_rank(RankFault::Frozen);
+}
+
+enum RankFault {
+    Killed,
+    Frozen,
+}
+
+fn gang_loses_a_rank(fault: RankFault) {
+    use std::io::{BufRead, BufReader};
+    let Some(data) = data_dir() else {
+        eprintln!(
+            "SKIPPED: ../shared/data/cifar10-lossless-subset not found (set DEEPREPAIR_DATA)"
+        );
+        return;
+    };
+    let manifest = PRETRAIN_ONLY.replace(
+        "epochs: 8, batch: 16, lr: 0.05}",
+        "epochs: 5, batch: 16, lr: 0.05, ranks: 2, sync_batch_norm: true}",
+    );
+    let data_arg = data.to_str().unwrap();
+    let threads = Scratch::new();
+    let m_threads = threads.write("m.yaml", &manifest);
+    run_ok(&[
+        "run",
+        "--plain",
+        m_threads.to_str().unwrap(),
+        "--data",
+        data_arg,
+    ]);
+    let expected = outputs(&m_threads)["base.model"].clone();
+
+    let gang = Scratch::new();
+    let m = gang.write("m.yaml", &manifest);
+    let mut child = bin()
+        .env("DEEPREPAIR_LOG", "info")
+        .args(["run", "--plain", "--workers", "2", "--lease-timeout", "2"])
+        .args([m.to_str().unwrap(), "--data", data_arg])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut log = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        log.push_str(&line);
+        log.push('\n');
+        if line.contains("base: epoch 2:") {
+            break;
+        }
+    }
+    for wanted in [
+        "rank 0 of 2 (one per worker process)",
+        "rank 1: data-parallel: rank 1 of 2",
+        "data-parallel reduction: TCP between worker processes, synchronized BatchNorm",
+        "base: epoch 2:",
+    ] {
+        assert!(log.contains(wanted), "no '{wanted}' in:\n{log}");
+    }
+    let workers = workers_of(child.id());
+    assert_eq!(workers.len(), 2, "{workers:?}");
+    let (victim, name) = &workers[1];
+    let signal = |sig: &str| {
+        assert!(std::process::Command::new("kill")
+            .args([sig, &victim.to_string()])
+            .status()
+            .unwrap()
+            .success())
+    };
+    let lost = match fault {
+        RankFault::Killed => {
+            signal("-9");
+            format!("worker {name} process exited")
+        }
+        RankFault::Frozen => {
+            signal("-STOP");
+            std::thread::sleep(std::time::Duration::from_secs(4));
+            signal("-CONT");
+            "lost: no heartbeat".to_string()
+        }
+    };
+    for line in lines {
+        log.push_str(&line.unwrap());
+        log.push('\n');
+    }
+    assert!(child.wait().unwrap().success(), "the run failed:\n{log}");
+    for wanted in [lost.as_str(), "resuming from the last epoch checkpoint"] {
+        assert!(log.contains(wanted), "no '{wanted}' in:\n{log}");
+    }
+    // The surviving rank stopped on its own (EOF or cancellation), not by revocation.
+    assert!(!log.contains("did not stop within"), "{log}");
+    assert_eq!(
+        outputs(&m)["base.model"],
+        expected,
+        "ranks as processes (with a lost rank, resumed) differ from ranks as threads"
+    );
+}
+
 fn kill_and_resume(manifest: &str, expected_log: Option<&str>) {
     use std::io::{BufRead, BufReader};
     let Some(data) = data_dir() else {

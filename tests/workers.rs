@@ -36,41 +36,6 @@ fn start_run(manifest: &std::path::Path, extra: &[&str]) -> Child {
         .unwrap()
 }
 
-/// (pid, name) of the worker processes whose parent is `parent`.
-fn workers_of(parent: u32) -> Vec<(u32, String)> {
-    let mut found = vec![];
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // ppid is the second field after the parenthesized command name.
-        let after = &stat[stat.rfind(')').unwrap_or(0) + 1..];
-        let ppid: u32 = after
-            .split_whitespace()
-            .nth(1)
-            .and_then(|p| p.parse().ok())
-            .unwrap_or(0);
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-        let args: Vec<String> = cmdline
-            .split(|&b| b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        if ppid == parent && args.get(1).map(String::as_str) == Some("worker") {
-            let name = args
-                .iter()
-                .position(|a| a == "--name")
-                .and_then(|i| args.get(i + 1).cloned())
-                .unwrap_or_default();
-            found.push((pid, name));
-        }
-    }
-    found.sort();
-    found
-}
-
 /// Waits until the run has committed a checkpoint-bearing stage in progress: ~1.5 s in.
 fn wait_for_workers(run: &Child) -> Vec<(u32, String)> {
     let started = Instant::now();

@@ -81,6 +81,15 @@ pub struct Resources {
     pub cpus: u32,
     pub gpus: u32,
     pub mem_mb: u64,
+    /// Cooperating processes the stage may run as (a gang: data-parallel ranks, each given
+    /// `gpus / ranks` of the GPUs), when a dispatcher can place them all; otherwise one
+    /// process runs every rank. 1: the stage is one process.
+    #[serde(default = "one_rank")]
+    pub ranks: u32,
+}
+
+fn one_rank() -> u32 {
+    1
 }
 
 impl Default for Resources {
@@ -89,6 +98,7 @@ impl Default for Resources {
             cpus: 1,
             gpus: 0,
             mem_mb: 512,
+            ranks: 1,
         }
     }
 }
@@ -145,6 +155,18 @@ pub trait ProgressSink: Send + Sync {
     fn stage_finished(&self, _stage: &str, _state: crate::store::StageState) {}
 }
 
+/// This process is one member (rank) of a stage that runs as several cooperating processes
+/// ([`Resources::ranks`]); the members meet through whoever dispatched them.
+pub trait Gang: Send + Sync {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+    /// An address of this machine the other members can reach.
+    fn address(&self) -> std::net::IpAddr;
+    /// Every member posts a payload under `name`; returns all of them in rank order once
+    /// every member has posted (blocks until then; fails if the gang is abandoned).
+    fn exchange(&self, name: &str, payload: &[u8]) -> anyhow::Result<Vec<Vec<u8>>>;
+}
+
 pub struct StageCtx<'a> {
     pub task: &'a Task,
     store: &'a dyn TaskStore,
@@ -155,6 +177,7 @@ pub struct StageCtx<'a> {
     pub threads: usize,
     /// GPU ordinals assigned to this stage.
     pub gpus: Vec<u32>,
+    gang: Option<&'a dyn Gang>,
 }
 
 const LOG_TAIL: usize = 50;
@@ -176,7 +199,19 @@ impl<'a> StageCtx<'a> {
             log_tail: vec![],
             threads,
             gpus,
+            gang: None,
         }
+    }
+
+    /// This process runs one rank of the stage (see [`Gang`]).
+    pub fn with_gang(mut self, gang: &'a dyn Gang) -> Self {
+        self.gang = Some(gang);
+        self
+    }
+
+    /// The gang this process is a member of, when the stage runs as several processes.
+    pub fn gang(&self) -> Option<&'a dyn Gang> {
+        self.gang
     }
 
     pub fn params(&self) -> &Value {
@@ -238,6 +273,11 @@ impl<'a> StageCtx<'a> {
 
     pub fn is_cancelled(&self) -> bool {
         self.cancel.load(Ordering::Relaxed)
+    }
+
+    /// The flag [`StageCtx::is_cancelled`] reads, for threads and blocking calls of the stage.
+    pub fn cancel_flag(&self) -> Arc<AtomicBool> {
+        self.cancel.clone()
     }
 
     /// Returns `Err(Cancelled)` when the run is being stopped: call it at safe points.

@@ -92,6 +92,7 @@ impl StageKind for DatasetKind {
             cpus: 2,
             gpus: 0,
             mem_mb: 2048,
+            ranks: 1,
         }
     }
     fn fingerprint(&self, params: &Value) -> anyhow::Result<Option<String>> {
@@ -274,6 +275,7 @@ impl StageKind for CorruptKind {
             cpus: 2,
             gpus: 0,
             mem_mb: 2048,
+            ranks: 1,
         }
     }
     fn validate(&self, params: &Value) -> Result<(), (String, String)> {

@@ -252,7 +252,13 @@ impl StageKind for RepairKind {
         vec!["model", "metrics"]
     }
     fn resources(&self, params: &Value) -> Resources {
-        crate::training::model_resources(params, 4096)
+        let mut r = crate::training::model_resources(params, 4096);
+        if self.0 == Method::Sensei {
+            // Its search state lives in the batch source, which ranks in one process share
+            // and ranks in separate processes could not.
+            r.ranks = 1;
+        }
+        r
     }
     fn estimate(&self, params: &Value) -> f64 {
         params["epochs"].as_f64().unwrap_or(1.0)

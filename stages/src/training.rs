@@ -4,10 +4,12 @@
 
 use deeprepair_pipeline::{ParamSpec, ParamType, StageCtx};
 use deeprepair_train::trainer::{
-    train_with_collectives, BatchSource, Replica, TrainData, TrainObserver, TrainOutcome,
+    train_rank, train_with_collectives, BatchSource, Replica, TrainData, TrainObserver,
+    TrainOutcome,
 };
 use deeprepair_train::{EpochStats, TrainConfig};
 use deeprepair_workers::data_parallel::{Collective, ThreadCollective};
+use deeprepair_workers::socket_collective::SocketCollective;
 use serde_json::{json, Value};
 
 /// The first GPU the executor gave this stage (with the `cuda` feature), else the CPU.
@@ -21,13 +23,15 @@ pub fn stage_device(ctx: &StageCtx) -> anyhow::Result<candle_core::Device> {
 }
 
 /// What a stage that runs a model asks of the machine: a GPU per rank (the executor gives
-/// none on a CPU-only run, and the stage then runs on the CPU).
+/// none on a CPU-only run, and the stage then runs on the CPU), and its ranks may run as
+/// separate worker processes when the run has enough of them.
 pub fn model_resources(params: &Value, mem_mb: u64) -> deeprepair_pipeline::Resources {
     let ranks = params["ranks"].as_u64().unwrap_or(1).clamp(1, 64) as u32;
     deeprepair_pipeline::Resources {
         cpus: 2,
         gpus: ranks,
         mem_mb,
+        ranks,
     }
 }
 
@@ -106,9 +110,20 @@ pub fn validate_training_params(params: &Value) -> Result<(), (String, String)> 
     Ok(())
 }
 
-/// One device per data-parallel rank: with `ranks` GPUs given to the stage (and a CUDA build),
-/// GPU `ctx.gpus[r]` for rank `r`; without GPUs, the CPU for every rank (threads).
+/// One device per data-parallel rank this process runs: with `ranks` GPUs given to the stage
+/// (and a CUDA build), GPU `ctx.gpus[r]` for rank `r`; without GPUs, the CPU for every rank
+/// (threads). A process that is one rank of a gang runs just its own.
 pub fn rank_devices(ctx: &StageCtx, ranks: usize) -> anyhow::Result<Vec<candle_core::Device>> {
+    if let Some(gang) = ctx.gang() {
+        if gang.world_size() != ranks {
+            anyhow::bail!(
+                "ranks: {ranks}, but this process is rank {} of a gang of {}",
+                gang.rank(),
+                gang.world_size()
+            );
+        }
+        return Ok(vec![stage_device(ctx)?]);
+    }
     if ranks <= 1 {
         return Ok(vec![stage_device(ctx)?]);
     }
@@ -149,6 +164,53 @@ pub fn run_training(
     let resume = ctx.load_checkpoint()?;
     if resume.is_some() {
         ctx.log("resuming from the last epoch checkpoint");
+    }
+    if let Some(gang) = ctx.gang() {
+        let [(varmap, model, device)] = ranks else {
+            anyhow::bail!("a gang member runs one rank, not {}", ranks.len());
+        };
+        let (rank, world) = (gang.rank(), gang.world_size());
+        ctx.log(format!(
+            "data-parallel: rank {rank} of {world} (one per worker process) on {device:?}, {} \
+             images each per batch",
+            config.batch_size / world
+        ));
+        let cancel = ctx.cancel_flag();
+        let gradients = gang_collective(gang, "gradients", device, cancel.clone())?;
+        let batch_norm = match config.sync_batch_norm {
+            true => Some(gang_collective(gang, "batch-norm", device, cancel)?),
+            false => None,
+        };
+        ctx.log(format!(
+            "data-parallel reduction: {}{}",
+            if device.is_cuda() && cfg!(feature = "nccl") {
+                "NCCL"
+            } else {
+                "TCP between worker processes"
+            },
+            if batch_norm.is_some() {
+                ", synchronized BatchNorm"
+            } else {
+                ""
+            }
+        ));
+        let replica = Replica {
+            model: &**model,
+            varmap,
+            device,
+        };
+        let mut observer = StageObserver { ctx };
+        return train_rank(
+            replica,
+            gradients,
+            batch_norm,
+            data,
+            validation,
+            source,
+            config,
+            resume.as_deref(),
+            (rank == 0).then_some(&mut observer as &mut dyn TrainObserver),
+        );
     }
     if ranks.len() > 1 {
         ctx.log(format!(
@@ -252,6 +314,38 @@ fn nccl_group(devices: &[candle_core::Device]) -> anyhow::Result<Vec<Box<dyn Col
             })
             .collect()
     })
+}
+
+/// This process's handle on a group of the gang's ranks, formed through the gang's exchange
+/// `name`: an NCCL communicator on GPUs in a `nccl` build (rank 0's unique id travels through
+/// the exchange), else TCP to rank 0.
+fn gang_collective(
+    gang: &dyn deeprepair_pipeline::Gang,
+    name: &str,
+    device: &candle_core::Device,
+    cancel: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> anyhow::Result<Box<dyn Collective>> {
+    #[cfg(feature = "nccl")]
+    if device.is_cuda() {
+        use deeprepair_workers::nccl::{NcclCollective, NcclId};
+        let mine = match gang.rank() {
+            0 => NcclId::new_unique()?.as_bytes().to_vec(),
+            _ => vec![],
+        };
+        let id = NcclId::from_bytes(&gang.exchange(name, &mine)?[0])?;
+        let c = NcclCollective::on_device(device, gang.rank(), gang.world_size(), id)?;
+        return Ok(Box::new(c));
+    }
+    #[cfg(not(feature = "nccl"))]
+    let _ = device;
+    let c = SocketCollective::join(
+        gang.rank(),
+        gang.world_size(),
+        gang.address(),
+        |payload| gang.exchange(name, payload),
+        cancel,
+    )?;
+    Ok(Box::new(c))
 }
 
 pub fn train_config(ctx: &StageCtx) -> anyhow::Result<TrainConfig> {

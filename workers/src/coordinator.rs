@@ -8,9 +8,17 @@
 //! without a heartbeat for `lease_timeout`, or whose worker process is known to have exited
 //! ([`Coordinator::worker_lost`]), is revoked and the job fails as transient; the executor
 //! retries it, and the stage resumes from the checkpoint its last worker committed.
+//!
+//! Gangs: a stage whose ranks run as separate processes is queued as one job per rank, in
+//! one go ([`Coordinator::submit_gang`]). Workers claim jobs in queue order, so gangs are
+//! claimed in the order they were queued and two gangs never hold parts of the same workers
+//! while waiting for each other. The ranks meet through `exchange` (rank 0 publishes its
+//! address or NCCL id). When one rank fails, the gang is abandoned: the other ranks are told
+//! to cancel and their exchanges are refused; the executor retries the whole stage.
 
 use crate::protocol::{
-    decode_frame, encode_frame, Claim, ClaimRequest, Failure, Heartbeat, HeartbeatReply, WorkerInfo,
+    decode_frame, encode_frame, Claim, ClaimRequest, ExchangePost, ExchangeReply, Failure,
+    GangMember, Heartbeat, HeartbeatReply, WorkerInfo,
 };
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -20,11 +28,14 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use deeprepair_pipeline::kind::{ProgressSink, StageError, Task};
 use deeprepair_pipeline::{Digest, RemoteOutcome, Store};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// How long the other ranks of a failed gang get to stop before their leases are revoked.
+const GANG_GRACE: Duration = Duration::from_secs(30);
 
 /// Which workers may take a job.
 #[derive(Clone, Debug, PartialEq)]
@@ -43,6 +54,7 @@ struct Job {
     route: Route,
     threads: usize,
     gpus: Vec<u32>,
+    gang: Option<GangMember>,
     reply: mpsc::Sender<JobEnd>,
 }
 
@@ -65,12 +77,18 @@ struct HubState {
     queue: VecDeque<Job>,
     leases: HashMap<u64, Lease>,
     next_id: u64,
+    /// Posts to each gang's named exchanges, by rank.
+    exchanges: HashMap<(u64, String), Vec<Option<Vec<u8>>>>,
+    /// Gangs one of whose ranks failed: their exchanges are refused.
+    abandoned: HashSet<u64>,
 }
 
 struct Hub {
     state: Mutex<HubState>,
     /// Wakes long-polling claims when a job is queued.
     queued: tokio::sync::Notify,
+    /// Wakes waiting exchanges when a rank posts.
+    exchanged: tokio::sync::Notify,
     store: Arc<Store>,
     token: String,
     lease_timeout: Duration,
@@ -117,6 +135,7 @@ impl Coordinator {
         let hub = Arc::new(Hub {
             state: Mutex::new(HubState::default()),
             queued: tokio::sync::Notify::new(),
+            exchanged: tokio::sync::Notify::new(),
             store,
             token: new_token(),
             lease_timeout,
@@ -126,6 +145,7 @@ impl Coordinator {
             .route("/v1/leases/{id}/heartbeat", post(heartbeat))
             .route("/v1/leases/{id}/complete", post(complete))
             .route("/v1/leases/{id}/fail", post(fail))
+            .route("/v1/leases/{id}/exchange", post(exchange))
             .route(
                 "/v1/leases/{id}/checkpoint",
                 get(load_checkpoint).put(save_checkpoint),
@@ -178,25 +198,60 @@ impl Coordinator {
 
     /// Queues a task for the workers `route` allows.
     pub fn submit(&self, task: &Task, route: Route, threads: usize, gpus: Vec<u32>) -> Ticket {
-        let (reply, replies) = mpsc::channel();
+        self.submit_jobs(task, vec![(route, gpus)], threads, false)
+            .pop()
+            .expect("one job")
+    }
+
+    /// Queues one job per rank of a stage that runs as several processes (`ranks[r]`: where
+    /// rank r may run and its GPUs as that worker sees them); wait with [`Coordinator::wait_gang`].
+    pub fn submit_gang(
+        &self,
+        task: &Task,
+        ranks: Vec<(Route, Vec<u32>)>,
+        threads: usize,
+    ) -> Vec<Ticket> {
+        self.submit_jobs(task, ranks, threads, true)
+    }
+
+    fn submit_jobs(
+        &self,
+        task: &Task,
+        jobs: Vec<(Route, Vec<u32>)>,
+        threads: usize,
+        gang: bool,
+    ) -> Vec<Ticket> {
+        let world = jobs.len() as u32;
         let mut state = self.hub.lock();
-        state.next_id += 1;
-        let id = state.next_id;
-        state.queue.push_back(Job {
-            id,
-            task: task.clone(),
-            route,
-            threads,
-            gpus,
-            reply,
-        });
+        let gang_id = state.next_id + 1;
+        let mut tickets = vec![];
+        // Under one lock: a gang's jobs are contiguous in the queue.
+        for (rank, (route, gpus)) in jobs.into_iter().enumerate() {
+            let (reply, replies) = mpsc::channel();
+            state.next_id += 1;
+            let id = state.next_id;
+            state.queue.push_back(Job {
+                id,
+                task: task.clone(),
+                route,
+                threads,
+                gpus,
+                gang: gang.then_some(GangMember {
+                    gang: gang_id,
+                    rank: rank as u32,
+                    world,
+                }),
+                reply,
+            });
+            tickets.push(Ticket {
+                id,
+                stage: task.stage.clone(),
+                replies,
+            });
+        }
         drop(state);
         self.hub.queued.notify_waiters();
-        Ticket {
-            id,
-            stage: task.stage.clone(),
-            replies,
-        }
+        tickets
     }
 
     /// Blocks until the job ends. Forwards worker log lines and progress; revokes a lease whose
@@ -209,57 +264,178 @@ impl Coordinator {
         cancel: &AtomicBool,
         mut check: impl FnMut(bool) -> Option<StageError>,
     ) -> Result<RemoteOutcome, StageError> {
-        loop {
-            match ticket.replies.recv_timeout(Duration::from_millis(200)) {
-                Ok(JobEnd::Done(outcome)) => return Ok(outcome),
-                Ok(JobEnd::Failed(e)) => return Err(e),
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    return Err(StageError::Transient(anyhow::anyhow!(
-                        "the coordinator dropped the job of {}",
-                        ticket.stage
-                    )))
+        self.wait_gang(vec![ticket], progress, cancel, |_, leased| check(leased))
+    }
+
+    /// [`Coordinator::wait`] for the jobs of [`Coordinator::submit_gang`] (`check` gets the
+    /// rank too). Rank 0's log lines and progress are the stage's; other ranks' lines are
+    /// forwarded prefixed with their rank. The first rank to fail abandons the gang (the
+    /// others are cancelled); the error reported is the failing rank's, not the ones it
+    /// released, and is transient when any rank was lost. On success: rank 0's outputs.
+    pub fn wait_gang(
+        &self,
+        tickets: Vec<Ticket>,
+        progress: &dyn ProgressSink,
+        cancel: &AtomicBool,
+        mut check: impl FnMut(usize, bool) -> Option<StageError>,
+    ) -> Result<RemoteOutcome, StageError> {
+        let stage = tickets.first().map(|t| t.stage.clone()).unwrap_or_default();
+        let gang = tickets.len() > 1;
+        let ids: Vec<u64> = tickets.iter().map(|t| t.id).collect();
+        // Each rank's end, with the order in which the failures arrived.
+        let mut ends: Vec<Option<Result<RemoteOutcome, StageError>>> =
+            (0..tickets.len()).map(|_| None).collect();
+        let mut failure_order: Vec<usize> = vec![];
+        let mut abandoned = false;
+        let mut abandoned_at = Instant::now();
+        while ends.iter().any(Option::is_none) {
+            if abandoned && abandoned_at.elapsed() > GANG_GRACE {
+                // A rank stuck in a collective (e.g. NCCL waiting for a dead peer) must not
+                // hold the run: revoke it, so its late result is refused.
+                for (rank, end) in ends.iter_mut().enumerate() {
+                    if end.is_none() {
+                        self.forget(ids[rank]);
+                        *end = Some(Err(StageError::Transient(anyhow::anyhow!(
+                            "rank {rank} did not stop within {GANG_GRACE:?} of another rank's \
+                             failure; its lease was revoked"
+                        ))));
+                    }
                 }
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                break;
             }
-            let cancelled = cancel.load(Ordering::Relaxed);
-            let mut state = self.hub.lock();
-            if let Some(pos) = state.queue.iter().position(|j| j.id == ticket.id) {
-                if cancelled {
-                    state.queue.remove(pos);
-                    return Err(StageError::Cancelled);
+            std::thread::sleep(Duration::from_millis(if gang { 100 } else { 0 }));
+            for (rank, ticket) in tickets.iter().enumerate() {
+                if ends[rank].is_some() {
+                    continue;
+                }
+                let timeout = if gang { 0 } else { 200 };
+                let end = match ticket.replies.recv_timeout(Duration::from_millis(timeout)) {
+                    Ok(JobEnd::Done(outcome)) => Some(Ok(outcome)),
+                    Ok(JobEnd::Failed(e)) => Some(Err(e)),
+                    Err(mpsc::RecvTimeoutError::Disconnected) => Some(Err(StageError::Transient(
+                        anyhow::anyhow!("the coordinator dropped the job of {stage}"),
+                    ))),
+                    Err(mpsc::RecvTimeoutError::Timeout) => self.watch(
+                        ticket,
+                        rank,
+                        gang,
+                        progress,
+                        cancel.load(Ordering::Relaxed) || abandoned,
+                        &mut check,
+                    ),
+                };
+                if let Some(end) = end {
+                    if end.is_err() {
+                        failure_order.push(rank);
+                    }
+                    ends[rank] = Some(end);
                 }
             }
-            let lease_id = state
-                .leases
-                .iter()
-                .find(|(_, l)| l.job.id == ticket.id)
-                .map(|(&id, _)| id);
-            let leased = lease_id.is_some();
-            if let Some(id) = lease_id {
-                let lease = state.leases.get_mut(&id).expect("found above");
-                lease.cancel |= cancelled;
-                for line in lease.lines.drain(..) {
-                    progress.log(&ticket.stage, &line);
-                }
-                if let Some((done, total, unit)) = &lease.progress {
-                    progress.progress(&ticket.stage, *done, *total, unit);
-                }
-                let silent = lease.last_beat.elapsed();
-                if silent > self.hub.lease_timeout {
-                    let lease = state.leases.remove(&id).expect("found above");
-                    return Err(StageError::Transient(anyhow::anyhow!(
-                        "worker {} lost: no heartbeat for {:.1}s",
-                        lease.worker.label(),
-                        silent.as_secs_f64()
-                    )));
-                }
-            }
-            drop(state);
-            if let Some(e) = check(leased) {
-                self.forget(ticket.id);
-                return Err(e);
+            if gang && !failure_order.is_empty() && !abandoned {
+                abandoned = true;
+                abandoned_at = Instant::now();
+                self.abandon(&ids);
             }
         }
+        if gang {
+            self.forget_gang(&ids);
+        }
+        let mut ends: Vec<Result<RemoteOutcome, StageError>> = ends
+            .into_iter()
+            .map(|e| e.expect("every rank ended"))
+            .collect();
+        if failure_order.is_empty() {
+            let mut first = ends.swap_remove(0).expect("no failures");
+            if gang {
+                let others: Vec<String> = ends
+                    .into_iter()
+                    .map(|e| e.map(|o| o.worker).unwrap_or_default())
+                    .collect();
+                first.worker = format!("{} + {}", first.worker, others.join(" + "));
+            }
+            return Ok(first);
+        }
+        gang_failure(ends, &failure_order)
+    }
+
+    /// One look at a job still running: forwards its lines, revokes a silent lease, passes on
+    /// cancellation. `Some` when the job ended here.
+    fn watch(
+        &self,
+        ticket: &Ticket,
+        rank: usize,
+        gang: bool,
+        progress: &dyn ProgressSink,
+        cancelled: bool,
+        check: &mut impl FnMut(usize, bool) -> Option<StageError>,
+    ) -> Option<Result<RemoteOutcome, StageError>> {
+        let mut state = self.hub.lock();
+        if let Some(pos) = state.queue.iter().position(|j| j.id == ticket.id) {
+            if cancelled {
+                state.queue.remove(pos);
+                return Some(Err(StageError::Cancelled));
+            }
+        }
+        let lease_id = state
+            .leases
+            .iter()
+            .find(|(_, l)| l.job.id == ticket.id)
+            .map(|(&id, _)| id);
+        let leased = lease_id.is_some();
+        if let Some(id) = lease_id {
+            let lease = state.leases.get_mut(&id).expect("found above");
+            lease.cancel |= cancelled;
+            for line in lease.lines.drain(..) {
+                if rank == 0 {
+                    progress.log(&ticket.stage, &line);
+                } else {
+                    progress.log(&ticket.stage, &format!("rank {rank}: {line}"));
+                }
+            }
+            if let (Some((done, total, unit)), 0) = (&lease.progress, rank) {
+                progress.progress(&ticket.stage, *done, *total, unit);
+            }
+            let silent = lease.last_beat.elapsed();
+            if silent > self.hub.lease_timeout {
+                let lease = state.leases.remove(&id).expect("found above");
+                return Some(Err(StageError::Transient(anyhow::anyhow!(
+                    "worker {}{} lost: no heartbeat for {:.1}s",
+                    lease.worker.label(),
+                    if gang {
+                        format!(" (rank {rank})")
+                    } else {
+                        String::new()
+                    },
+                    silent.as_secs_f64()
+                ))));
+            }
+        }
+        drop(state);
+        if let Some(e) = check(rank, leased) {
+            self.forget(ticket.id);
+            return Some(Err(e));
+        }
+        None
+    }
+
+    /// A rank of the gang failed: refuse its exchanges and cancel the other ranks.
+    fn abandon(&self, jobs: &[u64]) {
+        let mut state = self.hub.lock();
+        // A gang's id is its rank 0's job id.
+        state.abandoned.insert(jobs[0]);
+        for lease in state.leases.values_mut() {
+            if jobs.contains(&lease.job.id) {
+                lease.cancel = true;
+            }
+        }
+        drop(state);
+        self.hub.exchanged.notify_waiters();
+    }
+
+    fn forget_gang(&self, jobs: &[u64]) {
+        let mut state = self.hub.lock();
+        state.exchanges.retain(|(gang, _), _| !jobs.contains(gang));
+        state.abandoned.retain(|gang| !jobs.contains(gang));
     }
 
     /// A worker process is gone: revoke its leases now (their jobs fail as transient).
@@ -294,6 +470,41 @@ impl Coordinator {
         state.queue.retain(|j| j.id != job);
         state.leases.retain(|_, l| l.job.id != job);
     }
+}
+
+/// The stage's error when ranks of a gang failed: the first failure that is not a rank
+/// merely released by another's (transient if any rank was lost, so the stage is retried).
+fn gang_failure(
+    mut ends: Vec<Result<RemoteOutcome, StageError>>,
+    failure_order: &[usize],
+) -> Result<RemoteOutcome, StageError> {
+    if ends.len() == 1 {
+        return ends.pop().expect("one end");
+    }
+    let released = crate::data_parallel::GroupAborted.to_string();
+    let is_cause = |e: &StageError| match e {
+        StageError::Cancelled => false,
+        e => !e.to_string().contains(&released),
+    };
+    let errors: Vec<(usize, &StageError)> = failure_order
+        .iter()
+        .filter_map(|&r| ends[r].as_ref().err().map(|e| (r, e)))
+        .collect();
+    let (rank, cause) = errors
+        .iter()
+        .find(|(_, e)| is_cause(e))
+        .or(errors.first())
+        .copied()
+        .expect("at least one rank failed");
+    let lost = errors
+        .iter()
+        .any(|(_, e)| matches!(e, StageError::Transient(_)));
+    let message = anyhow::anyhow!("data-parallel rank {rank}: {cause}");
+    Err(match cause {
+        StageError::Cancelled if !lost => StageError::Cancelled,
+        _ if lost => StageError::Transient(message),
+        _ => StageError::Fatal(message),
+    })
 }
 
 impl Drop for Coordinator {
@@ -375,6 +586,7 @@ async fn claim(
                     task: job.task.clone(),
                     threads: job.threads,
                     gpus: job.gpus.clone(),
+                    gang: job.gang,
                 };
                 tracing::debug!("{} leased to {}", job.task.stage, req.worker.label());
                 state.leases.insert(
@@ -475,6 +687,74 @@ async fn fail(
     StatusCode::OK.into_response()
 }
 
+/// A gang member posts its payload and waits (up to 10 s per request) for the others'.
+async fn exchange(
+    State(hub): State<Arc<Hub>>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+    Json(post): Json<ExchangePost>,
+) -> Response {
+    if !authorized(&hub, &headers) {
+        return refuse();
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let woken = hub.exchanged.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        let posted = {
+            let mut state = hub.lock();
+            let Some(lease) = state.leases.get(&id) else {
+                return gone(id);
+            };
+            let Some(member) = lease.job.gang else {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    format!("lease {id} is not a gang member"),
+                )
+                    .into_response();
+            };
+            if state.abandoned.contains(&member.gang) {
+                return (
+                    StatusCode::CONFLICT,
+                    "the gang was abandoned: another rank failed",
+                )
+                    .into_response();
+            }
+            let slots = state
+                .exchanges
+                .entry((member.gang, post.name.clone()))
+                .or_insert_with(|| vec![None; member.world as usize]);
+            let slot = &mut slots[member.rank as usize];
+            // A repeated post (the previous answer was 204) keeps the first payload.
+            let posted = slot.is_none();
+            if posted {
+                *slot = Some(post.payload.clone());
+            }
+            if slots.iter().all(Option::is_some) {
+                let payloads = slots
+                    .iter()
+                    .map(|p| p.clone().expect("all posted"))
+                    .collect();
+                drop(state);
+                if posted {
+                    hub.exchanged.notify_waiters();
+                }
+                return Json(ExchangeReply { payloads }).into_response();
+            }
+            posted
+        };
+        if posted {
+            hub.exchanged.notify_waiters();
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return StatusCode::NO_CONTENT.into_response();
+        }
+        let _ = tokio::time::timeout((deadline - now).min(Duration::from_millis(250)), woken).await;
+    }
+}
+
 fn leased_key(hub: &Hub, id: u64) -> Option<Digest> {
     hub.lock().leases.get(&id).map(|l| l.job.task.key)
 }
@@ -556,4 +836,44 @@ async fn artifact(
         |a| encode_frame(&[a], &[]).into_response(),
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data_parallel::GroupAborted;
+
+    fn fatal(message: String) -> Result<RemoteOutcome, StageError> {
+        Err(StageError::Fatal(anyhow::anyhow!(message)))
+    }
+
+    #[test]
+    fn a_gang_reports_the_failing_rank_not_the_ones_it_released() {
+        let released = format!("rank 0 closed its connection: {GroupAborted}");
+        // Rank 1's release arrived first; rank 0's own error is the cause.
+        let e = gang_failure(
+            vec![fatal("out of memory".into()), fatal(released.clone())],
+            &[1, 0],
+        )
+        .unwrap_err();
+        assert!(matches!(e, StageError::Fatal(_)), "{e}");
+        assert!(e.to_string().contains("rank 0: out of memory"), "{e}");
+        // A lost rank makes the gang's failure transient, so the stage is retried.
+        let lost = Err(StageError::Transient(anyhow::anyhow!("worker cpu1 lost")));
+        let e = gang_failure(vec![fatal(released), lost], &[0, 1]).unwrap_err();
+        assert!(matches!(e, StageError::Transient(_)), "{e}");
+        assert!(
+            e.to_string()
+                .contains("rank 1: transient: worker cpu1 lost"),
+            "{e}"
+        );
+        // Ranks that were only cancelled: the stage was cancelled.
+        let done = Ok(RemoteOutcome {
+            artifacts: vec![],
+            log_tail: vec![],
+            worker: "cpu0".into(),
+        });
+        let e = gang_failure(vec![done, Err(StageError::Cancelled)], &[1]).unwrap_err();
+        assert!(matches!(e, StageError::Cancelled), "{e}");
+    }
 }

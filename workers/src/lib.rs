@@ -5,7 +5,8 @@
 //! - [`local`]: worker processes on this machine, one per GPU or N on the CPU.
 //! - [`slurm`]: one Slurm job per stage.
 //! - [`data_parallel`]: the `Collective` interface, its thread backend, bucketed gradient
-//!   averaging; [`nccl`] (feature `nccl`): the NCCL backend.
+//!   averaging; [`socket_collective`]: its TCP backend for ranks in separate processes;
+//!   [`nccl`] (feature `nccl`): the NCCL backend.
 
 pub mod coordinator;
 pub mod data_parallel;
@@ -14,6 +15,7 @@ pub mod local;
 pub mod nccl;
 pub mod protocol;
 pub mod slurm;
+pub mod socket_collective;
 pub mod worker;
 
 use thiserror::Error;

@@ -126,14 +126,27 @@ impl LocalPool {
 
     /// Whether a live worker process could take a job on this route.
     fn live_for(&self, route: &Route) -> bool {
+        self.live_count(route) > 0
+    }
+
+    /// Workers that can take `route`'s jobs and are alive or will be restarted.
+    fn live_count(&self, route: &Route) -> usize {
         let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        slots.iter().any(|s| {
-            (s.child.is_some() || s.restarts < MAX_RESTARTS)
-                && match route {
-                    Route::Gpu(g) => s.spec.gpu == Some(*g),
-                    _ => s.spec.gpu.is_none(),
-                }
-        })
+        slots
+            .iter()
+            .filter(|s| {
+                (s.child.is_some() || s.restarts < MAX_RESTARTS)
+                    && match route {
+                        Route::Gpu(g) => s.spec.gpu == Some(*g),
+                        _ => s.spec.gpu.is_none(),
+                    }
+            })
+            .count()
+    }
+
+    fn cpu_workers(&self) -> usize {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        slots.iter().filter(|s| s.spec.gpu.is_none()).count()
     }
 
     fn has_gpu_worker(&self, gpu: u32) -> bool {
@@ -200,14 +213,38 @@ fn spawn(
 }
 
 /// Hands stages to the local worker processes: a stage given one GPU goes to that GPU's
-/// worker; a CPU stage goes to any CPU worker. Data-parallel stages (several GPUs) and, when
-/// there are no CPU workers, CPU stages run in the coordinator's process.
+/// worker; a CPU stage goes to any CPU worker. A stage whose ranks may run as separate
+/// processes ([`deeprepair_pipeline::Resources::ranks`]) runs as a gang: rank r on the worker
+/// of its r-th GPU, or, without GPUs, on any CPU worker when there are enough of them. Other
+/// data-parallel stages (several GPUs) and, when there are no CPU workers, CPU stages run in
+/// the coordinator's process.
 pub struct LocalDispatcher {
     pub pool: LocalPool,
 }
 
+impl LocalDispatcher {
+    /// Where each rank of a gang runs (route, and its GPUs as that worker sees them), when
+    /// the stage runs as a gang here.
+    fn gang_routes(&self, assignment: &Assignment) -> Option<Vec<(Route, Vec<u32>)>> {
+        let ranks = assignment.resources.ranks as usize;
+        if ranks < 2 {
+            return None;
+        }
+        match assignment.gpus.as_slice() {
+            [] => (self.pool.cpu_workers() >= ranks).then(|| vec![(Route::Any, vec![]); ranks]),
+            gpus if gpus.len() == ranks && gpus.iter().all(|&g| self.pool.has_gpu_worker(g)) => {
+                Some(gpus.iter().map(|&g| (Route::Gpu(g), vec![0])).collect())
+            }
+            _ => None,
+        }
+    }
+}
+
 impl Dispatcher for LocalDispatcher {
     fn accepts(&self, assignment: &Assignment) -> bool {
+        if self.gang_routes(assignment).is_some() {
+            return true;
+        }
         match assignment.gpus.as_slice() {
             [] => self.pool.has_cpu_worker(),
             [g] => self.pool.has_gpu_worker(*g),
@@ -222,6 +259,27 @@ impl Dispatcher for LocalDispatcher {
         progress: &dyn ProgressSink,
         cancel: &AtomicBool,
     ) -> Result<RemoteOutcome, StageError> {
+        if let Some(ranks) = self.gang_routes(assignment) {
+            let world = ranks.len();
+            let routes: Vec<Route> = ranks.iter().map(|(r, _)| r.clone()).collect();
+            let threads = (assignment.cpus / world).max(1);
+            let tickets = self.pool.coordinator.submit_gang(task, ranks, threads);
+            return self
+                .pool
+                .coordinator
+                .wait_gang(tickets, progress, cancel, |rank, leased| {
+                    // Every rank must find a worker at once, or the claimed ones wait forever.
+                    let route = &routes[rank];
+                    let needed = routes.iter().filter(|r| *r == route).count();
+                    (!leased && self.pool.live_count(route) < needed).then(|| {
+                        StageError::Fatal(anyhow::anyhow!(
+                            "rank {rank} of {world} has no live worker for {route:?}: they \
+                             exited {MAX_RESTARTS} times; see {}",
+                            self.pool.log_dir.display()
+                        ))
+                    })
+                });
+        }
         let (route, gpus) = match assignment.gpus.as_slice() {
             [g] => (Route::Gpu(*g), vec![0]),
             _ => (Route::Any, vec![]),

@@ -12,6 +12,7 @@
 //! | `PUT /v1/leases/{id}/checkpoint` bytes | 200 (committed in the store) |
 //! | `POST /v1/leases/{id}/complete` frame of the outputs | 200 |
 //! | `POST /v1/leases/{id}/fail` [`Failure`] | 200 |
+//! | `POST /v1/leases/{id}/exchange` [`ExchangePost`] (gang members) | 200 [`ExchangeReply`] once every rank posted; 204 not yet (post again); 409 the gang was abandoned |
 //!
 //! Every request carries `Authorization: Bearer <token>`; the coordinator makes the token and
 //! hands it to the workers it starts through [`TOKEN_ENV`].
@@ -59,6 +60,31 @@ pub struct Claim {
     pub threads: usize,
     /// GPU ordinals as the worker's process sees them (after `CUDA_VISIBLE_DEVICES`).
     pub gpus: Vec<u32>,
+    /// Set when this job is one rank of a stage that runs as several processes.
+    #[serde(default)]
+    pub gang: Option<GangMember>,
+}
+
+/// One rank of a gang: the jobs of one stage run by `world` workers at once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GangMember {
+    /// The gang's id (its rank 0's job id).
+    pub gang: u64,
+    pub rank: u32,
+    pub world: u32,
+}
+
+/// A gang member's contribution to a named exchange (e.g. rank 0's address or NCCL id).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ExchangePost {
+    pub name: String,
+    pub payload: Vec<u8>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ExchangeReply {
+    /// Every rank's payload, in rank order.
+    pub payloads: Vec<Vec<u8>>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]

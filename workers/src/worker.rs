@@ -5,11 +5,12 @@
 //! cancellation.
 
 use crate::protocol::{
-    decode_frame, encode_frame, Claim, ClaimRequest, Failure, Heartbeat, HeartbeatReply, WorkerInfo,
+    decode_frame, encode_frame, Claim, ClaimRequest, ExchangePost, ExchangeReply, Failure,
+    GangMember, Heartbeat, HeartbeatReply, WorkerInfo,
 };
 use anyhow::{bail, Context};
 use deeprepair_pipeline::kind::{ProgressSink, StageCtx, StageError, Task, TaskStore};
-use deeprepair_pipeline::{Artifact, Digest, Registry};
+use deeprepair_pipeline::{Artifact, Digest, Gang, Registry};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -161,6 +162,47 @@ impl Client {
         Ok(true)
     }
 
+    /// Posts this rank's payload to the gang's exchange `name` and waits for every rank's.
+    pub fn exchange(
+        &self,
+        lease: u64,
+        post: &ExchangePost,
+        cancel: &AtomicBool,
+    ) -> anyhow::Result<Vec<Vec<u8>>> {
+        loop {
+            if cancel.load(Ordering::Relaxed) {
+                bail!(
+                    "cancelled while waiting for the other ranks ({})",
+                    post.name
+                );
+            }
+            let mut response = Self::check(
+                self.agent
+                    .post(self.url(&format!("/v1/leases/{lease}/exchange")))
+                    .header("Authorization", &self.auth)
+                    .send_json(post)?,
+                &format!("gang exchange '{}'", post.name),
+            )?;
+            if response.status().as_u16() == 204 {
+                continue;
+            }
+            let reply: ExchangeReply = serde_json::from_slice(&Self::read_all(&mut response)?)?;
+            return Ok(reply.payloads);
+        }
+    }
+
+    /// This machine's address as the coordinator sees it (the interface that reaches it).
+    fn local_address(&self) -> anyhow::Result<std::net::IpAddr> {
+        let authority = self
+            .base
+            .split_once("://")
+            .map_or(self.base.as_str(), |(_, rest)| rest);
+        let authority = authority.split('/').next().unwrap_or(authority);
+        let stream = std::net::TcpStream::connect(authority)
+            .with_context(|| format!("reaching the coordinator at {authority}"))?;
+        Ok(stream.local_addr()?.ip())
+    }
+
     /// `Ok(false)` when the lease was revoked meanwhile.
     pub fn fail(&self, lease: u64, failure: &Failure) -> anyhow::Result<bool> {
         let response = self
@@ -191,6 +233,42 @@ impl TaskStore for HttpStore {
     }
     fn load_checkpoint(&self, _key: &Digest) -> anyhow::Result<Option<Vec<u8>>> {
         self.client.load_checkpoint(self.lease)
+    }
+}
+
+/// This worker's place in a gang, meeting the other ranks through the coordinator.
+struct HttpGang {
+    client: Client,
+    lease: u64,
+    member: GangMember,
+    address: std::net::IpAddr,
+    cancel: Arc<AtomicBool>,
+}
+
+impl Gang for HttpGang {
+    fn rank(&self) -> usize {
+        self.member.rank as usize
+    }
+    fn world_size(&self) -> usize {
+        self.member.world as usize
+    }
+    fn address(&self) -> std::net::IpAddr {
+        self.address
+    }
+    fn exchange(&self, name: &str, payload: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
+        let post = ExchangePost {
+            name: name.into(),
+            payload: payload.to_vec(),
+        };
+        let payloads = self.client.exchange(self.lease, &post, &self.cancel)?;
+        if payloads.len() != self.world_size() {
+            bail!(
+                "gang exchange '{name}' returned {} payloads for {} ranks",
+                payloads.len(),
+                self.world_size()
+            );
+        }
+        Ok(payloads)
     }
 }
 
@@ -351,6 +429,16 @@ fn run_claim(client: &Client, claim: Claim, registry: &Registry) -> anyhow::Resu
         client: client.clone(),
         lease,
     };
+    let gang = match claim.gang {
+        Some(member) => Some(HttpGang {
+            client: client.clone(),
+            lease,
+            member,
+            address: client.local_address()?,
+            cancel: cancel.clone(),
+        }),
+        None => None,
+    };
     let mut ctx = StageCtx::new(
         &task,
         &store,
@@ -359,7 +447,15 @@ fn run_claim(client: &Client, claim: Claim, registry: &Registry) -> anyhow::Resu
         claim.threads.max(1),
         claim.gpus.clone(),
     );
+    if let Some(gang) = &gang {
+        ctx = ctx.with_gang(gang);
+    }
     let outcome = deeprepair_pipeline::kind::run_catching_panics(kind.as_ref(), &mut ctx);
+    // Rank 0's outputs are the stage's; the other ranks' copies need not travel.
+    let outcome = match (outcome, claim.gang) {
+        (Ok(_), Some(member)) if member.rank > 0 => Ok(vec![]),
+        (outcome, _) => outcome,
+    };
     let log_tail = ctx.log_tail().to_vec();
     drop(done);
     let _ = beats.join();

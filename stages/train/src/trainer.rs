@@ -595,49 +595,23 @@ pub fn train_with_collectives(
             .zip(&replicas[1..])
             .map(|((mut c, bn), &replica)| {
                 scope.spawn(move || {
-                    let mut guard = AbortOnDrop::new(&mut *c);
-                    let bn_guard = AbortBatchNormOnDrop(bn.clone());
-                    let result = run_rank(
-                        replica,
-                        data,
-                        validation,
-                        source,
-                        config,
-                        resume,
-                        None,
-                        Some(guard.get()),
-                        bn.clone(),
-                    );
-                    if result.is_ok() {
-                        guard.disarm();
-                        bn_guard.disarm();
-                    }
-                    released_by_batch_norm(result, bn.as_deref())
+                    run_guarded_rank(
+                        replica, &mut *c, bn, data, validation, source, config, resume, None,
+                    )
                 })
             })
             .collect();
-        let mut guard = AbortOnDrop::new(&mut *first);
-        let bn_guard = AbortBatchNormOnDrop(first_bn.clone());
-        let mine = run_rank(
+        let mine = run_guarded_rank(
             replicas[0],
+            &mut *first,
+            first_bn,
             data,
             validation,
             source,
             config,
             resume,
             Some(observer),
-            Some(guard.get()),
-            first_bn.clone(),
         );
-        if mine.is_ok() {
-            guard.disarm();
-            bn_guard.disarm();
-        } else {
-            // Releases ranks waiting for rank 0.
-            drop(guard);
-            drop(bn_guard);
-        }
-        let mine = released_by_batch_norm(mine, first_bn.as_deref());
         let mut errors: Vec<anyhow::Error> = Vec::new();
         let mut outcome = None;
         match mine {
@@ -661,6 +635,88 @@ pub fn train_with_collectives(
             .unwrap_or(0);
         Err(errors.swap_remove(cause))
     })
+}
+
+/// One rank of a data-parallel group whose other ranks run in other processes (each calls
+/// this with its own handles, e.g. [`deeprepair_workers::socket_collective::SocketCollective`]
+/// or NCCL communicators joined through the dispatcher). Rank 0 reports and checkpoints
+/// through `observer`; the others pass `None`. Same steps as [`train_with_collectives`].
+#[allow(clippy::too_many_arguments)]
+pub fn train_rank(
+    replica: Replica,
+    mut collective: Box<dyn Collective>,
+    batch_norm_collective: Option<Box<dyn Collective>>,
+    data: &TrainData,
+    validation: Option<&TrainData>,
+    source: &dyn BatchSource,
+    config: &TrainConfig,
+    resume: Option<&[u8]>,
+    observer: Option<&mut dyn TrainObserver>,
+) -> anyhow::Result<TrainOutcome> {
+    let (rank, world) = (collective.rank(), collective.world_size());
+    if observer.is_some() != (rank == 0) {
+        bail!("rank 0, and only rank 0, reports and checkpoints (rank {rank} of {world})");
+    }
+    let batch_norm = match batch_norm_collective {
+        _ if !config.sync_batch_norm || world == 1 => None,
+        None => bail!("sync_batch_norm on {world} ranks needs a batch-norm collective group"),
+        Some(c) if c.rank() != rank || c.world_size() != world => bail!(
+            "the batch-norm collective is rank {} of {}, the gradient one rank {rank} of {world}",
+            c.rank(),
+            c.world_size()
+        ),
+        Some(c) => Some(Arc::new(BatchNormGroup::new(c, world))),
+    };
+    check_inputs(data, validation, config, world)?;
+    restore_source_state(source, resume)?;
+    run_guarded_rank(
+        replica,
+        &mut *collective,
+        batch_norm,
+        data,
+        validation,
+        source,
+        config,
+        resume,
+        observer,
+    )
+}
+
+/// [`run_rank`] holding the abort guards: a rank that fails (or unwinds) releases the ranks
+/// waiting for it in either group.
+#[allow(clippy::too_many_arguments)]
+fn run_guarded_rank(
+    replica: Replica,
+    collective: &mut dyn Collective,
+    batch_norm: Option<Arc<BatchNormGroup>>,
+    data: &TrainData,
+    validation: Option<&TrainData>,
+    source: &dyn BatchSource,
+    config: &TrainConfig,
+    resume: Option<&[u8]>,
+    observer: Option<&mut dyn TrainObserver>,
+) -> anyhow::Result<TrainOutcome> {
+    let mut guard = AbortOnDrop::new(collective);
+    let bn_guard = AbortBatchNormOnDrop(batch_norm.clone());
+    let result = run_rank(
+        replica,
+        data,
+        validation,
+        source,
+        config,
+        resume,
+        observer,
+        Some(guard.get()),
+        batch_norm.clone(),
+    );
+    if result.is_ok() {
+        guard.disarm();
+        bn_guard.disarm();
+    } else {
+        drop(guard);
+        drop(bn_guard);
+    }
+    released_by_batch_norm(result, batch_norm.as_deref())
 }
 
 /// A rank's handle on the group that synchronized BatchNorm reduces over.
