@@ -5,15 +5,6 @@
 
 mod common;
 use common::*;
-use std::path::PathBuf;
-
-fn data_dir() -> Option<PathBuf> {
-    let root = std::env::var_os("DEEPREPAIR_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data")));
-    let dir = root.join("cifar10-lossless-subset");
-    dir.join("test_batch.bin").exists().then_some(dir)
-}
 
 const MANIFEST: &str = r#"
 name: mini-repair

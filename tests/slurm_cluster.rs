@@ -190,4 +190,78 @@ fn stages_run_as_slurm_jobs_and_survive_a_cancelled_job() {
             .any(|l| l.contains("gpu:1") && l.ends_with("COMPLETED")),
         "a completed job with gres gpu:1:\n{jobs}"
     );
+
+    data_parallel_stage_is_one_job_of_a_task_per_rank(&cluster);
+}
+
+/// Two ranks as the two tasks of one Slurm job (`srun` starts a worker per task; they meet
+/// through the coordinator and reduce over TCP) give the bytes two ranks as threads give.
+fn data_parallel_stage_is_one_job_of_a_task_per_rank(cluster: &Cluster) {
+    let Some(data) = data_dir() else {
+        eprintln!("SKIPPED the data-parallel part: no ../shared/data/cifar10-lossless-subset");
+        return;
+    };
+    let manifest = r#"
+name: slurm-gang
+vars:
+  data: UNSET
+stages:
+  train-data: {kind: dataset, params: {path: "${data}", split: train, per_class: 20}}
+  base:
+    kind: pretrain
+    params: {arch: tiny-cnn, epochs: 2, batch: 16, lr: 0.05, ranks: 2}
+    inputs: {train: train-data}
+"#;
+    let data = data.to_str().unwrap();
+    let threads = Scratch::new();
+    let m_threads = threads.write("m.yaml", manifest);
+    run_ok(&[
+        "run",
+        "--plain",
+        m_threads.to_str().unwrap(),
+        "--data",
+        data,
+    ]);
+    let s = Scratch::new();
+    let m = s.write("m.yaml", manifest);
+    let out = bin()
+        .env("SLURM_CONF", cluster.conf())
+        .env("DEEPREPAIR_LOG", "info")
+        .args([
+            "run",
+            "--plain",
+            "--slurm",
+            m.to_str().unwrap(),
+            "--data",
+            data,
+        ])
+        .output()
+        .unwrap();
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "slurm run failed:\n{log}");
+    for wanted in [
+        "of 2 tasks, one per rank",
+        "rank 1: data-parallel: rank 1 of 2 (one per worker process)",
+        "data-parallel reduction: TCP between worker processes",
+    ] {
+        assert!(log.contains(wanted), "no '{wanted}' in:\n{log}");
+    }
+    assert_eq!(
+        outputs(&m)["base.model"],
+        outputs(&m_threads)["base.model"],
+        "ranks as Slurm tasks differ from ranks as threads"
+    );
+    let base = status_rows(&m)
+        .into_iter()
+        .find(|r| r["stage"] == "base")
+        .unwrap();
+    let worker = base["worker"].as_str().unwrap();
+    assert!(
+        worker.starts_with("slurm:") && worker.contains(" + "),
+        "{worker}"
+    );
 }

@@ -125,3 +125,14 @@ pub fn workers_of(parent: u32) -> Vec<(u32, String)> {
     found.sort();
     found
 }
+
+/// The lossless CIFAR-10 subset (`../shared/data`, or `$DEEPREPAIR_DATA`), when present.
+pub fn data_dir() -> Option<PathBuf> {
+    let root = std::env::var_os("DEEPREPAIR_DATA")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data"))
+        });
+    let dir = root.join("cifar10-lossless-subset");
+    dir.join("test_batch.bin").exists().then_some(dir)
+}

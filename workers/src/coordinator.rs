@@ -204,14 +204,16 @@ impl Coordinator {
     }
 
     /// Queues one job per rank of a stage that runs as several processes (`ranks[r]`: where
-    /// rank r may run and its GPUs as that worker sees them); wait with [`Coordinator::wait_gang`].
+    /// rank r may run and its GPUs as that worker sees them; one rank is a plain job); wait
+    /// with [`Coordinator::wait_gang`].
     pub fn submit_gang(
         &self,
         task: &Task,
         ranks: Vec<(Route, Vec<u32>)>,
         threads: usize,
     ) -> Vec<Ticket> {
-        self.submit_jobs(task, ranks, threads, true)
+        let gang = ranks.len() > 1;
+        self.submit_jobs(task, ranks, threads, gang)
     }
 
     fn submit_jobs(

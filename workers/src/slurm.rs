@@ -4,6 +4,10 @@
 //! from the coordinator over HTTP, runs it, uploads the outputs and exits. The coordinator
 //! keeps the store (one writer) and commits.
 //!
+//! A stage whose ranks may run as separate processes (a gang, `Resources::ranks` = N) is one
+//! job of N tasks (`--ntasks=N`, `srun` starting a worker per task): Slurm starts them
+//! together, possibly on several nodes, and the workers claim the gang's N rank jobs.
+//!
 //! A job that ends without reporting (node failure, `scancel`, time limit, OOM kill) is
 //! noticed by polling `squeue`, and the stage fails as transient: the executor resubmits it,
 //! and it resumes from the checkpoint the last job committed.
@@ -58,14 +62,16 @@ fn job_state(job: &str) -> anyhow::Result<Option<String>> {
 }
 
 impl SlurmDispatcher {
-    fn sbatch(&self, task: &Task, assignment: &Assignment) -> anyhow::Result<String> {
+    /// Submits the job: one task, or `ranks` tasks of a gang, each with its share of the
+    /// stage's CPUs and GPUs.
+    fn sbatch(&self, task: &Task, assignment: &Assignment, ranks: u32) -> anyhow::Result<String> {
         let o = &self.options;
         let mut cmd = Command::new("sbatch");
         cmd.arg("--parsable")
             .arg(format!("--job-name=dr-{}", task.key.short()))
             .arg(format!(
                 "--cpus-per-task={}",
-                assignment.resources.cpus.max(1)
+                (assignment.resources.cpus / ranks).max(1)
             ))
             .arg(format!("--mem={}M", assignment.resources.mem_mb.max(1)))
             .arg(format!("--output={}/slurm-%j.log", o.log_dir.display()))
@@ -75,16 +81,29 @@ impl SlurmDispatcher {
         if let Some(p) = &o.partition {
             cmd.arg(format!("--partition={p}"));
         }
-        if o.request_gpus && assignment.resources.gpus > 0 {
-            cmd.arg(format!("--gres=gpu:{}", assignment.resources.gpus));
+        let gpus = assignment.resources.gpus;
+        if ranks > 1 {
+            cmd.arg(format!("--ntasks={ranks}"));
+            if o.request_gpus && gpus > 0 {
+                cmd.arg(format!("--gpus-per-task={}", (gpus / ranks).max(1)));
+            }
+        } else if o.request_gpus && gpus > 0 {
+            cmd.arg(format!("--gres=gpu:{gpus}"));
         }
         cmd.args(&o.extra_args);
-        let worker = format!(
-            "exec {} worker --coordinator {} --task {} --name slurm-$SLURM_JOB_ID",
-            shell_quote(&o.program.display().to_string()),
-            self.coordinator.url(),
-            task.key.hex()
-        );
+        let program = shell_quote(&o.program.display().to_string());
+        let (url, key) = (self.coordinator.url(), task.key.hex());
+        let worker = if ranks > 1 {
+            // The task's id must expand in each task's shell, not in the batch script's.
+            format!(
+                "srun --kill-on-bad-exit=1 sh -c \"exec {program} worker --coordinator {url} \
+                 --task {key} --name slurm-\\$SLURM_JOB_ID.\\$SLURM_PROCID\""
+            )
+        } else {
+            format!(
+                "exec {program} worker --coordinator {url} --task {key} --name slurm-$SLURM_JOB_ID"
+            )
+        };
         cmd.arg("--wrap").arg(worker);
         let out = cmd
             .output()
@@ -121,54 +140,71 @@ impl Dispatcher for SlurmDispatcher {
         progress: &dyn ProgressSink,
         cancel: &AtomicBool,
     ) -> Result<RemoteOutcome, StageError> {
-        let gpus: Vec<u32> = if self.options.request_gpus {
-            (0..assignment.resources.gpus).collect()
-        } else {
-            vec![]
+        let ranks = assignment.resources.ranks.max(1);
+        let gpus_per_rank = match self.options.request_gpus {
+            true => assignment.resources.gpus / ranks,
+            false => 0,
         };
-        let ticket = self.coordinator.submit(
-            task,
-            Route::Task(task.key),
-            assignment.resources.cpus.max(1) as usize,
-            gpus,
+        let threads = (assignment.resources.cpus / ranks).max(1) as usize;
+        let rank_jobs = vec![(Route::Task(task.key), (0..gpus_per_rank).collect()); ranks as usize];
+        let tickets = self.coordinator.submit_gang(task, rank_jobs, threads);
+        let job = match self.sbatch(task, assignment, ranks) {
+            Ok(job) => job,
+            Err(e) => {
+                // Nobody will claim the queued jobs: withdraw them.
+                let withdraw = AtomicBool::new(true);
+                let _ = self
+                    .coordinator
+                    .wait_gang(tickets, progress, &withdraw, |_, _| None);
+                return Err(StageError::Fatal(e));
+            }
+        };
+        progress.log(
+            &task.stage,
+            &match ranks {
+                1 => format!("submitted as Slurm job {job}"),
+                n => format!("submitted as Slurm job {job} of {n} tasks, one per rank"),
+            },
         );
-        let job = self.sbatch(task, assignment).map_err(StageError::Fatal)?;
-        progress.log(&task.stage, &format!("submitted as Slurm job {job}"));
         let mut last_poll = Instant::now();
         let mut ended_at: Option<(Instant, String)> = None;
-        let result = self.coordinator.wait(ticket, progress, cancel, |_leased| {
-            if last_poll.elapsed() < self.options.poll {
-                return None;
-            }
-            last_poll = Instant::now();
-            let state = match job_state(&job) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!("{e:#}");
+        let result = self
+            .coordinator
+            .wait_gang(tickets, progress, cancel, |_rank, _leased| {
+                if last_poll.elapsed() < self.options.poll {
                     return None;
                 }
-            };
-            let finished = match state.as_deref() {
-                None => Some("gone from the queue".to_string()),
-                Some("PENDING" | "RUNNING" | "CONFIGURING" | "COMPLETING" | "SUSPENDED") => None,
-                Some(other) => Some(other.to_string()),
-            };
-            match (finished, &ended_at) {
-                (None, _) => None,
-                (Some(state), None) => {
-                    // Give a finished job's last report a moment to arrive.
-                    ended_at = Some((Instant::now(), state));
-                    None
-                }
-                (Some(_), Some((at, state))) if at.elapsed() > Duration::from_secs(5) => {
-                    Some(StageError::Transient(anyhow::anyhow!(
+                last_poll = Instant::now();
+                let state = match job_state(&job) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!("{e:#}");
+                        return None;
+                    }
+                };
+                let finished = match state.as_deref() {
+                    None => Some("gone from the queue".to_string()),
+                    Some("PENDING" | "RUNNING" | "CONFIGURING" | "COMPLETING" | "SUSPENDED") => {
+                        None
+                    }
+                    Some(other) => Some(other.to_string()),
+                };
+                match (finished, &ended_at) {
+                    (None, _) => None,
+                    (Some(state), None) => {
+                        // Give a finished job's last report a moment to arrive.
+                        ended_at = Some((Instant::now(), state));
+                        None
+                    }
+                    (Some(_), Some((at, state))) if at.elapsed() > Duration::from_secs(5) => {
+                        Some(StageError::Transient(anyhow::anyhow!(
                         "Slurm job {job} ended ({state}) without reporting; see {}/slurm-{job}.log",
                         self.options.log_dir.display()
                     )))
+                    }
+                    _ => None,
                 }
-                _ => None,
-            }
-        });
+            });
         if matches!(result, Err(StageError::Cancelled)) {
             let _ = Command::new("scancel").arg(&job).status();
         }
