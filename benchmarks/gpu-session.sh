@@ -9,10 +9,12 @@
 #   bash benchmarks/gpu-session.sh nccl     # there: the NCCL tests (incl. --ignored)    (~1 min)
 #   bash benchmarks/gpu-session.sh torch    # there: PyTorch WRN-40-2 reference, all modes (~2 min)
 #   bash benchmarks/gpu-session.sh candle   # there: deeprepair bench train --gpu 0      (~3 min)
+#   bash benchmarks/gpu-session.sh cudnn    # there: cuDNN conv tests, bench cuDNN off/on (~4 min)
 #   bash benchmarks/gpu-session.sh smoke    # there: manifests/smoke.yaml --gpus 0       (≤ 9.5 min; run again to resume)
 #
 # The host has no Rust and no network: everything it runs is in gpu-carry/ (a stripped,
-# gzipped binary, the gzipped NCCL test executable, a CIFAR-10 JPEG subset) or in the tree.
+# gzipped binary, the gzipped NCCL and cuDNN test executables, a CIFAR-10 JPEG subset) or in
+# the tree.
 set -uo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -84,6 +86,9 @@ cmd_env() {
     if unpack nccl-tests "$TESTS"; then
       echo "== ldd nccl-tests"; ldd "$TESTS"
     fi
+    if unpack cudnn-tests "$WORK/cudnn-tests"; then
+      echo "== ldd cudnn-tests"; ldd "$WORK/cudnn-tests"
+    fi
   } 2>&1 | tee "$OUT/env.log"
 }
 
@@ -106,6 +111,38 @@ cmd_nccl() {
   fi
   grep -E "^test |test result|NCCL (refused|accepted|version)|panicked|max weight difference" "$OUT/nccl.log" > "$OUT/nccl-summary.txt"
   cat "$OUT/nccl-summary.txt"
+}
+
+cmd_cudnn() {
+  cuda_libs
+  unpack cudnn-tests "$WORK/cudnn-tests" \
+    || die "no $CARRY/cudnn-tests.gz (pack copies the deeprepair-nn cudnn_conv test executable built with --features cudnn)"
+  export RUST_BACKTRACE=1
+  # cuDNN forward and both gradients against candle's CUDA conv and the CPU path, then one
+  # WRN-40-2 step with and without cuDNN (all #[ignore]d: they need the GPU).
+  run_logged cudnn 300 "$WORK/cudnn-tests" --include-ignored --nocapture --test-threads=1
+  local rc=$?
+  # The same binary with its convolutions on candle's kernels, on cuDNN (strict f32), on cuDNN
+  # with TF32 tensor cores: the rows of each go to their own log, labelled in the table.
+  need_bin
+  grep -q -a "cudnn-conv2d" "$BIN" \
+    || log "this binary has no cuDNN convolutions (built without --features cudnn): the rows will match"
+  local mode jsd
+  : > "$OUT/cudnn-table.txt"
+  for mode in candle cudnn cudnn-tf32; do
+    local envs=(DEEPREPAIR_CUDNN=1 DEEPREPAIR_CUDNN_TF32=0)
+    [ "$mode" = candle ] && envs=(DEEPREPAIR_CUDNN=0)
+    [ "$mode" = cudnn-tf32 ] && envs=(DEEPREPAIR_CUDNN=1 DEEPREPAIR_CUDNN_TF32=1)
+    for jsd in "" "--jsd"; do
+      run_logged "cudnn-bench-$mode" 150 env "${envs[@]}" \
+        "$BIN" bench train --arch wrn-40-2 --batch 128 $jsd --steps 20 --gpu 0
+    done
+    grep -E "^(arch|wrn)" "$OUT/cudnn-bench-$mode.log" | awk '!seen[$0]++' \
+      | sed "s/^/$(printf '%-11s' "$mode") /" >> "$OUT/cudnn-table.txt"
+  done
+  grep -E "^test |test result|panicked|WRN-40-2" "$OUT/cudnn.log" > "$OUT/cudnn-summary.txt"
+  cat "$OUT/cudnn-summary.txt" "$OUT/cudnn-table.txt"
+  return "$rc"
 }
 
 cmd_torch() {
@@ -210,6 +247,11 @@ cmd_pack() {
   dp=$(newest_test_exe "$target/release/deps/data_parallel-*" synchronized_batchnorm_on_a_gpu_matches_one_rank)
   pack_exe "$dp" dp-tests \
     "cargo test --release --features cuda --target-dir $target -p deeprepair-train --test data_parallel --no-run"
+  # The cuDNN convolution tests built with --features cudnn (run with --include-ignored).
+  local cudnn_tests
+  cudnn_tests=$(newest_test_exe "$target/release/deps/cudnn_conv-*" forward_and_gradients_match_candle_cuda_and_cpu)
+  pack_exe "$cudnn_tests" cudnn-tests \
+    "cargo test --release --features cudnn --target-dir $target -p deeprepair-nn --test cudnn_conv --no-run"
   # CIFAR-10 JPEG subset for manifests/smoke.yaml (per_class 300 train, 100 test): the first
   # N files of each class folder, same layout.
   if [ -d "$data_src" ]; then
@@ -232,6 +274,7 @@ cmd_pack() {
     echo "deeprepair: built $(date -u -r "$bin" +%FT%TZ), sha256 $(gunzip -c "$CARRY/deeprepair.gz" | sha256sum | cut -c1-16) (stripped)"
     [ -n "$tests" ] && echo "nccl-tests: $(basename "$tests"), built $(date -u -r "$tests" +%FT%TZ)"
     [ -n "$dp" ] && echo "dp-tests: $(basename "$dp"), built $(date -u -r "$dp" +%FT%TZ)"
+    [ -n "$cudnn_tests" ] && echo "cudnn-tests: $(basename "$cudnn_tests"), built $(date -u -r "$cudnn_tests" +%FT%TZ)"
   } > "$CARRY/MANIFEST.txt"
   rm -rf "$tmp"
   echo "== $CARRY/"
@@ -244,13 +287,14 @@ cmd_pack() {
   cat "$CARRY/MANIFEST.txt"
 }
 
-usage() { sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
 
 case ${1:-} in
   env) cmd_env ;;
   nccl) cmd_nccl ;;
   torch) cmd_torch ;;
   candle) cmd_candle ;;
+  cudnn) cmd_cudnn ;;
   smoke) cmd_smoke ;;
   pack) cmd_pack ;;
   -h|--help|help|"") usage ;;

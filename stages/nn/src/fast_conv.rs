@@ -4,7 +4,8 @@
 //! goes through slow strided copies: on 2 cores tiny-cnn trained at ~60 images/s. Here a
 //! convolution is `W[Cout, C·k·k] × cols[N, C·k·k, Ho·Wo]`, where `cols` comes from an
 //! [`Im2Col`] custom op whose gradient is the matching col2im; candle's autograd then
-//! differentiates the matmul (two GEMMs). On CUDA the native `conv2d` is used.
+//! differentiates the matmul (two GEMMs). On CUDA the native `conv2d` is used, or, in a build
+//! with the `cudnn` feature, [`crate::cudnn_conv`] (unless `DEEPREPAIR_CUDNN=0`).
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -184,6 +185,13 @@ impl CustomOp1 for Relayout {
 /// `conv2d(x, w)` without bias, groups 1, dilation 1; `x: [N, C, H, W]`, `w: [Cout, C, k, k]`.
 pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
     if !x.device().is_cpu() || x.dtype() != candle_core::DType::F32 {
+        #[cfg(feature = "cudnn")]
+        if x.device().is_cuda()
+            && x.dtype() == candle_core::DType::F32
+            && crate::cudnn_conv::enabled()
+        {
+            return crate::cudnn_conv::conv2d(x, w, padding, stride);
+        }
         return x.conv2d(w, padding, stride, 1, 1);
     }
     let (n, c, h, wd) = x.dims4()?;
@@ -278,8 +286,9 @@ mod tests {
     }
 }
 
-/// A drop-in for `candle_nn::Conv2d` (same constructor and `Module`), using [`conv2d`] on the
-/// CPU and candle's kernels elsewhere. Groups and dilation other than 1 fall back to candle.
+/// A drop-in for `candle_nn::Conv2d` (same constructor and `Module`), using [`conv2d`] (our
+/// CPU kernels, cuDNN on CUDA where built in, candle's kernels otherwise). Groups and dilation
+/// other than 1 fall back to candle.
 #[derive(Clone, Debug)]
 pub struct Conv2d {
     weight: Tensor,

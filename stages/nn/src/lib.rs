@@ -5,6 +5,8 @@
 //! One file per architecture; [`build`] picks one by [`Arch`].
 
 pub mod allconv;
+#[cfg(feature = "cudnn")]
+pub mod cudnn_conv;
 pub mod densenet;
 pub mod fast_bn;
 pub mod fast_conv;
