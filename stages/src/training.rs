@@ -181,18 +181,10 @@ pub fn run_training(
             true => Some(gang_collective(gang, "batch-norm", device, cancel)?),
             false => None,
         };
-        ctx.log(format!(
-            "data-parallel reduction: {}{}",
-            if device.is_cuda() && cfg!(feature = "nccl") {
-                "NCCL"
-            } else {
-                "TCP between worker processes"
-            },
-            if batch_norm.is_some() {
-                ", synchronized BatchNorm"
-            } else {
-                ""
-            }
+        ctx.log(reduction_line(
+            device,
+            "TCP between worker processes",
+            batch_norm.is_some(),
         ));
         let replica = Replica {
             model: &**model,
@@ -249,18 +241,10 @@ pub fn run_training(
         } else {
             None
         };
-        observer.ctx.log(format!(
-            "data-parallel reduction: {}{}",
-            if devices[0].is_cuda() && cfg!(feature = "nccl") {
-                "NCCL"
-            } else {
-                "threads through host memory"
-            },
-            if batch_norm.is_some() {
-                ", synchronized BatchNorm"
-            } else {
-                ""
-            }
+        observer.ctx.log(reduction_line(
+            &devices[0],
+            "threads through host memory",
+            batch_norm.is_some(),
         ));
         train_with_collectives(
             &replicas,
@@ -314,6 +298,26 @@ fn nccl_group(devices: &[candle_core::Device]) -> anyhow::Result<Vec<Box<dyn Col
             })
             .collect()
     })
+}
+
+/// The log line naming how a data-parallel stage reduces (tests look for it): NCCL between
+/// GPUs in a `nccl` build, else `host_path`.
+fn reduction_line(
+    device: &candle_core::Device,
+    host_path: &str,
+    synced_batch_norm: bool,
+) -> String {
+    let path = if device.is_cuda() && cfg!(feature = "nccl") {
+        "NCCL"
+    } else {
+        host_path
+    };
+    let batch_norm = if synced_batch_norm {
+        ", synchronized BatchNorm"
+    } else {
+        ""
+    };
+    format!("data-parallel reduction: {path}{batch_norm}")
 }
 
 /// This process's handle on a group of the gang's ranks, formed through the gang's exchange

@@ -137,7 +137,7 @@ impl Coordinator {
             queued: tokio::sync::Notify::new(),
             exchanged: tokio::sync::Notify::new(),
             store,
-            token: new_token(),
+            token: crate::unguessable_hex(),
             lease_timeout,
         });
         let app = Router::new()
@@ -518,22 +518,6 @@ impl Drop for Coordinator {
             let _ = server.join();
         }
     }
-}
-
-fn new_token() -> String {
-    let mut hasher = blake3::Hasher::new();
-    hasher.update(&std::process::id().to_le_bytes());
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    hasher.update(&now.as_nanos().to_le_bytes());
-    // Address-space layout adds entropy the clock and pid lack.
-    let stack_probe = 0u8;
-    hasher.update(&(&stack_probe as *const u8 as usize).to_le_bytes());
-    if let Ok(bytes) = std::fs::read("/proc/sys/kernel/random/uuid") {
-        hasher.update(&bytes);
-    }
-    hasher.finalize().to_hex()[..32].to_string()
 }
 
 fn authorized(hub: &Hub, headers: &HeaderMap) -> bool {

@@ -205,17 +205,7 @@ impl Collective for ThreadCollective {
         self.shared.world
     }
     fn all_reduce_mean(&mut self, buffer: &mut [f32]) -> anyhow::Result<()> {
-        let world = self.shared.world as f32;
-        self.exchange(buffer, |parts| {
-            let mut acc = parts[0].clone();
-            for p in &parts[1..] {
-                for (a, v) in acc.iter_mut().zip(p) {
-                    *a += v;
-                }
-            }
-            acc.iter_mut().for_each(|a| *a /= world);
-            acc
-        })
+        self.exchange(buffer, mean_in_rank_order)
     }
     fn broadcast(&mut self, buffer: &mut [f32], root: usize) -> anyhow::Result<()> {
         if root >= self.shared.world {
@@ -234,6 +224,20 @@ impl Collective for ThreadCollective {
         round.aborted = true;
         self.shared.changed.notify_all();
     }
+}
+
+/// The element-wise mean of rank-ordered contributions, summed in rank order: the one
+/// arithmetic every host-memory backend uses, so threads and processes give the same bits.
+pub(crate) fn mean_in_rank_order(parts: &[Vec<f32>]) -> Vec<f32> {
+    let world = parts.len() as f32;
+    let mut acc = parts[0].clone();
+    for p in &parts[1..] {
+        for (a, v) in acc.iter_mut().zip(p) {
+            *a += v;
+        }
+    }
+    acc.iter_mut().for_each(|a| *a /= world);
+    acc
 }
 
 /// DDP's default bucket size.

@@ -20,6 +20,24 @@ pub mod worker;
 
 use thiserror::Error;
 
+/// 32 hex digits no one outside this process can guess (worker tokens, a gang's TCP secret):
+/// BLAKE3 over the kernel's random UUID, the pid, the clock and an address.
+pub(crate) fn unguessable_hex() -> String {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(&std::process::id().to_le_bytes());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    hasher.update(&now.as_nanos().to_le_bytes());
+    // Address-space layout adds entropy the clock and pid lack.
+    let stack_probe = 0u8;
+    hasher.update(&(&stack_probe as *const u8 as usize).to_le_bytes());
+    if let Ok(bytes) = std::fs::read("/proc/sys/kernel/random/uuid") {
+        hasher.update(&bytes);
+    }
+    hasher.finalize().to_hex()[..32].to_string()
+}
+
 #[derive(Debug, Error, PartialEq)]
 pub enum GpuListError {
     #[error("bad GPU list '{list}': '{item}' is not a GPU ordinal (expected e.g. 0,1,2)")]

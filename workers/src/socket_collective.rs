@@ -12,7 +12,7 @@
 //! with [`GroupAborted`]. Reads poll a cancel flag every 200 ms, so a rank whose peer froze
 //! (SIGSTOP) still stops when its stage is cancelled.
 
-use crate::data_parallel::{Collective, GroupAborted};
+use crate::data_parallel::{mean_in_rank_order, Collective, GroupAborted};
 use anyhow::{bail, Context};
 use std::io::{ErrorKind, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
@@ -62,12 +62,10 @@ impl SocketCollective {
         if rank == 0 {
             let listener = TcpListener::bind(SocketAddr::new(address, 0))
                 .with_context(|| format!("rank 0 cannot listen on {address}"))?;
-            let secret = new_secret();
-            let mut payload = listener.local_addr()?.to_string().into_bytes();
-            payload.push(b' ');
-            payload.extend_from_slice(hex(&secret).as_bytes());
-            exchange(&payload)?;
-            group.peers = group.accept_ranks(&listener, &secret)?;
+            let secret = crate::unguessable_hex();
+            let payload = format!("{} {secret}", listener.local_addr()?);
+            exchange(payload.as_bytes())?;
+            group.peers = group.accept_ranks(&listener, secret.as_bytes())?;
         } else {
             let payloads = exchange(&[])?;
             let first = payloads
@@ -81,7 +79,7 @@ impl SocketCollective {
             let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(30))
                 .with_context(|| format!("rank {rank} cannot reach rank 0 at {addr}"))?;
             stream.set_nodelay(true)?;
-            let mut hello = unhex(secret).context("rank 0's secret")?;
+            let mut hello = secret.as_bytes().to_vec();
             hello.extend_from_slice(&(rank as u32).to_le_bytes());
             stream.write_all(&hello)?;
             group.peers = vec![stream];
@@ -262,18 +260,8 @@ impl Collective for SocketCollective {
         self.world
     }
     fn all_reduce_mean(&mut self, buffer: &mut [f32]) -> anyhow::Result<()> {
-        let world = self.world as f32;
-        // The same arithmetic as the thread backend, so both give the same bits.
-        self.round(ALL_REDUCE, 0, buffer, |parts| {
-            let mut acc = parts[0].clone();
-            for p in &parts[1..] {
-                for (a, v) in acc.iter_mut().zip(p) {
-                    *a += v;
-                }
-            }
-            acc.iter_mut().for_each(|a| *a /= world);
-            acc
-        })
+        // The thread backend's arithmetic, so both give the same bits.
+        self.round(ALL_REDUCE, 0, buffer, mean_in_rank_order)
     }
     fn broadcast(&mut self, buffer: &mut [f32], root: usize) -> anyhow::Result<()> {
         if root >= self.world {
@@ -309,33 +297,6 @@ fn decode_into(bytes: &[u8], out: &mut [f32]) {
     for (v, b) in out.iter_mut().zip(bytes.chunks_exact(4)) {
         *v = f32::from_le_bytes(b.try_into().expect("4 bytes"));
     }
-}
-
-fn new_secret() -> Vec<u8> {
-    let mut hasher = blake3::Hasher::new();
-    hasher.update(&std::process::id().to_le_bytes());
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    hasher.update(&now.as_nanos().to_le_bytes());
-    if let Ok(bytes) = std::fs::read("/proc/sys/kernel/random/uuid") {
-        hasher.update(&bytes);
-    }
-    hasher.finalize().as_bytes()[..16].to_vec()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> anyhow::Result<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        bail!("odd-length hex");
-    }
-    (0..text.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).context("not hex"))
-        .collect()
 }
 
 #[cfg(test)]
@@ -487,7 +448,7 @@ mod tests {
         let addr = text.split_once(' ').unwrap().0.to_string();
         // Wrong secret: dropped.
         let mut stranger = TcpStream::connect(&addr).unwrap();
-        stranger.write_all(&[0u8; 20]).unwrap();
+        stranger.write_all(&[0u8; 36]).unwrap();
         let mut ack = [0u8; 1];
         assert_eq!(stranger.read(&mut ack).unwrap_or(0), 0);
         // The real rank 1 is then admitted.
