@@ -34,9 +34,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// How long the other ranks of a failed gang get to stop before their leases are revoked.
-const GANG_GRACE: Duration = Duration::from_secs(30);
-
 /// Which workers may take a job.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Route {
@@ -108,9 +105,13 @@ pub struct Ticket {
     replies: mpsc::Receiver<JobEnd>,
 }
 
+/// Told of a worker whose rank did not stop after its gang failed (see [`Coordinator::wait_gang`]).
+pub type StuckRankHook = Box<dyn Fn(&WorkerInfo) + Send + Sync>;
+
 pub struct Coordinator {
     hub: Arc<Hub>,
     url: String,
+    stuck_rank: Mutex<Option<StuckRankHook>>,
     shutdown: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
     server: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -181,9 +182,17 @@ impl Coordinator {
         Ok(Arc::new(Coordinator {
             hub,
             url,
+            stuck_rank: Mutex::new(None),
             shutdown: Mutex::new(Some(tx)),
             server: Mutex::new(Some(server)),
         }))
+    }
+
+    /// What to do with a worker whose rank did not stop within the lease timeout of its
+    /// gang's failure (e.g. stuck in an NCCL collective waiting for a dead peer): its lease is
+    /// revoked either way; a pool of local workers kills the process so it can be restarted.
+    pub fn on_stuck_rank(&self, hook: StuckRankHook) {
+        *self.stuck_rank.lock().unwrap_or_else(|p| p.into_inner()) = Some(hook);
     }
 
     /// Base URL workers connect to.
@@ -291,16 +300,27 @@ impl Coordinator {
         let mut abandoned = false;
         let mut abandoned_at = Instant::now();
         while ends.iter().any(Option::is_none) {
-            if abandoned && abandoned_at.elapsed() > GANG_GRACE {
+            let grace = self.hub.lease_timeout;
+            if abandoned && abandoned_at.elapsed() > grace {
                 // A rank stuck in a collective (e.g. NCCL waiting for a dead peer) must not
-                // hold the run: revoke it, so its late result is refused.
+                // hold the run: revoke it (its late result is refused) and report its worker.
                 for (rank, end) in ends.iter_mut().enumerate() {
                     if end.is_none() {
-                        self.forget(ids[rank]);
-                        *end = Some(Err(StageError::Transient(anyhow::anyhow!(
-                            "rank {rank} did not stop within {GANG_GRACE:?} of another rank's \
-                             failure; its lease was revoked"
-                        ))));
+                        let stuck = self.revoke(ids[rank]);
+                        let hook = self.stuck_rank.lock().unwrap_or_else(|p| p.into_inner());
+                        if let (Some(worker), Some(hook)) = (&stuck, hook.as_ref()) {
+                            hook(worker);
+                        }
+                        progress.log(
+                            &stage,
+                            &format!(
+                                "rank {rank} (on {}) did not stop within {grace:?} of another \
+                                 rank's failure; its lease was revoked",
+                                stuck.map_or("no worker".into(), |w| w.label())
+                            ),
+                        );
+                        // Told to stop and did not: not the gang's cause, and not "lost".
+                        *end = Some(Err(StageError::Cancelled));
                     }
                 }
                 break;
@@ -414,7 +434,7 @@ impl Coordinator {
         }
         drop(state);
         if let Some(e) = check(rank, leased) {
-            self.forget(ticket.id);
+            self.revoke(ticket.id);
             return Some(Err(e));
         }
         None
@@ -467,10 +487,16 @@ impl Coordinator {
         (state.queue.len(), state.leases.len())
     }
 
-    fn forget(&self, job: u64) {
+    /// Drops the job (queued or leased); the worker that held it, if any.
+    fn revoke(&self, job: u64) -> Option<WorkerInfo> {
         let mut state = self.hub.lock();
         state.queue.retain(|j| j.id != job);
-        state.leases.retain(|_, l| l.job.id != job);
+        let lease = state
+            .leases
+            .iter()
+            .find(|(_, l)| l.job.id == job)
+            .map(|(&id, _)| id)?;
+        state.leases.remove(&lease).map(|l| l.worker)
     }
 }
 
@@ -861,5 +887,80 @@ mod tests {
         });
         let e = gang_failure(vec![done, Err(StageError::Cancelled)], &[1]).unwrap_err();
         assert!(matches!(e, StageError::Cancelled), "{e}");
+    }
+
+    struct Quiet;
+    impl ProgressSink for Quiet {
+        fn progress(&self, _: &str, _: u64, _: u64, _: &str) {}
+        fn log(&self, _: &str, _: &str) {}
+    }
+
+    /// Over real HTTP: rank 0 fails; rank 1 keeps heartbeating but never ends (as a rank stuck
+    /// in NCCL would). After the lease timeout it is revoked and its worker reported, the
+    /// gang fails with rank 0's error, and rank 1's late heartbeat is refused.
+    #[test]
+    fn a_rank_that_does_not_stop_after_its_gang_failed_is_revoked_and_reported() {
+        use crate::worker::Client;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open_writer(&dir.path().join("store.redb")).unwrap());
+        let timeout = Duration::from_millis(500);
+        let coordinator =
+            Coordinator::start(store, "127.0.0.1:0".parse().unwrap(), None, timeout).unwrap();
+        let stuck = Arc::new(Mutex::new(vec![]));
+        let seen = stuck.clone();
+        coordinator.on_stuck_rank(Box::new(move |w| seen.lock().unwrap().push(w.name.clone())));
+        let task = Task {
+            key: Digest::of(b"gang"),
+            kind: "util.work".into(),
+            stage: "train".into(),
+            params: serde_json::json!({}),
+            inputs: Default::default(),
+            attempt: 0,
+        };
+        let tickets = coordinator.submit_gang(&task, vec![(Route::Any, vec![]); 2], 1);
+        let client = Client::new(coordinator.url(), coordinator.token());
+        let claim = |name: &str| {
+            let req = ClaimRequest {
+                worker: WorkerInfo {
+                    name: name.into(),
+                    host: "test".into(),
+                    pid: 0,
+                    gpu: None,
+                },
+                task: None,
+                wait_ms: 1000,
+            };
+            client.claim(&req).unwrap().expect("a rank job")
+        };
+        let (first, second) = (claim("a"), claim("b"));
+        assert_eq!(first.gang.map(|g| (g.rank, g.world)), Some((0, 2)));
+        assert_eq!(second.gang.map(|g| (g.rank, g.world)), Some((1, 2)));
+        let beating = {
+            let client = client.clone();
+            std::thread::spawn(move || {
+                let mut cancel_seen = false;
+                while let Ok(Some(reply)) = client.heartbeat(second.lease, &Heartbeat::default()) {
+                    cancel_seen |= reply.cancel;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                cancel_seen
+            })
+        };
+        let failure = Failure {
+            error: "boom".into(),
+            transient: false,
+            cancelled: false,
+            log_tail: vec![],
+        };
+        assert!(client.fail(first.lease, &failure).unwrap());
+        let started = Instant::now();
+        let result = coordinator.wait_gang(tickets, &Quiet, &AtomicBool::new(false), |_, _| None);
+        let e = result.unwrap_err();
+        assert!(matches!(e, StageError::Fatal(_)), "{e}");
+        assert!(e.to_string().contains("rank 0: boom"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(*stuck.lock().unwrap(), vec!["b".to_string()]);
+        // The stuck rank was told to cancel, then lost its lease.
+        assert!(beating.join().unwrap(), "rank 1 was asked to cancel");
     }
 }

@@ -59,6 +59,20 @@ impl LocalPool {
             });
         }
         let slots = Arc::new(Mutex::new(slots));
+        {
+            // A rank stuck after its gang failed holds its GPU: kill the process; the monitor
+            // below restarts it.
+            let slots = slots.clone();
+            coordinator.on_stuck_rank(Box::new(move |worker| {
+                let mut slots = slots.lock().unwrap_or_else(|p| p.into_inner());
+                for slot in slots.iter_mut().filter(|s| s.spec.name == worker.name) {
+                    if let Some(child) = slot.child.as_mut() {
+                        tracing::warn!("killing worker {}: its rank did not stop", worker.name);
+                        let _ = child.kill();
+                    }
+                }
+            }));
+        }
         let stopping = Arc::new(AtomicBool::new(false));
         let monitor = {
             let (coordinator, program, log_dir, slots, stopping) = (

@@ -205,7 +205,9 @@ impl Dispatcher for SlurmDispatcher {
                     _ => None,
                 }
             });
-        if matches!(result, Err(StageError::Cancelled)) {
+        if result.is_err() {
+            // Cancelled, or a rank of a gang failed while the job's other tasks may still
+            // run (or wait for a peer that is gone): end the job. Harmless if it has ended.
             let _ = Command::new("scancel").arg(&job).status();
         }
         result.map(|mut outcome| {
