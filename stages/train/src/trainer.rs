@@ -1119,11 +1119,66 @@ fn run_rank(
     if let Some(best) = &best {
         restore(varmap, best)?;
     }
+    if let Some(c) = collective {
+        check_ranks_agree(c, varmap)?;
+    }
     Ok(TrainOutcome {
         history: progress.history,
         stopped_early: progress.stopped_early,
         best_epoch: best.as_ref().and(progress.best_epoch),
     })
+}
+
+/// Fails unless every rank ends with rank 0's trainable weights (what averaging gradients
+/// promises; BatchNorm running statistics may differ per rank): a broken reduction or a
+/// diverged rank fails the stage rather than saving one rank's model as if it were all.
+/// Rank 0 broadcasts its weights' BLAKE3 digest (as 16 small integers, which any f32
+/// collective carries exactly); each rank compares it with its own and the verdicts are
+/// all-reduced, so every rank sees any difference.
+fn check_ranks_agree(collective: &mut dyn Collective, varmap: &VarMap) -> anyhow::Result<()> {
+    let mut vars: Vec<(String, Var)> = varmap
+        .data()
+        .lock()
+        .expect("varmap lock")
+        .iter()
+        .filter(|(name, _)| !deeprepair_nn::weights::is_running_stat(name))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut hasher = blake3::Hasher::new();
+    for (name, var) in &vars {
+        hasher.update(name.as_bytes());
+        let values: Vec<f32> = var
+            .as_tensor()
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1()?;
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        hasher.update(&bytes);
+    }
+    let mine: Vec<f32> = hasher
+        .finalize()
+        .as_bytes()
+        .chunks(2)
+        .map(|pair| u16::from_le_bytes([pair[0], pair[1]]) as f32)
+        .collect();
+    let mut rank0 = mine.clone();
+    collective
+        .broadcast(&mut rank0, 0)
+        .context("comparing the ranks' trained weights")?;
+    let mut differ = [if rank0 == mine { 0.0 } else { 1.0 }];
+    collective
+        .all_reduce_mean(&mut differ)
+        .context("comparing the ranks' trained weights")?;
+    if differ[0] > 0.0 {
+        bail!(
+            "the data-parallel ranks ended with different trained weights (seen by rank {} \
+             of {}): the gradient reduction did not keep them in step",
+            collective.rank(),
+            collective.world_size()
+        );
+    }
+    Ok(())
 }
 
 /// The variables of `varmap`, sorted by name (every rank lists them in the same order).
@@ -1137,4 +1192,47 @@ fn sorted_vars(varmap: &VarMap) -> Vec<Var> {
         .collect();
     vars.sort_by(|a, b| a.0.cmp(&b.0));
     vars.into_iter().map(|(_, v)| v).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use deeprepair_workers::data_parallel::ThreadCollective;
+
+    /// A rank's variables: a trained weight ending in `last`, a running mean of `running`.
+    fn rank_vars(last: f32, running: f32) -> VarMap {
+        let varmap = VarMap::new();
+        let var = |v: &[f32]| Var::from_slice(v, v.len(), &Device::Cpu).unwrap();
+        let mut data = varmap.data().lock().unwrap();
+        data.insert("fc.weight".into(), var(&[1.0, -2.5, last]));
+        data.insert("bn.running_mean".into(), var(&[running]));
+        drop(data);
+        varmap
+    }
+
+    fn check_three(ranks: [(f32, f32); 3]) -> Vec<bool> {
+        let handles: Vec<_> = ThreadCollective::group(3)
+            .into_iter()
+            .zip(ranks)
+            .map(|(mut c, (last, running))| {
+                std::thread::spawn(move || check_ranks_agree(&mut c, &rank_vars(last, running)))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap().is_ok())
+            .collect()
+    }
+
+    #[test]
+    fn ranks_agree_only_when_their_trained_weights_are_equal() {
+        // Running statistics may differ per rank (DDP's default BatchNorm).
+        assert_eq!(check_three([(0.5, 0.0), (0.5, 1.0), (0.5, 2.0)]), [true; 3]);
+        // One rank's trained weight differs by one ulp: every rank fails.
+        let off = f32::from_bits(0.5f32.to_bits() + 1);
+        assert_eq!(
+            check_three([(0.5, 0.0), (0.5, 0.0), (off, 0.0)]),
+            [false; 3]
+        );
+    }
 }
