@@ -74,7 +74,8 @@ pub fn training_params(epochs: i64, lr: f64, batch: i64) -> Vec<ParamSpec> {
             ParamType::Int,
             json!(1),
             "data-parallel ranks, each taking batch/ranks images of every batch: one GPU each \
-             on a run with GPUs (the stage asks for `ranks` GPUs), else threads sharing the CPU",
+             on a run with GPUs (the stage asks for `ranks` GPUs), else threads sharing the CPU; \
+             with worker processes (--gpus, --workers N ≥ ranks, --slurm) one process per rank",
         ),
         ParamSpec::optional(
             "sync_batch_norm",
