@@ -9,11 +9,11 @@
 #   bash benchmarks/gpu-session.sh nccl     # there: the NCCL tests (incl. --ignored)    (~1 min)
 #   bash benchmarks/gpu-session.sh torch    # there: PyTorch WRN-40-2 reference, all modes (~2 min)
 #   bash benchmarks/gpu-session.sh candle   # there: deeprepair bench train --gpu 0      (~3 min)
-#   bash benchmarks/gpu-session.sh cudnn    # there: cuDNN conv tests, bench cuDNN off/on (~4 min)
+#   bash benchmarks/gpu-session.sh cudnn    # there: cuDNN conv + BN tests, bench cuDNN off/on (~6 min)
 #   bash benchmarks/gpu-session.sh smoke    # there: manifests/smoke.yaml --gpus 0       (≤ 9.5 min; run again to resume)
 #
 # The host has no Rust and no network: everything it runs is in gpu-carry/ (a stripped,
-# gzipped binary, the gzipped NCCL and cuDNN test executables, a CIFAR-10 JPEG subset) or in
+# gzipped binary, the compressed NCCL and cuDNN test executables, a CIFAR-10 JPEG subset) or in
 # the tree.
 set -uo pipefail
 
@@ -37,12 +37,30 @@ cuda_libs() {
   export LD_LIBRARY_PATH=${libs}${LD_LIBRARY_PATH:-}
 }
 
-# gunzip gpu-carry/NAME.gz to DEST once per host (re-done when the carried file is newer).
+# Writes the decompressed FILE (.gz, or .xz: xz, else Python's lzma) to stdout.
+decompress() {
+  case $1 in
+    *.gz) gunzip -c "$1" ;;
+    *.xz)
+      if command -v xz >/dev/null 2>&1; then
+        xz -dc "$1"
+      else
+        "$TORCH_PY" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), sys.stdout.buffer)' "$1"
+      fi ;;
+    *) return 1 ;;
+  esac
+}
+
+# Unpacks gpu-carry/NAME.gz or NAME.xz to DEST once per host (re-done when the carried file is
+# newer).
 unpack() {
-  local src=$CARRY/$1.gz dest=$2
-  [ -f "$src" ] || return 1
+  local name=$1 dest=$2 src=""
+  if [ -f "$CARRY/$name.gz" ]; then src=$CARRY/$name.gz
+  elif [ -f "$CARRY/$name.xz" ]; then src=$CARRY/$name.xz
+  else return 1
+  fi
   if [ ! -x "$dest" ] || [ "$src" -nt "$dest" ]; then
-    gunzip -c "$src" > "$dest.tmp" && chmod +x "$dest.tmp" && mv "$dest.tmp" "$dest" || return 1
+    decompress "$src" > "$dest.tmp" && chmod +x "$dest.tmp" && mv "$dest.tmp" "$dest" || return 1
   fi
 }
 
@@ -89,12 +107,15 @@ cmd_env() {
     if unpack cudnn-tests "$WORK/cudnn-tests"; then
       echo "== ldd cudnn-tests"; ldd "$WORK/cudnn-tests"
     fi
+    if unpack cudnn-bn-tests "$WORK/cudnn-bn-tests"; then
+      echo "== ldd cudnn-bn-tests"; ldd "$WORK/cudnn-bn-tests"
+    fi
   } 2>&1 | tee "$OUT/env.log"
 }
 
 cmd_nccl() {
   cuda_libs
-  unpack nccl-tests "$TESTS" || die "no $CARRY/nccl-tests.gz (pack copies the deeprepair-workers test executable built with --features nccl)"
+  unpack nccl-tests "$TESTS" || die "no $CARRY/nccl-tests.xz (pack copies the deeprepair-workers test executable built with --features nccl)"
   export RUST_BACKTRACE=1 NCCL_DEBUG=${NCCL_DEBUG:-WARN}
   # Every test of the crate (the data-parallel thread backend too), then the GPU-only ones one
   # at a time so a hang or NCCL refusal is attributed to one test.
@@ -107,7 +128,7 @@ cmd_nccl() {
   if unpack dp-tests "$WORK/dp-tests"; then
     run_logged nccl 240 "$WORK/dp-tests" --include-ignored --nocapture --test-threads=1
   else
-    log "no $CARRY/dp-tests.gz: synchronized BatchNorm on the GPU not checked"
+    log "no $CARRY/dp-tests.xz: synchronized BatchNorm on the GPU not checked"
   fi
   grep -E "^test |test result|NCCL (refused|accepted|version)|panicked|max weight difference" "$OUT/nccl.log" > "$OUT/nccl-summary.txt"
   cat "$OUT/nccl-summary.txt"
@@ -116,23 +137,38 @@ cmd_nccl() {
 cmd_cudnn() {
   cuda_libs
   unpack cudnn-tests "$WORK/cudnn-tests" \
-    || die "no $CARRY/cudnn-tests.gz (pack copies the deeprepair-nn cudnn_conv test executable built with --features cudnn)"
+    || die "no $CARRY/cudnn-tests.xz (pack copies the deeprepair-nn cudnn_conv test executable built with --features cudnn)"
   export RUST_BACKTRACE=1
   # cuDNN forward and both gradients against candle's CUDA conv and the CPU path, then one
   # WRN-40-2 step with and without cuDNN (all #[ignore]d: they need the GPU).
   run_logged cudnn 300 "$WORK/cudnn-tests" --include-ignored --nocapture --test-threads=1
   local rc=$?
-  # The same binary with its convolutions on candle's kernels, on cuDNN (strict f32), on cuDNN
-  # with TF32 tensor cores: the rows of each go to their own log, labelled in the table.
+  # cuDNN BatchNorm (training forward, backward, running statistics, eval) against candle's
+  # CUDA BatchNorm and the CPU path, the synchronized-BatchNorm scope staying off cuDNN, then one
+  # WRN-40-2 step with BatchNorm on cuDNN, on candle, and everything on candle.
+  if unpack cudnn-bn-tests "$WORK/cudnn-bn-tests"; then
+    run_logged cudnn 240 "$WORK/cudnn-bn-tests" --include-ignored --nocapture --test-threads=1
+    local bn_rc=$?
+    [ "$rc" -eq 0 ] && rc=$bn_rc
+  else
+    log "error: no $CARRY/cudnn-bn-tests.xz (pack copies the deeprepair-nn cudnn_bn test executable built with --features cudnn): cuDNN BatchNorm not checked"
+    [ "$rc" -eq 0 ] && rc=2
+  fi
+  # The same binary with convolutions and BatchNorm on candle's kernels, convolutions alone on
+  # cuDNN, both on cuDNN (strict f32), both with TF32 tensor cores for the convolutions: the
+  # rows of each go to their own log, labelled in the table.
   need_bin
   grep -q -a "cudnn-conv2d" "$BIN" \
     || log "this binary has no cuDNN convolutions (built without --features cudnn): the rows will match"
+  grep -q -a "cudnn-batch-norm-train" "$BIN" \
+    || log "this binary has no cuDNN BatchNorm (built before src/cudnn_bn.rs): cudnn-conv and cudnn rows will match"
   local mode jsd
   : > "$OUT/cudnn-table.txt"
-  for mode in candle cudnn cudnn-tf32; do
-    local envs=(DEEPREPAIR_CUDNN=1 DEEPREPAIR_CUDNN_TF32=0)
+  for mode in candle cudnn-conv cudnn cudnn-tf32; do
+    local envs=(DEEPREPAIR_CUDNN=1 DEEPREPAIR_CUDNN_BN=1 DEEPREPAIR_CUDNN_TF32=0)
     [ "$mode" = candle ] && envs=(DEEPREPAIR_CUDNN=0)
-    [ "$mode" = cudnn-tf32 ] && envs=(DEEPREPAIR_CUDNN=1 DEEPREPAIR_CUDNN_TF32=1)
+    [ "$mode" = cudnn-conv ] && envs=(DEEPREPAIR_CUDNN=1 DEEPREPAIR_CUDNN_BN=0 DEEPREPAIR_CUDNN_TF32=0)
+    [ "$mode" = cudnn-tf32 ] && envs=(DEEPREPAIR_CUDNN=1 DEEPREPAIR_CUDNN_BN=1 DEEPREPAIR_CUDNN_TF32=1)
     for jsd in "" "--jsd"; do
       run_logged "cudnn-bench-$mode" 150 env "${envs[@]}" \
         "$BIN" bench train --arch wrn-40-2 --batch 128 $jsd --steps 20 --gpu 0
@@ -204,15 +240,22 @@ cmd_smoke() {
 }
 
 # ---- here: gzip what the GPU host needs into gpu-carry/ (builds nothing) -------------------
-# Strips a copy of executable SRC into $tmp (the caller's scratch folder) and gzips it to
-# $CARRY/NAME.gz; without SRC, removes a stale NAME.gz and says how to build it (HOW).
+# Strips a copy of executable SRC into $tmp (the caller's scratch folder) and compresses it to
+# $CARRY/NAME.EXT (EXT gz, the default, or xz: under half gzip's size for the test
+# executables, which share candle's CUDA kernels, ~20 s each here; that keeps the carry under
+# 64 MiB); without SRC, says how to build it (HOW).
+# A stale NAME.gz or NAME.xz goes either way (unpack would prefer a stale .gz).
 pack_exe() {
-  local src=$1 name=$2 how=${3:-}
+  local src=$1 name=$2 how=${3:-} ext=${4:-gz}
+  rm -f "$CARRY/$name.gz" "$CARRY/$name.xz"
   if [ -n "$src" ]; then
     cp "$src" "$tmp/$name" && strip "$tmp/$name"
-    gzip -9 -c "$tmp/$name" > "$CARRY/$name.gz"
+    if [ "$ext" = xz ]; then
+      nice xz -9 -T1 -c "$tmp/$name" > "$CARRY/$name.xz"
+    else
+      gzip -9 -c "$tmp/$name" > "$CARRY/$name.gz"
+    fi
   else
-    rm -f "$CARRY/$name.gz"
     log "no $name executable under $target/release: build it with $how"
   fi
 }
@@ -241,17 +284,21 @@ cmd_pack() {
   local tests
   tests=$(newest_test_exe "$target/release/deps/deeprepair_workers-*" two_ranks_on_one_gpu_as_threads)
   pack_exe "$tests" nccl-tests \
-    "cargo test --release --features nccl --target-dir $target -p deeprepair-workers --no-run"
+    "cargo test --release --features nccl --target-dir $target -p deeprepair-workers --no-run" xz
   # The data-parallel trainer tests built with --features cuda (synchronized BatchNorm on GPU).
   local dp
   dp=$(newest_test_exe "$target/release/deps/data_parallel-*" synchronized_batchnorm_on_a_gpu_matches_one_rank)
   pack_exe "$dp" dp-tests \
-    "cargo test --release --features cuda --target-dir $target -p deeprepair-train --test data_parallel --no-run"
-  # The cuDNN convolution tests built with --features cudnn (run with --include-ignored).
-  local cudnn_tests
+    "cargo test --release --features cuda --target-dir $target -p deeprepair-train --test data_parallel --no-run" xz
+  # The cuDNN convolution and BatchNorm tests built with --features cudnn (run with
+  # --include-ignored).
+  local cudnn_tests cudnn_bn_tests
   cudnn_tests=$(newest_test_exe "$target/release/deps/cudnn_conv-*" forward_and_gradients_match_candle_cuda_and_cpu)
   pack_exe "$cudnn_tests" cudnn-tests \
-    "cargo test --release --features cudnn --target-dir $target -p deeprepair-nn --test cudnn_conv --no-run"
+    "cargo test --release --features cudnn --target-dir $target -p deeprepair-nn --test cudnn_conv --no-run" xz
+  cudnn_bn_tests=$(newest_test_exe "$target/release/deps/cudnn_bn-*" train_steps_and_eval_match_candle_cuda_and_cpu)
+  pack_exe "$cudnn_bn_tests" cudnn-bn-tests \
+    "cargo test --release --features cudnn --target-dir $target -p deeprepair-nn --test cudnn_bn --no-run" xz
   # CIFAR-10 JPEG subset for manifests/smoke.yaml (per_class 300 train, 100 test): the first
   # N files of each class folder, same layout.
   if [ -d "$data_src" ]; then
@@ -275,10 +322,11 @@ cmd_pack() {
     [ -n "$tests" ] && echo "nccl-tests: $(basename "$tests"), built $(date -u -r "$tests" +%FT%TZ)"
     [ -n "$dp" ] && echo "dp-tests: $(basename "$dp"), built $(date -u -r "$dp" +%FT%TZ)"
     [ -n "$cudnn_tests" ] && echo "cudnn-tests: $(basename "$cudnn_tests"), built $(date -u -r "$cudnn_tests" +%FT%TZ)"
+    [ -n "$cudnn_bn_tests" ] && echo "cudnn-bn-tests: $(basename "$cudnn_bn_tests"), built $(date -u -r "$cudnn_bn_tests" +%FT%TZ)"
   } > "$CARRY/MANIFEST.txt"
   rm -rf "$tmp"
   echo "== $CARRY/"
-  du -b "$CARRY"/*.gz 2>/dev/null | awk '{printf "%8.1f MiB  %s\n", $1/1048576, $2}'
+  du -b "$CARRY"/*.gz "$CARRY"/*.xz 2>/dev/null | awk '{printf "%8.1f MiB  %s\n", $1/1048576, $2}'
   [ -d "$CARRY/data" ] && printf "%8.1f MiB  %s (%s files)\n" \
     "$(du -sb "$CARRY/data" | awk '{print $1/1048576}')" "$CARRY/data" "$(find "$CARRY/data" -type f | wc -l)"
   local total; total=$(du -sb "$CARRY" | awk '{print $1}')

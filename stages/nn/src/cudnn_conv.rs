@@ -177,11 +177,11 @@ fn i32x4(d: [usize; 4]) -> [i32; 4] {
     d.map(|v| v as i32)
 }
 
-fn cudnn_err(what: &str, e: cudarc::cudnn::CudnnError) -> candle_core::Error {
+pub(crate) fn cudnn_err(what: &str, e: cudarc::cudnn::CudnnError) -> candle_core::Error {
     candle_core::Error::Msg(format!("cudnn {what}: {e:?}"))
 }
 
-fn driver_err(what: &str, e: cudarc::driver::DriverError) -> candle_core::Error {
+pub(crate) fn driver_err(what: &str, e: cudarc::driver::DriverError) -> candle_core::Error {
     candle_core::Error::Msg(format!("cuda {what}: {e:?}"))
 }
 

@@ -5,8 +5,10 @@
 //! Here the forward is two passes per channel and the backward the textbook three sums
 //! (`dβ = Σdy`, `dγ = Σdy·x̂`, `dx = γ/σ·(dy − dβ/M − x̂·dγ/M)`). Semantics are PyTorch's:
 //! biased variance to normalize, unbiased variance into the running average, `momentum` 0.1.
-//! Eval mode and non-CPU devices use candle's own layers; inside a [`crate::sync_bn::scope`]
-//! training mode uses the data-parallel group's statistics instead (any device).
+//! Eval mode and non-CPU devices use candle's own layers, except CUDA f32 with the `cudnn`
+//! feature, which goes through cuDNN (`crate::cudnn_bn`, both modes); inside a
+//! [`crate::sync_bn::scope`] training mode uses the data-parallel group's statistics instead
+//! (any device, never cuDNN).
 
 use crate::sync_bn::BatchStatsReducer;
 use candle_core::{
@@ -287,6 +289,34 @@ impl candle_core::ModuleT for BatchNorm {
             if let Some(reducer) = crate::sync_bn::active() {
                 return self.forward_synced(x, &reducer);
             }
+        }
+        #[cfg(feature = "cudnn")]
+        if crate::cudnn_bn::applies(
+            x,
+            [
+                &self.weight,
+                &self.bias,
+                self.running_mean.as_tensor(),
+                self.running_var.as_tensor(),
+            ],
+            self.eps,
+            train,
+        ) {
+            self.check_features(x)?;
+            let (mean, var) = (self.running_mean.as_tensor(), self.running_var.as_tensor());
+            return if train {
+                crate::cudnn_bn::batch_norm_train(
+                    x,
+                    &self.weight,
+                    &self.bias,
+                    mean,
+                    var,
+                    self.eps,
+                    self.momentum,
+                )
+            } else {
+                crate::cudnn_bn::batch_norm_eval(x, &self.weight, &self.bias, mean, var, self.eps)
+            };
         }
         if !(train && x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() >= 2) {
             return self.inner.forward_t(x, train);

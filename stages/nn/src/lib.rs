@@ -6,6 +6,8 @@
 
 pub mod allconv;
 #[cfg(feature = "cudnn")]
+pub mod cudnn_bn;
+#[cfg(feature = "cudnn")]
 pub mod cudnn_conv;
 pub mod densenet;
 pub mod fast_bn;
