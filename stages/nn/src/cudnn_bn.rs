@@ -98,8 +98,10 @@ pub fn applies(x: &Tensor, params: [&Tensor; 4], eps: f64, train: bool) -> bool 
     };
     shape.check().is_ok()
         && (!train || shape.count() > 1)
+        // The same GPU, not the same candle handle: handles opened separately on one GPU share
+        // its primary context and this thread's stream (the convolution path accepts them too).
         && params.iter().all(|p| {
-            p.dtype() == DType::F32 && p.dims() == [shape.c] && p.device().same_device(x.device())
+            p.dtype() == DType::F32 && p.dims() == [shape.c] && p.device().location() == x.device().location()
         })
 }
 
@@ -199,7 +201,10 @@ fn check_eps(eps: f64) -> Result<()> {
 
 fn check_params(c: usize, x: &Tensor, params: [(&Tensor, &str); 4]) -> Result<()> {
     for (t, what) in params {
-        if t.dims() != [c] || t.dtype() != DType::F32 || !t.device().same_device(x.device()) {
+        if t.dims() != [c]
+            || t.dtype() != DType::F32
+            || t.device().location() != x.device().location()
+        {
             candle_core::bail!(
                 "cudnn batch-norm of {:?} f32: {what} is {:?} {:?} on {:?}",
                 x.dims(),

@@ -10,8 +10,13 @@ use deeprepair_nn::{cudnn_conv, fast_conv, trainable_vars, Arch};
 /// Relative agreement asked of one convolution (f32, different summation orders).
 const TOL: f32 = 1e-4;
 
+/// One CUDA device per test thread, so every tensor and layer of a test share it: candle gives
+/// each `Device::new_cuda` its own id, and the cuDNN modules keep their state per id.
 fn gpu() -> Device {
-    Device::new_cuda(0).expect("a CUDA device (these tests need a GPU)")
+    thread_local! {
+        static GPU: Device = Device::new_cuda(0).expect("a CUDA device (these tests need a GPU)");
+    }
+    GPU.with(Device::clone)
 }
 
 /// `max |a - b| / max |b|`, on the CPU.
