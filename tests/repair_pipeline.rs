@@ -327,16 +327,8 @@ fn gang_loses_a_rank(fault: RankFault) {
         "epochs: 5, batch: 16, lr: 0.05, ranks: 2, sync_batch_norm: true}",
     );
     let data_arg = data.to_str().unwrap();
-    let threads = Scratch::new();
-    let m_threads = threads.write("m.yaml", &manifest);
-    run_ok(&[
-        "run",
-        "--plain",
-        m_threads.to_str().unwrap(),
-        "--data",
-        data_arg,
-    ]);
-    let expected = outputs(&m_threads)["base.model"].clone();
+    // Two ranks as threads, in-process: the reference.
+    let expected = in_process_outputs_with(&manifest, &["--data", data_arg])["base.model"].clone();
 
     let gang = Scratch::new();
     let m = gang.write("m.yaml", &manifest);
@@ -414,16 +406,7 @@ fn kill_and_resume(manifest: &str, expected_log: Option<&str>) {
         return;
     };
     let data_arg = data.to_str().unwrap();
-    let whole = Scratch::new();
-    let m_whole = whole.write("m.yaml", manifest);
-    run_ok(&[
-        "run",
-        "--plain",
-        m_whole.to_str().unwrap(),
-        "--data",
-        data_arg,
-    ]);
-    let expected = outputs(&m_whole)["base.model"].clone();
+    let expected = in_process_outputs_with(manifest, &["--data", data_arg])["base.model"].clone();
 
     let killed = Scratch::new();
     let m = killed.write("m.yaml", manifest);

@@ -213,15 +213,7 @@ stages:
     inputs: {train: train-data}
 "#;
     let data = data.to_str().unwrap();
-    let threads = Scratch::new();
-    let m_threads = threads.write("m.yaml", manifest);
-    run_ok(&[
-        "run",
-        "--plain",
-        m_threads.to_str().unwrap(),
-        "--data",
-        data,
-    ]);
+    let threads = in_process_outputs_with(manifest, &["--data", data]);
     let s = Scratch::new();
     let m = s.write("m.yaml", manifest);
     let out = bin()
@@ -252,7 +244,7 @@ stages:
     }
     assert_eq!(
         outputs(&m)["base.model"],
-        outputs(&m_threads)["base.model"],
+        threads["base.model"],
         "ranks as Slurm tasks differ from ranks as threads"
     );
     let base = status_rows(&m)

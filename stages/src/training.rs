@@ -152,6 +152,15 @@ pub type RankModel = (
     candle_core::Device,
 );
 
+/// The trainer's view of one rank's model.
+fn replica((varmap, model, device): &RankModel) -> Replica<'_> {
+    Replica {
+        model: &**model,
+        varmap,
+        device,
+    }
+}
+
 /// Trains `ranks[0]` (data-parallel over all of `ranks` when there are several), resuming from
 /// the stage's checkpoint and reporting progress through the stage.
 pub fn run_training(
@@ -167,7 +176,7 @@ pub fn run_training(
         ctx.log("resuming from the last epoch checkpoint");
     }
     if let Some(gang) = ctx.gang() {
-        let [(varmap, model, device)] = ranks else {
+        let [(_, _, device)] = ranks else {
             anyhow::bail!("a gang member runs one rank, not {}", ranks.len());
         };
         let (rank, world) = (gang.rank(), gang.world_size());
@@ -187,11 +196,7 @@ pub fn run_training(
             "TCP between worker processes",
             batch_norm.is_some(),
         ));
-        let replica = Replica {
-            model: &**model,
-            varmap,
-            device,
-        };
+        let replica = replica(&ranks[0]);
         let mut observer = StageObserver { ctx };
         return train_rank(
             replica,
@@ -213,14 +218,7 @@ pub fn run_training(
             config.batch_size / ranks.len()
         ));
     }
-    let replicas: Vec<Replica> = ranks
-        .iter()
-        .map(|(varmap, model, device)| Replica {
-            model: &**model,
-            varmap,
-            device,
-        })
-        .collect();
+    let replicas: Vec<Replica> = ranks.iter().map(replica).collect();
     let mut observer = StageObserver { ctx };
     if replicas.len() == 1 {
         deeprepair_train::train(

@@ -85,9 +85,19 @@ pub fn status_rows(manifest: &Path) -> Vec<serde_json::Value> {
 /// The artifacts of `manifest_text` run in-process in a fresh store (the reference for runs
 /// elsewhere: worker processes, Slurm jobs).
 pub fn in_process_outputs(manifest_text: &str) -> std::collections::BTreeMap<String, String> {
+    in_process_outputs_with(manifest_text, &[])
+}
+
+/// [`in_process_outputs`] with more `run` arguments (e.g. `--data DIR`).
+pub fn in_process_outputs_with(
+    manifest_text: &str,
+    extra: &[&str],
+) -> std::collections::BTreeMap<String, String> {
     let s = Scratch::new();
     let m = s.write("p.yaml", manifest_text);
-    run_ok(&["run", "--plain", "-j", "4", m.to_str().unwrap()]);
+    let mut args = vec!["run", "--plain", "-j", "4", m.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    run_ok(&args);
     outputs(&m)
 }
 

@@ -3,37 +3,15 @@
 //! without it. All need a GPU: build with `--features cudnn`, run with `--include-ignored`.
 #![cfg(feature = "cudnn")]
 
+mod gpu_common;
+use gpu_common::{gpu, rel_diff};
+
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use deeprepair_nn::{cudnn_conv, fast_conv, trainable_vars, Arch};
 
 /// Relative agreement asked of one convolution (f32, different summation orders).
 const TOL: f32 = 1e-4;
-
-/// One CUDA device per test thread, so every tensor and layer of a test share it: candle gives
-/// each `Device::new_cuda` its own id, and the cuDNN modules keep their state per id.
-fn gpu() -> Device {
-    thread_local! {
-        static GPU: Device = Device::new_cuda(0).expect("a CUDA device (these tests need a GPU)");
-    }
-    GPU.with(Device::clone)
-}
-
-/// `max |a - b| / max |b|`, on the CPU.
-fn rel_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let a = a.to_device(&Device::Cpu).unwrap();
-    let b = b.to_device(&Device::Cpu).unwrap();
-    assert_eq!(a.dims(), b.dims());
-    let max = |t: &Tensor| {
-        t.abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
-    max(&(&a - &b).unwrap()) / max(&b).max(1e-12)
-}
 
 #[derive(Clone, Copy, Debug)]
 struct Case {

@@ -1136,18 +1136,9 @@ fn run_rank(
 /// collective carries exactly); each rank compares it with its own and the verdicts are
 /// all-reduced, so every rank sees any difference.
 fn check_ranks_agree(collective: &mut dyn Collective, varmap: &VarMap) -> anyhow::Result<()> {
-    let mut vars: Vec<(String, Var)> = varmap
-        .data()
-        .lock()
-        .expect("varmap lock")
-        .iter()
-        .filter(|(name, _)| !deeprepair_nn::weights::is_running_stat(name))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    vars.sort_by(|a, b| a.0.cmp(&b.0));
     let mut hasher = blake3::Hasher::new();
-    for (name, var) in &vars {
-        hasher.update(name.as_bytes());
+    // In name order, so every rank hashes the same sequence.
+    for var in deeprepair_nn::trainable_vars(varmap) {
         let values: Vec<f32> = var
             .as_tensor()
             .flatten_all()?
