@@ -27,7 +27,7 @@ use deeprepair_data::Dataset;
 use deeprepair_pipeline::{
     Artifact, InputSpec, ParamSpec, ParamType, Resources, StageCtx, StageError, StageKind,
 };
-use deeprepair_repair::augmix_ops::{augment_and_mix_with, ImageRef, AUGMIX_OPS};
+use deeprepair_repair::augmix_ops::{augment_and_mix_with, ImageRef, AUGMIX_OPERATIONS};
 use deeprepair_repair::reference_sampling::{ClassReferenceSampler, Sampling};
 use deeprepair_repair::sensei::{
     decode_populations, encode_populations, sensei_select, Population, SenseiConfig,
@@ -719,7 +719,7 @@ impl AugmixSource {
         let p = self.params;
         augment_and_mix_with(
             img,
-            &AUGMIX_OPS,
+            &AUGMIX_OPERATIONS,
             p.severity,
             p.width,
             p.depth,

@@ -60,6 +60,19 @@ pub const AUGMIX_OPS: [OpKind; 9] = [
     OpKind::TranslateY,
 ];
 
+/// AugMix's nine operations as one-op chains, for [`augment_and_mix`]'s operation sets.
+pub const AUGMIX_OPERATIONS: [&[OpKind]; 9] = [
+    &[OpKind::AutoContrast],
+    &[OpKind::Equalize],
+    &[OpKind::Posterize],
+    &[OpKind::Rotate],
+    &[OpKind::Solarize],
+    &[OpKind::ShearX],
+    &[OpKind::ShearY],
+    &[OpKind::TranslateX],
+    &[OpKind::TranslateY],
+];
+
 /// An RGB image, HWC u8.
 #[derive(Clone, Copy, Debug)]
 pub struct ImageRef<'a> {
@@ -276,10 +289,13 @@ pub fn apply(op: Op, img: &ImageRef) -> Vec<u8> {
 
 /// AugMix's `augment_and_mix` in [0, 1] float space (mixing before normalization is the same
 /// as AugMix's mixing after it, normalization being affine): `width` chains of 1–3 random ops
-/// (or `depth` when given), chain weights ~ Dirichlet(α), blend m ~ Beta(α, α).
+/// (or `depth` when given), chain weights ~ Dirichlet(α), blend m ~ Beta(α, α). Each of `ops`
+/// is one operation, itself a sequence of kinds applied in order with independently drawn
+/// parameters ([`AUGMIX_OPERATIONS`]; FSGMix's seven composite operations for its AugMix
+/// baseline, FSGMix footnote 2).
 pub fn augment_and_mix(
     img: &ImageRef,
-    ops: &[OpKind],
+    ops: &[&[OpKind]],
     severity: f64,
     width: usize,
     depth: Option<usize>,
@@ -298,7 +314,7 @@ pub fn augment_and_mix(
 #[allow(clippy::too_many_arguments)]
 pub fn augment_and_mix_with<R: Rng>(
     img: &ImageRef,
-    ops: &[OpKind],
+    ops: &[&[OpKind]],
     severity: f64,
     width: usize,
     depth: Option<usize>,
@@ -333,8 +349,18 @@ pub fn augment_and_mix_with<R: Rng>(
             aug = match replaced {
                 Some(out) => out,
                 None => {
-                    let kind = ops[rng.random_range(0..ops.len())];
-                    apply(sample_op(kind, severity, img.width, rng), &current)
+                    let mut out = current.pixels.to_vec();
+                    for &kind in ops[rng.random_range(0..ops.len())] {
+                        let op = sample_op(kind, severity, img.width, rng);
+                        out = apply(
+                            op,
+                            &ImageRef {
+                                pixels: &out,
+                                ..*img
+                            },
+                        );
+                    }
+                    out
                 }
             };
         }

@@ -1,7 +1,7 @@
 //! AugMix ops against Pillow's outputs on synthetic images (fixtures generated once with
 //! Pillow 13 from the same formula as `synth` below; CIFAR pixels cannot be committed).
 
-use deeprepair_repair::augmix_ops::{apply, augment_and_mix, ImageRef, Op, AUGMIX_OPS};
+use deeprepair_repair::augmix_ops::{apply, augment_and_mix, ImageRef, Op, AUGMIX_OPERATIONS};
 use rand::SeedableRng;
 
 fn synth(i: i64) -> Vec<u8> {
@@ -99,7 +99,7 @@ fn augment_and_mix_is_seeded_bounded_and_mixes() {
     };
     let run = |seed| {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        augment_and_mix(&r, &AUGMIX_OPS, 3.0, 3, None, 1.0, &mut rng)
+        augment_and_mix(&r, &AUGMIX_OPERATIONS, 3.0, 3, None, 1.0, &mut rng)
     };
     let a = run(1);
     assert_eq!(a, run(1));
