@@ -3,6 +3,7 @@
 //! there load here (and ours load there).
 //!
 //! One file per architecture; [`build`] picks one by [`Arch`].
+//! [`wct2`] is the WCT2 style-transfer network of DeepRepair's augmentation (not a classifier).
 
 pub mod allconv;
 #[cfg(feature = "cudnn")]
@@ -15,6 +16,7 @@ pub mod fast_conv;
 pub mod resnet;
 pub mod sync_bn;
 pub mod tiny_cnn;
+pub mod wct2;
 pub mod weights;
 pub mod wide_resnet;
 
