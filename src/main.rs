@@ -5,6 +5,7 @@
 mod commands;
 mod ml_commands;
 mod repair_command;
+mod stylize_command;
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -64,6 +65,8 @@ enum Command {
     Repair(repair_command::RepairArgs),
     /// Store a user's safetensors checkpoint (PyTorch names) as a model artifact.
     ImportModel(repair_command::ImportModelArgs),
+    /// One DeepRepair style operation on two images: CONTENT in the style of REFERENCE.
+    Stylize(stylize_command::StylizeArgs),
 }
 
 fn main() -> ExitCode {
@@ -94,6 +97,7 @@ fn main() -> ExitCode {
         Command::Corrupt(a) => ml_commands::corrupt(a),
         Command::Report(a) => ml_commands::report(a),
         Command::Repair(a) => repair_command::repair(a, &registry),
+        Command::Stylize(a) => stylize_command::stylize(a),
         Command::ImportModel(a) => repair_command::import_model(a, &registry),
     };
     match result {

@@ -37,7 +37,7 @@ pub fn is_usage_error(e: &anyhow::Error) -> bool {
 
 /// Prints `text` on stdout; a closed pipe (`| head`) ends the output quietly instead of
 /// panicking as `println!` would.
-fn emit(text: &str) -> anyhow::Result<()> {
+pub(crate) fn emit(text: &str) -> anyhow::Result<()> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
     match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {

@@ -47,7 +47,8 @@ pub struct RepairArgs {
     lr: f64,
     #[arg(long, default_value_t = 128)]
     batch: u32,
-    /// Training images per class fine-tuned on beside the failures (0: all).
+    /// Training images per class the repair fine-tunes on (0: all): with the failures for the
+    /// baselines; DeepRepair trains on them alone, the failures guiding its style ops.
     #[arg(long, default_value_t = 500)]
     train_per_class: u32,
     /// Fraction of each class's failures held out to measure generalization to unseen ones.
@@ -104,7 +105,7 @@ stages:
     params: {{path: "${{train}}", split: test, per_class: 100, seed: {seed}, eval_set: clean}}
   repaired:
     kind: {method}
-    params: {{epochs: {epochs}, lr: {lr}, batch: {batch}, seed: {seed}, train_on: train+failures}}
+    params: {{epochs: {epochs}, lr: {lr}, batch: {batch}, seed: {seed}}}
     inputs: {{model: deployed, failures: collected, train: train-data}}
   before:
     kind: evaluate

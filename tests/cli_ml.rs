@@ -404,3 +404,173 @@ fn import_model_stores_a_pytorch_checkpoint_and_names_every_misfit() {
         "extra tensors are listed too: {err}"
     );
 }
+
+/// `stylize` with the wavelet transfer: a cat in the style of its own Gaussian-noise version
+/// gains high-frequency energy; a different-size reference, a missing file and WCT2 without
+/// weights are usage errors naming what is wrong.
+#[test]
+fn stylize_carries_the_reference_style_and_refuses_bad_input() {
+    let Some(cat) = shared("cifar10-jpeg/test/cat/0000.jpg") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let noisy = dir.path().join("noisy.png");
+    let o = deeprepair(&[
+        "corrupt",
+        "--corruption",
+        "gaussian_noise",
+        "--severity",
+        "5",
+        cat.to_str().unwrap(),
+        noisy.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let out = dir.path().join("stylized.png");
+    let o = deeprepair(&[
+        "stylize",
+        cat.to_str().unwrap(),
+        noisy.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
+    let (stdout, err) = text(&o);
+    assert!(o.status.success(), "{err}");
+    assert!(stdout.contains("stylized.png"), "{stdout}");
+    let decode = |p: &Path| deeprepair_data::decode_image(&std::fs::read(p).unwrap()).unwrap();
+    let (content, w, h) = decode(&cat);
+    let (stylized, sw, sh) = decode(&out);
+    assert_eq!((sw, sh), (w, h));
+    // Mean absolute difference between horizontal neighbours: noise raises it.
+    let roughness = |px: &[u8]| -> f64 {
+        let mut total = 0.0;
+        for y in 0..h {
+            for x in 1..w {
+                for c in 0..3 {
+                    let a = px[(y * w + x) * 3 + c] as f64;
+                    let b = px[(y * w + x - 1) * 3 + c] as f64;
+                    total += (a - b).abs();
+                }
+            }
+        }
+        total / (h * (w - 1) * 3) as f64
+    };
+    assert!(
+        roughness(&stylized) > 1.5 * roughness(&content),
+        "stylized {} vs content {}",
+        roughness(&stylized),
+        roughness(&content)
+    );
+    // alpha 0 returns the content.
+    let same = dir.path().join("same.png");
+    let o = deeprepair(&[
+        "stylize",
+        "--alpha",
+        "0",
+        cat.to_str().unwrap(),
+        noisy.to_str().unwrap(),
+        same.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    assert_eq!(decode(&same).0, content);
+
+    let sheet = dir.path().join("sheet.png");
+    let Some(data) = shared("cifar10-jpeg") else {
+        return;
+    };
+    let o = deeprepair(&[
+        "corrupt",
+        "--sheet",
+        sheet.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let bad = [
+        (
+            vec![cat.to_str().unwrap(), sheet.to_str().unwrap()],
+            "is 32×32 and the reference",
+        ),
+        (vec![cat.to_str().unwrap(), "nope.png"], "nope.png"),
+        (
+            vec![
+                "--style",
+                "wct2",
+                cat.to_str().unwrap(),
+                noisy.to_str().unwrap(),
+            ],
+            "--weights",
+        ),
+        (
+            vec![
+                "--alpha",
+                "1.5",
+                cat.to_str().unwrap(),
+                noisy.to_str().unwrap(),
+            ],
+            "--alpha",
+        ),
+    ];
+    for (args, expected) in bad {
+        let mut all = vec!["stylize"];
+        all.extend(args);
+        all.push(out.to_str().unwrap());
+        let o = deeprepair(&all);
+        let (_, err) = text(&o);
+        assert_eq!(o.status.code(), Some(2), "{all:?}: {err}");
+        assert!(err.contains(expected), "{all:?}: {err}");
+    }
+}
+
+/// `stylize --style wct2` loads the official checkpoint names from --weights and names every
+/// misfit tensor with its file (fixtures: partial checkpoints in both PyTorch file formats).
+#[test]
+fn stylize_wct2_names_every_misfit_tensor_of_the_checkpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("stages/nn/tests/fixtures");
+    let weights = dir.path().join("wct2");
+    std::fs::create_dir(&weights).unwrap();
+    let img = dir.path().join("img.png");
+    let pixels: Vec<u8> = (0..32 * 32 * 3).map(|i| (i % 256) as u8).collect();
+    std::fs::write(&img, deeprepair_data::encode_png(&pixels, 32, 32).unwrap()).unwrap();
+    let out = dir.path().join("out.png");
+    let stylize = || {
+        deeprepair(&[
+            "stylize",
+            "--style",
+            "wct2",
+            "--weights",
+            weights.to_str().unwrap(),
+            img.to_str().unwrap(),
+            img.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ])
+    };
+    let o = stylize();
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("wave_encoder_cat5_l4.pth") && err.contains("wave_decoder_cat5_l4.pth"),
+        "{err}"
+    );
+    std::fs::copy(
+        fixtures.join("wct2_encoder_partial_legacy.pth"),
+        weights.join("wave_encoder_cat5_l4.pth"),
+    )
+    .unwrap();
+    std::fs::copy(
+        fixtures.join("wct2_decoder_partial_zip.pth"),
+        weights.join("wave_decoder_cat5_l4.pth"),
+    )
+    .unwrap();
+    let o = stylize();
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    for expected in [
+        "conv1_1.weight",
+        "extra.weight",
+        "conv1_1.bias",
+        "wave_decoder_cat5_l4.pth",
+    ] {
+        assert!(err.contains(expected), "{expected} not named: {err}");
+    }
+    assert!(!out.exists(), "no output on failure");
+}

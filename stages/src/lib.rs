@@ -11,6 +11,7 @@ pub mod data_kinds;
 pub mod methods;
 pub mod model_kinds;
 pub mod report_kind;
+pub mod style;
 pub mod style_check;
 pub mod training;
 

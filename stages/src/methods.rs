@@ -17,6 +17,7 @@
 
 use crate::artifacts::{model_artifact, read_dataset, ModelInfo};
 use crate::model_kinds::{curve_artifact, stage_error, train_data};
+use crate::style::{style_transfer_from_params, StyleChoice};
 use crate::training::{
     input_model, rank_devices, run_training, train_config, training_params,
     validate_training_params, InputModel, RankModel,
@@ -27,8 +28,9 @@ use deeprepair_data::Dataset;
 use deeprepair_pipeline::{
     Artifact, InputSpec, ParamSpec, ParamType, Resources, StageCtx, StageError, StageKind,
 };
-use deeprepair_repair::augmix_ops::{augment_and_mix_with, ImageRef, AUGMIX_OPERATIONS};
-use deeprepair_repair::reference_sampling::{ClassReferenceSampler, Sampling};
+use deeprepair_repair::augmix_ops::{augment_and_mix_with, ImageRef, OpKind, AUGMIX_OPERATIONS};
+use deeprepair_repair::fsgmix_ops::FSGMIX_OPS;
+use deeprepair_repair::reference_sampling::{ClassReferenceSampler, ReferenceClass, Sampling};
 use deeprepair_repair::sensei::{
     decode_populations, encode_populations, sensei_select, Population, SenseiConfig,
 };
@@ -36,6 +38,7 @@ use deeprepair_repair::style_transfer::{StyleTransfer, WaveletStyle};
 use deeprepair_repair::weight_distribution::{WeightDistribution, WeightModel};
 use deeprepair_repair::{cutout, fsgmix_ops, mix};
 use deeprepair_train::input::random_crop_flip;
+use deeprepair_train::trainer::Monitor;
 use deeprepair_train::trainer::{
     cropped_views, item_rng, to_unit, BatchSeed, BatchSource, Scorer, Targets, TrainBatch,
     TrainData,
@@ -124,7 +127,17 @@ impl Method {
                 json!(false),
                 "SENSEI-SA: skip point-wise robust images",
             )],
-            Method::Augmix => augmix_params(),
+            Method::Augmix => {
+                let mut p = augmix_params();
+                p.push(ParamSpec::optional(
+                    "ops",
+                    ParamType::Choice(&["augmix9", "fsgmix7"]),
+                    json!("augmix9"),
+                    "operation set: AugMix's nine, or FSGMix's seven composite operations drawn \
+                     with AugMix's independent sampling (FSGMix's AugMix baseline, footnote 2)",
+                ));
+                p
+            }
             Method::Fsgmix => {
                 let mut p = vec![
                     ParamSpec::optional(
@@ -170,13 +183,30 @@ impl Method {
                     json!(5),
                     "k-means clusters per class",
                 ));
-                p.push(ParamSpec::optional("style_prob", ParamType::Float, json!(0.1), "probability a chain's first op is the style op (uniform over O ∪ O^c with |O| = 9: 0.1)"));
+                p.push(ParamSpec::optional(
+                    "style_prob",
+                    ParamType::Float,
+                    json!(STYLE_PROB_ALGORITHM_1),
+                    "probability that a chain's first op is a style op: Algorithm 1 draws it \
+                     uniformly from O ∪ O^c, 9 general ops and N = 5 style ops, so 5/14",
+                ));
+                p.push(ParamSpec::optional(
+                    "reference_class",
+                    ParamType::Choice(&["any", "same"]),
+                    json!("any"),
+                    "style references from all of Dc whatever the image's class (Algorithm 1, \
+                     the official code), or from the image's own class only",
+                ));
+                p.extend(crate::style::style_params());
                 p
             }
             Method::Finetune => vec![],
         }
     }
 }
+
+/// Algorithm 1's chance that a chain's first op is a style op: N = 5 style ops among 9 + 5.
+pub const STYLE_PROB_ALGORITHM_1: f64 = 5.0 / 14.0;
 
 fn augmix_params() -> Vec<ParamSpec> {
     vec![
@@ -199,23 +229,35 @@ fn augmix_params() -> Vec<ParamSpec> {
 
 pub struct RepairKind(pub Method);
 
+/// The `train_on` choices.
+const TRAIN_ON: [&str; 3] = ["train", "failures", "train+failures"];
+
 impl StageKind for RepairKind {
     fn name(&self) -> &'static str {
         self.0.name()
     }
     fn version(&self) -> &'static str {
-        "1"
+        // 2: DeepRepair's Algorithm 1 defaults, best-epoch keeping, the `ops` of augmix.
+        "2"
     }
     fn description(&self) -> &'static str {
         self.0.description()
     }
     fn params(&self) -> Vec<ParamSpec> {
-        let mut p = training_params(10, 0.01, 128);
+        let mut p = training_params(10, 0.01, 128, Monitor::ValLoss);
+        // Algorithm 1 trains DeepRepair on Dt (the failures enter as style references); the
+        // paper's baselines fine-tune on Dt and the 1,000 collected failures (Sec. 4.1).
+        let train_on = if self.0 == Method::DeepRepair {
+            "train"
+        } else {
+            "train+failures"
+        };
         p.push(ParamSpec::optional(
             "train_on",
-            ParamType::Choice(&["failures", "train+failures"]),
-            json!("train+failures"),
-            "fine-tune on the collected failures only, or with the training data",
+            ParamType::Choice(&TRAIN_ON),
+            json!(train_on),
+            "what the repair fine-tunes on: the training data (`train` input), the collected \
+             failures, or both",
         ));
         p.extend(self.0.extra_params());
         p
@@ -264,7 +306,27 @@ impl StageKind for RepairKind {
         params["epochs"].as_f64().unwrap_or(1.0)
     }
     fn validate(&self, params: &Value) -> Result<(), (String, String)> {
-        validate_training_params(params)
+        validate_training_params(params)?;
+        if self.0 == Method::DeepRepair {
+            StyleChoice::validate(params)?;
+            let p = params["style_prob"]
+                .as_f64()
+                .unwrap_or(STYLE_PROB_ALGORITHM_1);
+            if !(0.0..=1.0).contains(&p) {
+                return Err((
+                    "style_prob".into(),
+                    format!("{p} is not a probability (0 to 1)"),
+                ));
+            }
+        }
+        Ok(())
+    }
+    fn fingerprint(&self, params: &Value) -> anyhow::Result<Option<String>> {
+        if self.0 == Method::DeepRepair {
+            StyleChoice::fingerprint(params)
+        } else {
+            Ok(None)
+        }
     }
     fn run(&self, ctx: &mut StageCtx) -> Result<Vec<Artifact>, StageError> {
         let method = self.0;
@@ -293,15 +355,24 @@ impl StageKind for RepairKind {
             )));
         }
         let train_on: String = ctx.param("train_on")?;
-        let data_set = if train_on == "train+failures" {
+        let data_set = if train_on == "failures" {
+            failures.clone()
+        } else {
             let (train, _) = read_dataset(
                 &ctx.input("train")
-                    .context("train_on: train+failures needs a `train` input")?,
+                    .with_context(|| format!("train_on: {train_on} needs a `train` input"))?,
             )?;
-            concat(&train, &failures)?
-        } else {
-            failures.clone()
+            if train_on == "train" {
+                train
+            } else {
+                concat(&train, &failures)?
+            }
         };
+        ctx.log(format!(
+            "training on {train_on}: {} images ({} collected failures)",
+            data_set.len(),
+            failures.len()
+        ));
         let data = train_data(&data_set);
         let mut variant = None;
         let source: Box<dyn BatchSource> = match method {
@@ -331,10 +402,16 @@ impl StageKind for RepairKind {
                     populations: Mutex::new(vec![Population::default(); data.n]),
                 })
             }
-            Method::Augmix => Box::new(AugmixSource {
-                params: AugmixParams::from_ctx(ctx)?,
-                style: None,
-            }),
+            Method::Augmix => {
+                let ops: String = ctx.param("ops")?;
+                if ops != "augmix9" {
+                    variant = Some(ops);
+                }
+                Box::new(AugmixSource {
+                    params: AugmixParams::from_ctx(ctx)?,
+                    style: None,
+                })
+            }
             Method::DeepRepair => {
                 let v: String = ctx.param("variant")?;
                 let sampling = if v == "uniform" {
@@ -344,12 +421,31 @@ impl StageKind for RepairKind {
                         clusters: ctx.param("clusters")?,
                     }
                 };
+                let reference_class = reference_class_param(ctx)?;
+                let prob: f64 = ctx.param("style_prob")?;
+                if !(0.0..=1.0).contains(&prob) {
+                    return Err(StageError::Fatal(anyhow::anyhow!(
+                        "style_prob {prob} is not a probability (0 to 1)"
+                    )));
+                }
+                let transfer = style_transfer_from_params(ctx)?;
+                ctx.log(format!(
+                    "DeepRepair: {v} reference sampling from {} of Dc ({} failures), style op \
+                     first with probability {prob:.4}, {} style transfer",
+                    match reference_class {
+                        ReferenceClass::Any => "all",
+                        ReferenceClass::Same => "the image's class",
+                    },
+                    failures.len(),
+                    transfer.name()
+                ));
                 variant = Some(v);
                 let sampler = ClassReferenceSampler::new(
                     &failures.images,
                     &failures.labels,
                     failures.image_len(),
                     sampling,
+                    reference_class,
                     config.seed,
                 )?;
                 Box::new(AugmixSource {
@@ -357,8 +453,8 @@ impl StageKind for RepairKind {
                     style: Some(StyleGuide {
                         references: failures.clone(),
                         sampler,
-                        transfer: WaveletStyle::default(),
-                        prob: ctx.param("style_prob")?,
+                        transfer,
+                        prob,
                     }),
                 })
             }
@@ -416,10 +512,19 @@ impl StageKind for RepairKind {
         let outcome = run_training(ctx, &replicas, &data, val_data.as_ref(), &*source, &config)
             .map_err(|e| stage_error(ctx, e))?;
         let varmap = &replicas[0].0;
-        // FSGMix's Table I compares training on D_f alone with D_o ∪ D_f: keep them apart.
-        if train_on == "failures" {
-            variant =
-                Some(variant.map_or("failures-only".into(), |v| format!("{v}, failures-only")));
+        // What a repair trained on is part of its row in the report whenever it is not the
+        // method's default (FSGMix's Table I compares D_f alone with D_o ∪ D_f).
+        let default_train_on = if method == Method::DeepRepair {
+            "train"
+        } else {
+            "train+failures"
+        };
+        if train_on != default_train_on {
+            let tag = match train_on.as_str() {
+                "failures" => "failures-only".to_string(),
+                other => format!("on {other}"),
+            };
+            variant = Some(variant.map_or(tag.clone(), |v| format!("{v}, {tag}")));
         }
         let info = ModelInfo {
             method: method.name().into(),
@@ -432,6 +537,16 @@ impl StageKind for RepairKind {
             model_artifact(varmap, &info)?,
             curve_artifact(&outcome)?,
         ])
+    }
+}
+
+/// The `reference_class` param.
+fn reference_class_param(ctx: &StageCtx) -> anyhow::Result<ReferenceClass> {
+    let v: String = ctx.param("reference_class")?;
+    match v.as_str() {
+        "any" => Ok(ReferenceClass::Any),
+        "same" => Ok(ReferenceClass::Same),
+        other => anyhow::bail!("reference_class {other:?}: expected any or same"),
     }
 }
 
@@ -636,9 +751,9 @@ pub fn augmix_source() -> Box<dyn BatchSource> {
     })
 }
 
-/// DeepRepair's batch source with AugMix's defaults: each chain's first op is, with
-/// probability `style_prob`, the wavelet style op with a failure of the same class (k-means
-/// sampling, 5 clusters per class) as reference.
+/// DeepRepair's batch source with the stage's defaults: each chain's first op is, with
+/// probability `style_prob` (Algorithm 1: [`STYLE_PROB_ALGORITHM_1`]), the wavelet style op
+/// with a failure of any class as reference (k-means sampling over Dc, 5 clusters).
 pub fn deeprepair_source(
     failures: &Dataset,
     style_prob: f64,
@@ -657,6 +772,7 @@ pub fn deeprepair_source(
         &failures.labels,
         failures.image_len(),
         Sampling::Cluster { clusters: 5 },
+        ReferenceClass::Any,
         seed,
     )?;
     Ok(Box::new(AugmixSource {
@@ -664,7 +780,7 @@ pub fn deeprepair_source(
         style: Some(StyleGuide {
             references: failures.clone(),
             sampler,
-            transfer: WaveletStyle::default(),
+            transfer: Box::new(WaveletStyle::default()),
             prob: style_prob,
         }),
     }))
@@ -672,6 +788,8 @@ pub fn deeprepair_source(
 
 #[derive(Clone, Copy)]
 struct AugmixParams {
+    /// The operation set O (each operation a chain of kinds).
+    ops: &'static [&'static [OpKind]],
     severity: f64,
     width: usize,
     depth: Option<usize>,
@@ -681,6 +799,7 @@ struct AugmixParams {
 impl AugmixParams {
     /// The `augmix`/`deeprepair` stages' param defaults.
     const DEFAULT: AugmixParams = AugmixParams {
+        ops: &AUGMIX_OPERATIONS,
         severity: 3.0,
         width: 3,
         depth: None,
@@ -689,7 +808,12 @@ impl AugmixParams {
 
     fn from_ctx(ctx: &StageCtx) -> anyhow::Result<Self> {
         let depth: i64 = ctx.param("depth")?;
+        let ops: Option<String> = ctx.param("ops").ok();
         Ok(AugmixParams {
+            ops: match ops.as_deref() {
+                Some("fsgmix7") => &FSGMIX_OPS,
+                _ => &AUGMIX_OPERATIONS,
+            },
             severity: ctx.param::<i64>("severity")? as f64,
             width: ctx.param("width")?,
             depth: (depth > 0).then_some(depth as usize),
@@ -698,12 +822,12 @@ impl AugmixParams {
     }
 }
 
-/// DeepRepair's style operations O^c: a failure image of the same class (sampled by cluster
-/// or uniformly) lends its style.
+/// DeepRepair's style operations O^c: a failure image (of any class, or of the image's own;
+/// sampled by cluster or uniformly) lends its style.
 struct StyleGuide {
     references: Dataset,
     sampler: ClassReferenceSampler,
-    transfer: WaveletStyle,
+    transfer: Box<dyn StyleTransfer>,
     prob: f64,
 }
 
@@ -719,7 +843,7 @@ impl AugmixSource {
         let p = self.params;
         augment_and_mix_with(
             img,
-            &AUGMIX_OPERATIONS,
+            p.ops,
             p.severity,
             p.width,
             p.depth,
@@ -899,6 +1023,78 @@ mod tests {
         assert_eq!(defaults["depth"], json!(-1));
         assert!(d.depth.is_none());
         assert_eq!(defaults["alpha"], json!(d.alpha));
+    }
+
+    /// DeepRepair's defaults are Algorithm 1's reading; the baselines fine-tune on Dt + Dc.
+    #[test]
+    fn repair_defaults_follow_the_papers() {
+        let defaults = |m: Method| -> std::collections::HashMap<&'static str, Value> {
+            RepairKind(m)
+                .params()
+                .into_iter()
+                .filter_map(|p| p.default.map(|d| (p.name, d)))
+                .collect()
+        };
+        let dr = defaults(Method::DeepRepair);
+        assert_eq!(dr["style_prob"].as_f64().unwrap(), 5.0 / 14.0);
+        assert_eq!(dr["reference_class"], json!("any"));
+        assert_eq!(dr["variant"], json!("cluster"));
+        assert_eq!(dr["clusters"], json!(5));
+        assert_eq!(dr["train_on"], json!("train"));
+        assert_eq!(dr["style"], json!("wavelet"));
+        assert_eq!(dr["monitor"], json!("val_loss"));
+        assert_eq!(dr["keep_best"], json!(true));
+        for m in [
+            Method::Finetune,
+            Method::Augmix,
+            Method::Fsgmix,
+            Method::Cutmix,
+        ] {
+            assert_eq!(
+                defaults(m)["train_on"],
+                json!("train+failures"),
+                "{}",
+                m.name()
+            );
+        }
+        assert_eq!(defaults(Method::Augmix)["ops"], json!("augmix9"));
+        let bad = |k: &str, v: Value| {
+            let mut p: serde_json::Map<String, Value> =
+                dr.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
+            p.insert(k.into(), v);
+            RepairKind(Method::DeepRepair)
+                .validate(&Value::Object(p))
+                .unwrap_err()
+                .0
+        };
+        assert_eq!(bad("style_prob", json!(1.5)), "style_prob");
+        assert_eq!(bad("style_alpha", json!(-0.1)), "style_alpha");
+    }
+
+    /// AugMix over FSGMix's seven composite operations (FSGMix footnote 2) differs from AugMix
+    /// over its nine, and stays a seeded function of its inputs.
+    #[test]
+    fn augmix_with_fsgmix_operations() {
+        use rand::SeedableRng;
+        let pixels: Vec<u8> = (0..32 * 32 * 3).map(|i| (i * 37 % 251) as u8).collect();
+        let img = ImageRef {
+            pixels: &pixels,
+            width: 32,
+            height: 32,
+        };
+        let run = |ops: &'static [&'static [OpKind]]| {
+            let source = AugmixSource {
+                params: AugmixParams {
+                    ops,
+                    ..AugmixParams::DEFAULT
+                },
+                style: None,
+            };
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+            source.view(&img, 0, &mut rng).unwrap()
+        };
+        assert_eq!(run(&FSGMIX_OPS), run(&FSGMIX_OPS));
+        assert_ne!(run(&FSGMIX_OPS), run(&AUGMIX_OPERATIONS));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use deeprepair_pipeline::{
     StageKind,
 };
 use deeprepair_report::Record;
-use deeprepair_train::trainer::{StandardAugment, TrainData};
+use deeprepair_train::trainer::{Monitor, StandardAugment, TrainData};
 use deeprepair_train::{evaluate, seeded_var_builder};
 use serde_json::{json, Value};
 use std::path::Path;
@@ -54,7 +54,7 @@ impl StageKind for PretrainKind {
         "pretrain"
     }
     fn version(&self) -> &'static str {
-        "1"
+        "2"
     }
     fn description(&self) -> &'static str {
         "trains the base model from scratch (SGD Nesterov, cosine, crop+flip, cross-entropy)"
@@ -65,7 +65,7 @@ impl StageKind for PretrainKind {
             ParamType::Choice(&deeprepair_nn::Arch::NAMES),
             "architecture",
         )];
-        p.extend(training_params(100, 0.1, 128));
+        p.extend(training_params(100, 0.1, 128, Monitor::ValAccuracy));
         p
     }
     fn inputs(&self) -> Vec<InputSpec> {
@@ -155,7 +155,15 @@ pub fn curve_artifact(
     let last = outcome.history.last();
     let mut a = Artifact::json(
         ArtifactKind::Metrics,
-        &json!({ "history": outcome.history, "stopped_early": outcome.stopped_early, "best_epoch": outcome.best_epoch }),
+        &json!({
+            "history": outcome.history,
+            "planned_epochs": outcome.planned_epochs,
+            "stopped_early": outcome.stopped_early,
+            "stopped_early_at_lr": outcome.stopped_early_at_lr,
+            "monitor": outcome.monitor,
+            "best_epoch": outcome.best_epoch,
+            "summary": outcome.summary(),
+        }),
     );
     a.header.meta = json!({
         "curve": true,

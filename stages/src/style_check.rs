@@ -1,19 +1,20 @@
 //! `style-check`: does the style operation carry the failures' corruption? The base model is
 //! evaluated on clean images, on the corrupted set Dv_k, and on the clean images stylized with
-//! references from the collected failures Dc_k (same class, sampled as DeepRepair samples
-//! them). A faithful style transfer brings the stylized accuracy down toward Dv_k's; one that
+//! references from the collected failures Dc_k (sampled as the `deeprepair` stage samples
+//! them: k-means over all of Dc by default, or the image's class with `reference_class: same`;
+//! the same `style*` params). A faithful style transfer brings the stylized accuracy down toward Dv_k's; one that
 //! does nothing leaves it at the clean accuracy. Also a contact sheet of (content, reference,
 //! stylized) triples for a person to look at.
 
 use crate::artifacts::read_dataset;
+use crate::style::{style_params, StyleChoice};
 use crate::training::{input_model, InputModel};
 use deeprepair_pipeline::{
     Artifact, ArtifactHeader, ArtifactKind, InputSpec, ParamSpec, ParamType, StageCtx, StageError,
     StageKind,
 };
 use deeprepair_repair::augmix_ops::ImageRef;
-use deeprepair_repair::reference_sampling::{ClassReferenceSampler, Sampling};
-use deeprepair_repair::style_transfer::{StyleTransfer, WaveletStyle};
+use deeprepair_repair::reference_sampling::{ClassReferenceSampler, ReferenceClass, Sampling};
 use deeprepair_train::evaluate;
 use deeprepair_train::trainer::item_rng;
 use rayon::prelude::*;
@@ -26,18 +27,24 @@ impl StageKind for StyleCheckKind {
         "style-check"
     }
     fn version(&self) -> &'static str {
-        "1"
+        "2"
     }
     fn description(&self) -> &'static str {
         "base-model accuracy on clean images stylized with collected failures vs on Dv_k, and a contact sheet"
     }
     fn params(&self) -> Vec<ParamSpec> {
-        vec![
+        let mut p = vec![
             ParamSpec::optional(
                 "clusters",
                 ParamType::Int,
                 json!(5),
-                "k-means clusters per class for reference sampling",
+                "k-means clusters for reference sampling",
+            ),
+            ParamSpec::optional(
+                "reference_class",
+                ParamType::Choice(&["any", "same"]),
+                json!("any"),
+                "references from all of Dc, or from the image's own class",
             ),
             ParamSpec::optional("seed", ParamType::Int, json!(0), "reference sampling seed"),
             ParamSpec::optional(
@@ -46,7 +53,15 @@ impl StageKind for StyleCheckKind {
                 json!(8),
                 "triples on the contact sheet",
             ),
-        ]
+        ];
+        p.extend(style_params());
+        p
+    }
+    fn validate(&self, params: &serde_json::Value) -> Result<(), (String, String)> {
+        StyleChoice::validate(params)
+    }
+    fn fingerprint(&self, params: &serde_json::Value) -> anyhow::Result<Option<String>> {
+        StyleChoice::fingerprint(params)
     }
     fn inputs(&self) -> Vec<InputSpec> {
         vec![
@@ -92,9 +107,14 @@ impl StageKind for StyleCheckKind {
             &failures.labels,
             failures.image_len(),
             Sampling::Cluster { clusters },
+            match ctx.param::<String>("reference_class")?.as_str() {
+                "same" => ReferenceClass::Same,
+                _ => ReferenceClass::Any,
+            },
             seed,
         )?;
-        let transfer = WaveletStyle::default();
+        let choice = StyleChoice::from_ctx(ctx)?;
+        let transfer = choice.build()?;
         let (w, h) = (clean.width, clean.height);
         let per = clean.image_len();
         let stylized: Vec<(usize, Vec<u8>)> = (0..clean.len())
@@ -163,7 +183,9 @@ impl StageKind for StyleCheckKind {
                 "accuracy_clean": acc_clean,
                 "accuracy_stylized": acc_stylized,
                 "accuracy_corrupted": acc_corrupted,
-                "style": "wavelet (Haar, 2 levels)",
+                "style": transfer.name(),
+                "style_alpha": choice.alpha,
+                "style_levels": choice.levels,
                 "images": clean.len(),
             }),
         );

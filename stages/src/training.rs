@@ -3,6 +3,7 @@
 //! training stage shares.
 
 use deeprepair_pipeline::{ParamSpec, ParamType, StageCtx};
+use deeprepair_train::trainer::Monitor;
 use deeprepair_train::trainer::{
     train_rank, train_with_collectives, BatchSource, Replica, TrainData, TrainObserver,
     TrainOutcome,
@@ -35,7 +36,10 @@ pub fn model_resources(params: &Value, mem_mb: u64) -> deeprepair_pipeline::Reso
     }
 }
 
-pub fn training_params(epochs: i64, lr: f64, batch: i64) -> Vec<ParamSpec> {
+/// The params every training kind shares. `monitor` is the kind's default for what the best
+/// epoch means: `val_accuracy` for the base (both papers keep the pretrained model of best
+/// validation accuracy), `val_loss` for repairs (the official DeepRepair code's early stopping).
+pub fn training_params(epochs: i64, lr: f64, batch: i64, monitor: Monitor) -> Vec<ParamSpec> {
     vec![
         ParamSpec::optional("epochs", ParamType::Int, json!(epochs), "training epochs"),
         ParamSpec::optional("batch", ParamType::Int, json!(batch), "batch size"),
@@ -43,7 +47,8 @@ pub fn training_params(epochs: i64, lr: f64, batch: i64) -> Vec<ParamSpec> {
             "lr",
             ParamType::Float,
             json!(lr),
-            "initial learning rate (cosine schedule per step)",
+            "initial learning rate; cosine annealing per step to 1e-6 over all `epochs` (the \
+             schedule's horizon is the planned epochs, also when early stopping ends a run sooner)",
         ),
         ParamSpec::optional(
             "momentum",
@@ -61,7 +66,22 @@ pub fn training_params(epochs: i64, lr: f64, batch: i64) -> Vec<ParamSpec> {
             "patience",
             ParamType::Int,
             json!(0),
-            "early stopping: epochs without validation improvement (0: off)",
+            "early stopping: epochs without improvement of `monitor` on the `validation` input \
+             (0: off). A run that stops early was not fully annealed: the stage log and the \
+             metrics record the epoch and the learning rate it stopped at",
+        ),
+        ParamSpec::optional(
+            "monitor",
+            ParamType::Choice(&Monitor::NAMES),
+            json!(monitor.name()),
+            "the validation score that picks the best epoch (for `patience` and `keep_best`)",
+        ),
+        ParamSpec::optional(
+            "keep_best",
+            ParamType::Bool,
+            json!(true),
+            "with a `validation` input, the output model holds the best epoch's weights by \
+             `monitor` (else the last epoch's)",
         ),
         ParamSpec::optional(
             "seed",
@@ -162,8 +182,23 @@ fn replica((varmap, model, device): &RankModel) -> Replica<'_> {
 }
 
 /// Trains `ranks[0]` (data-parallel over all of `ranks` when there are several), resuming from
-/// the stage's checkpoint and reporting progress through the stage.
+/// the stage's checkpoint and reporting progress through the stage; the log's last line says
+/// how the run ended (all epochs, or stopped early at which learning rate) and which epoch's
+/// weights it kept.
 pub fn run_training(
+    ctx: &mut StageCtx,
+    ranks: &[RankModel],
+    data: &TrainData,
+    validation: Option<&TrainData>,
+    source: &dyn BatchSource,
+    config: &TrainConfig,
+) -> anyhow::Result<TrainOutcome> {
+    let outcome = train_ranks(ctx, ranks, data, validation, source, config)?;
+    ctx.log(outcome.summary());
+    Ok(outcome)
+}
+
+fn train_ranks(
     ctx: &mut StageCtx,
     ranks: &[RankModel],
     data: &TrainData,
@@ -353,6 +388,7 @@ fn gang_collective(
 
 pub fn train_config(ctx: &StageCtx) -> anyhow::Result<TrainConfig> {
     let patience: usize = ctx.param("patience")?;
+    let monitor: String = ctx.param("monitor")?;
     Ok(TrainConfig {
         epochs: ctx.param("epochs")?,
         batch_size: ctx.param("batch")?,
@@ -365,6 +401,9 @@ pub fn train_config(ctx: &StageCtx) -> anyhow::Result<TrainConfig> {
         min_lr: 1e-6,
         seed: ctx.param("seed")?,
         patience: (patience > 0).then_some(patience),
+        monitor: Monitor::from_name(&monitor)
+            .ok_or_else(|| anyhow::anyhow!("unknown monitor {monitor:?}"))?,
+        keep_best: ctx.param("keep_best")?,
         jsd_lambda: 12.0,
         prefetch: deeprepair_train::trainer::DEFAULT_PREFETCH,
         sync_batch_norm: ctx.param("sync_batch_norm")?,

@@ -7,8 +7,10 @@
 //! (over non-empty clusters) and, within it, nearer members are likelier, exactly in the
 //! proportions of Eq. 4. A single-member cluster gives its member the whole 1/N.
 //!
-//! The official code clusters each class's failures separately, so [`ClassReferenceSampler`]
-//! keeps one sampler per class; a class without failures falls back to the pooled sampler.
+//! Whose failures guide an image is [`ReferenceClass`]: Algorithm 1 (line 14: "K-means
+//! clustering on Dc with number N") and the official code draw references regardless of the
+//! training image's class, so the default `any` clusters (or samples uniformly from) all of Dc;
+//! `same` keeps one sampler per class, a class without failures falling back to the pooled one.
 
 use anyhow::{bail, Context};
 use linfa::traits::{Fit, Predict};
@@ -25,6 +27,16 @@ use std::collections::BTreeMap;
 pub enum Sampling {
     Uniform,
     Cluster { clusters: usize },
+}
+
+/// Which failures may guide a training image of class y.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReferenceClass {
+    /// All of Dc, whatever the image's class (Algorithm 1, the official code).
+    Any,
+    /// Failures of class y only.
+    Same,
 }
 
 /// A discrete distribution over the indices of a set of failure images.
@@ -198,6 +210,7 @@ impl ClassReferenceSampler {
         labels: &[u8],
         dim: usize,
         sampling: Sampling,
+        reference_class: ReferenceClass,
         seed: u64,
     ) -> anyhow::Result<Self> {
         let n = labels.len();
@@ -225,6 +238,9 @@ impl ClassReferenceSampler {
             by_class.entry(y).or_default().push(i);
         }
         let mut per_class = BTreeMap::new();
+        if reference_class == ReferenceClass::Any {
+            by_class.clear();
+        }
         for (class, members) in by_class {
             per_class.insert(class, build(members, seed.wrapping_add(class as u64))?);
         }
@@ -234,7 +250,8 @@ impl ClassReferenceSampler {
         })
     }
 
-    /// A failure image to guide an image of class `class`.
+    /// A failure image to guide an image of class `class` (any class's with
+    /// [`ReferenceClass::Any`]).
     pub fn sample(&self, class: u8, rng: &mut impl Rng) -> usize {
         self.per_class
             .get(&class)
@@ -340,9 +357,9 @@ mod tests {
             images.extend([i * 20, i * 20 + 1, 255 - i, 7]);
         }
         let labels = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
-        let s =
-            ClassReferenceSampler::new(&images, &labels, 4, Sampling::Cluster { clusters: 5 }, 3)
-                .unwrap();
+        let clustered = Sampling::Cluster { clusters: 5 };
+        let s = ClassReferenceSampler::new(&images, &labels, 4, clustered, ReferenceClass::Same, 3)
+            .unwrap();
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         for _ in 0..100 {
             assert!(s.sample(0, &mut rng) < 11);
@@ -353,9 +370,23 @@ mod tests {
             );
         }
         assert_eq!(s.class(0).unwrap().members().len(), 11);
-        assert!(
-            ClassReferenceSampler::new(&images[..10], &labels, 4, Sampling::Uniform, 0).is_err()
-        );
+        assert!(ClassReferenceSampler::new(
+            &images[..10],
+            &labels,
+            4,
+            Sampling::Uniform,
+            ReferenceClass::Same,
+            0
+        )
+        .is_err());
+        // `any`: one pool over all of Dc, whatever the image's class.
+        let any =
+            ClassReferenceSampler::new(&images, &labels, 4, clustered, ReferenceClass::Any, 3)
+                .unwrap();
+        assert!(any.class(0).is_none());
+        let drawn: std::collections::BTreeSet<usize> =
+            (0..400).map(|_| any.sample(1, &mut rng)).collect();
+        assert!(drawn.len() > 5, "class 1 draws from every class: {drawn:?}");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! - [`repair_table`]: DeepRepair Table 2 (and FSGMix Table I): per architecture, rows = repair
 //!   methods, columns = corruptions, cell = accuracy on the unseen failures `De_k` of the model
 //!   repaired for corruption `k`;
+//! - [`paired::paired_table`]: each method − AugMix paired by seed, with 95 % intervals;
 //! - [`sampling_table`]: DeepRepair Table 3, uniform ("no-cluster") vs cluster-guided sampling;
 //! - [`clean_vs_corrupted_table`], [`plot_clean_vs_corrupted`]: Fig. 2/3, clean accuracy and `Dv_k`
 //!   accuracy before and after repair;
@@ -19,6 +20,7 @@
 //! crate, so no system font or library is needed.
 
 mod names;
+pub mod paired;
 mod plots;
 mod sheet;
 mod stats;

@@ -1,5 +1,6 @@
 //! Tables 2 and 3 and the clean-vs-corrupted table, in Markdown, CSV and LaTeX.
 
+use std::collections::BTreeSet;
 use std::fmt::Write as _;
 
 use crate::names::{corruption_abbrev, MethodKey};
@@ -165,6 +166,14 @@ fn render_grids(
     for g in grids {
         let best = g.best();
         let heads: Vec<String> = g.cols.iter().map(|c| corruption_abbrev(c)).collect();
+        // How many seeds stand behind each number: said once when every cell has as many,
+        // else next to each cell with fewer than the most.
+        let seed_counts: BTreeSet<usize> = g
+            .rows
+            .iter()
+            .flat_map(|r| r.cells.iter().flatten().map(|s| s.seeds))
+            .collect();
+        let most_seeds = seed_counts.last().copied().unwrap_or(0);
         // Markdown.
         let _ = write!(md, "\n### {}\n\n| {} |", md_escape(&g.arch), first_col);
         for h in &heads {
@@ -194,7 +203,11 @@ fn render_grids(
             for (j, cell) in row.cells.iter().enumerate() {
                 match cell {
                     Some(s) => {
-                        let (m, t) = (fmt_stat(s, MD_PM), fmt_stat(s, TEX_PM));
+                        let (mut m, mut t) = (fmt_stat(s, MD_PM), fmt_stat(s, TEX_PM));
+                        if s.seeds < most_seeds {
+                            m.push_str(&format!(" (n={})", s.seeds));
+                            t.push_str(&format!(" ($n={}$)", s.seeds));
+                        }
                         if is_best(s, best[j]) {
                             let _ = write!(md, " **{m}** |");
                             let _ = write!(tex, " & \\textbf{{{t}}}");
@@ -244,6 +257,15 @@ fn render_grids(
             tex.push_str(" \\\\\n");
         }
         tex.push_str("\\bottomrule\n\\end{tabular}\n\\end{table}\n");
+        match seed_counts.len() {
+            0 => {}
+            1 => {
+                let _ = writeln!(md, "\nSeeds behind every cell: {most_seeds}.");
+            }
+            _ => {
+                let _ = writeln!(md, "\nSeeds per cell: {most_seeds} unless marked (n=…).");
+            }
+        }
     }
     if let Some(l) = legend(&all_cols(grids)) {
         let _ = write!(md, "\nColumns: {l}.\n");
@@ -618,8 +640,9 @@ mod tests {
         let tail = "\n### tiny-cnn\n\n\
 | Method | GN | FG |\n\
 | --- | ---: | ---: |\n\
-| augmix | 30.00 | **50.00** |\n\
-| deeprepair | **50.00 ± 14.14** | 45.00 |\n\
+| augmix | 30.00 (n=1) | **50.00 (n=1)** |\n\
+| deeprepair | **50.00 ± 14.14** | 45.00 (n=1) |\n\
+\nSeeds per cell: 2 unless marked (n=…).\n\
 \nColumns: GN = gaussian_noise, FG = fog.\n";
         assert!(t.markdown.ends_with(tail), "{}", t.markdown);
         assert_eq!(
@@ -634,13 +657,14 @@ tiny-cnn,deeprepair,,fog,0.450000,,1,100\n"
             .latex
             .contains("\\begin{tabular}{lrr}\n\\toprule\nMethod & GN & FG \\\\\n\\midrule\n"));
         assert!(
-            t.latex.contains("augmix & 30.00 & \\textbf{50.00} \\\\\n"),
+            t.latex
+                .contains("augmix & 30.00 ($n=1$) & \\textbf{50.00 ($n=1$)} \\\\\n"),
             "{}",
             t.latex
         );
         assert!(t
             .latex
-            .contains("deeprepair & \\textbf{50.00 $\\pm$ 14.14} & 45.00 \\\\\n"));
+            .contains("deeprepair & \\textbf{50.00 $\\pm$ 14.14} & 45.00 ($n=1$) \\\\\n"));
     }
 
     #[test]

@@ -72,9 +72,11 @@ pub fn write_report(records: &[Record], dir: &Path) -> Result<Vec<PathBuf>, Repo
     let t2 = repair_table(records);
     let t3 = sampling_table(records);
     let cvc = clean_vs_corrupted_table(records);
+    let tp = crate::paired::paired_table(records);
     let f2 = st.add_tables("table2", &t2);
     let f3 = st.add_tables("table3", &t3);
     let fc = st.add_tables("clean_vs_corrupted", &cvc);
+    let fp = st.add_tables("paired_vs_augmix", &tp);
 
     let mut notes: Vec<String> = Vec::new();
     let mut figures: Vec<(String, Vec<(String, String)>)> = Vec::new();
@@ -140,12 +142,13 @@ pub fn write_report(records: &[Record], dir: &Path) -> Result<Vec<PathBuf>, Repo
         ("Table 2 (methods × corruptions, De_k)", &f2),
         ("Table 3 (uniform vs cluster sampling)", &f3),
         ("Clean vs corrupted", &fc),
+        ("Paired differences to AugMix over seeds", &fp),
     ] {
         let links: Vec<String> = names.iter().map(|n| format!("[{n}]({n})")).collect();
         let _ = writeln!(md, "- {what}: {}", links.join(", "));
     }
     let _ = writeln!(md, "- Records: [{fj}]({fj})\n");
-    for t in [&t2, &t3, &cvc] {
+    for t in [&t2, &tp, &t3, &cvc] {
         // Tables use "##"/"###" headings; they nest under this document's "#".
         md.push_str(&t.markdown);
         md.push('\n');

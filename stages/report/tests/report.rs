@@ -287,6 +287,9 @@ fn write_report_writes_the_promised_files() {
             "clean_vs_corrupted.md",
             "clean_vs_corrupted.csv",
             "clean_vs_corrupted.tex",
+            "paired_vs_augmix.md",
+            "paired_vs_augmix.csv",
+            "paired_vs_augmix.tex",
             "fig_clean_vs_corrupted_tiny-cnn.png",
             "fig_cross_tiny-cnn_augmix.png",
             "fig_cross_tiny-cnn_deeprepair-cluster.png",
@@ -326,7 +329,7 @@ fn write_report_writes_the_promised_files() {
     assert_eq!(write_report(&rs, &out).unwrap(), paths);
     let empty = dir.path().join("empty");
     let paths = write_report(&[], &empty).unwrap();
-    assert_eq!(paths.len(), 11);
+    assert_eq!(paths.len(), 14);
     let report = std::fs::read_to_string(empty.join("report.md")).unwrap();
     assert!(report.contains("_No figures: nothing to plot._"));
     assert!(report.contains("_No data:"));

@@ -244,9 +244,18 @@ pub struct TrainConfig {
     /// The cosine schedule's floor (AugMix: 1e-6).
     pub min_lr: f64,
     pub seed: u64,
-    /// Stop when validation loss has not improved for this many epochs and restore the best
-    /// weights (DeepRepair: 10). Needs validation data.
+    /// Stop when the monitored validation score has not improved for this many epochs
+    /// (the official DeepRepair code: 5 on the validation loss). Needs validation data. The
+    /// cosine schedule still spans `epochs`: a run that stops early ends above `min_lr`, and
+    /// [`TrainOutcome::stopped_early_at_lr`] says at which rate.
     pub patience: Option<usize>,
+    /// What "best epoch" means, for early stopping and for [`TrainConfig::keep_best`].
+    #[serde(default)]
+    pub monitor: Monitor,
+    /// With validation data, end with the weights of the best epoch by `monitor` (both papers
+    /// keep the pretrained base of best validation accuracy); otherwise the last epoch's.
+    #[serde(default)]
+    pub keep_best: bool,
     /// Weight of the JS consistency term for 3-view sources (AugMix: 12).
     pub jsd_lambda: f64,
     /// Batches built ahead on a producer thread while the current step trains (0: build each
@@ -276,9 +285,49 @@ impl Default for TrainConfig {
             min_lr: 1e-6,
             seed: 0,
             patience: None,
+            monitor: Monitor::ValLoss,
+            keep_best: false,
             jsd_lambda: 12.0,
             prefetch: DEFAULT_PREFETCH,
             sync_batch_norm: false,
+        }
+    }
+}
+
+/// The validation score that decides the best epoch.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Monitor {
+    /// Lower clean validation loss is better (early stopping in the official DeepRepair code).
+    #[default]
+    ValLoss,
+    /// Higher clean validation accuracy is better (how both papers pick the pretrained base).
+    ValAccuracy,
+}
+
+impl Monitor {
+    pub const NAMES: [&'static str; 2] = ["val_loss", "val_accuracy"];
+
+    pub fn from_name(name: &str) -> Option<Monitor> {
+        match name {
+            "val_loss" => Some(Monitor::ValLoss),
+            "val_accuracy" => Some(Monitor::ValAccuracy),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Monitor::ValLoss => "val_loss",
+            Monitor::ValAccuracy => "val_accuracy",
+        }
+    }
+
+    /// The monitored score of an epoch, oriented so that lower is better.
+    fn score(self, val_loss: f64, val_accuracy: f64) -> f64 {
+        match self {
+            Monitor::ValLoss => val_loss,
+            Monitor::ValAccuracy => -val_accuracy,
         }
     }
 }
@@ -311,7 +360,9 @@ impl TrainObserver for () {}
 #[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 struct Progress {
     next_epoch: usize,
-    best_val_loss: Option<f64>,
+    /// The best epoch's monitored score, lower is better ([`Monitor::score`]).
+    #[serde(alias = "best_val_loss")]
+    best_score: Option<f64>,
     best_epoch: Option<usize>,
     epochs_since_best: usize,
     history: Vec<EpochStats>,
@@ -321,9 +372,42 @@ struct Progress {
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct TrainOutcome {
     pub history: Vec<EpochStats>,
+    /// The epochs the cosine schedule was planned over.
+    #[serde(default)]
+    pub planned_epochs: usize,
     pub stopped_early: bool,
-    /// The epoch whose weights the model holds when early stopping restored the best.
+    /// When early stopping ended the run: the learning rate of its last step (above the
+    /// schedule's floor: the run was not fully annealed).
+    #[serde(default)]
+    pub stopped_early_at_lr: Option<f64>,
+    /// What chose `best_epoch`.
+    #[serde(default)]
+    pub monitor: Option<Monitor>,
+    /// The epoch whose weights the model holds when the best epoch was kept (early stopping or
+    /// `keep_best`); `None`: the last epoch's.
     pub best_epoch: Option<usize>,
+}
+
+impl TrainOutcome {
+    /// One line for the stage log and the record: how the run ended and which weights it kept.
+    pub fn summary(&self) -> String {
+        let ran = self.history.len();
+        let mut s = match (self.stopped_early, self.stopped_early_at_lr) {
+            (true, Some(lr)) => format!(
+                "stopped early after epoch {ran} of {} at lr {lr:.2e} (the cosine schedule over \
+                 {} epochs was not finished)",
+                self.planned_epochs, self.planned_epochs
+            ),
+            _ => format!("ran all {ran} of {} epochs", self.planned_epochs),
+        };
+        match (self.best_epoch, self.monitor) {
+            (Some(b), Some(m)) => {
+                s.push_str(&format!("; kept epoch {} (best {})", b + 1, m.name()))
+            }
+            _ => s.push_str("; kept the last epoch"),
+        }
+        s
+    }
 }
 
 fn snapshot(varmap: &VarMap) -> HashMap<String, Tensor> {
@@ -1067,9 +1151,13 @@ fn run_rank(
             }
             // Early stopping, decided by rank 0.
             let (mut improved, mut stop) = (false, false);
-            if let (Some(patience), Some(vl)) = (config.patience, val_loss) {
-                improved = progress.best_val_loss.is_none_or(|b| vl < b);
-                stop = !improved && progress.epochs_since_best + 1 >= patience;
+            let tracks_best = config.patience.is_some() || config.keep_best;
+            if let (true, Some(vl), Some(va)) = (tracks_best, val_loss, val_accuracy) {
+                let score = config.monitor.score(vl, va);
+                improved = progress.best_score.is_none_or(|b| score < b);
+                stop = config
+                    .patience
+                    .is_some_and(|p| !improved && progress.epochs_since_best + 1 >= p);
             }
             if let (Some(c), Some(_)) = (collective.as_deref_mut(), validation) {
                 let mut decision = [
@@ -1095,9 +1183,11 @@ fn run_rank(
                 lr,
                 images_per_second: seen as f64 / started.elapsed().as_secs_f64().max(1e-9),
             };
-            if config.patience.is_some() && val_loss.is_some() {
+            if tracks_best && val_loss.is_some() {
                 if improved {
-                    progress.best_val_loss = val_loss;
+                    progress.best_score = val_loss
+                        .zip(val_accuracy)
+                        .map(|(l, a)| config.monitor.score(l, a));
                     progress.best_epoch = Some(epoch);
                     progress.epochs_since_best = 0;
                     best = Some(snapshot(varmap));
@@ -1122,9 +1212,16 @@ fn run_rank(
     if let Some(c) = collective {
         check_ranks_agree(c, varmap)?;
     }
+    let stopped_early_at_lr = progress
+        .stopped_early
+        .then(|| progress.history.last().map(|s| s.lr))
+        .flatten();
     Ok(TrainOutcome {
         history: progress.history,
+        planned_epochs: config.epochs,
         stopped_early: progress.stopped_early,
+        stopped_early_at_lr,
+        monitor: best.as_ref().map(|_| config.monitor),
         best_epoch: best.as_ref().and(progress.best_epoch),
     })
 }

@@ -7,8 +7,8 @@ use candle_nn::VarMap;
 use common::{data, synthetic, weights};
 use deeprepair_nn::{build, Arch};
 use deeprepair_train::trainer::{
-    train_data_parallel, BatchSeed, BatchSource, Replica, Scorer, StandardAugment, Targets,
-    TrainBatch, TrainObserver,
+    train_data_parallel, BatchSeed, BatchSource, Monitor, Replica, Scorer, StandardAugment,
+    Targets, TrainBatch, TrainObserver,
 };
 use deeprepair_train::{evaluate, seeded_var_builder, train, EpochStats, TrainConfig, TrainData};
 
@@ -203,6 +203,93 @@ fn early_stopping_restores_the_best_epoch() {
         "best weights restored: {} vs {best_loss}",
         after.mean_loss
     );
+    // The run ended before its cosine schedule did, and says so.
+    let lr = outcome
+        .stopped_early_at_lr
+        .expect("stopped early at some lr");
+    assert_eq!(lr, outcome.history.last().unwrap().lr);
+    assert!(lr > cfg.min_lr * 10.0, "not annealed: {lr}");
+    assert_eq!(outcome.planned_epochs, 30);
+    let summary = outcome.summary();
+    assert!(
+        summary.contains(&format!("stopped early after epoch {} of 30", best + 3))
+            && summary.contains(&format!("kept epoch {} (best val_loss)", best + 1)),
+        "{summary}"
+    );
+}
+
+/// `keep_best` without early stopping: the whole schedule runs, and the model ends with the
+/// weights of the epoch of best validation accuracy (how both papers keep their base).
+#[test]
+fn keep_best_by_accuracy_runs_the_whole_schedule() {
+    let (images, labels) = synthetic(32, 3);
+    let (vimages, vlabels) = synthetic(16, 4);
+    let data = TrainData {
+        images: &images,
+        labels: &labels,
+        n: 32,
+        height: 16,
+        width: 16,
+        num_classes: 4,
+    };
+    let val = TrainData {
+        images: &vimages,
+        labels: &vlabels,
+        n: 16,
+        height: 16,
+        width: 16,
+        num_classes: 4,
+    };
+    let (vm, model) = fresh(0);
+    let cfg = TrainConfig {
+        keep_best: true,
+        monitor: Monitor::ValAccuracy,
+        ..config(6)
+    };
+    let outcome = train(
+        &*model,
+        &vm,
+        &data,
+        Some(&val),
+        &StandardAugment,
+        &cfg,
+        &Device::Cpu,
+        None,
+        &mut Recorder::default(),
+    )
+    .unwrap();
+    assert!(!outcome.stopped_early);
+    assert!(outcome.stopped_early_at_lr.is_none());
+    assert_eq!(outcome.history.len(), 6);
+    assert_eq!(outcome.monitor, Some(Monitor::ValAccuracy));
+    let best = outcome.best_epoch.expect("a best epoch is kept");
+    let best_acc = outcome.history[best].val_accuracy.unwrap();
+    // The first epoch of the highest accuracy.
+    assert!(outcome.history[..best]
+        .iter()
+        .all(|s| s.val_accuracy.unwrap() < best_acc));
+    assert!(outcome
+        .history
+        .iter()
+        .all(|s| s.val_accuracy.unwrap() <= best_acc));
+    let after = evaluate(
+        &*model,
+        &vimages,
+        &vlabels,
+        (16, 16, 16),
+        4,
+        64,
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert!(
+        (after.accuracy - best_acc).abs() < 1e-9,
+        "{} vs {best_acc}",
+        after.accuracy
+    );
+    assert!(outcome
+        .summary()
+        .starts_with("ran all 6 of 6 epochs; kept epoch"));
 }
 
 /// A source with state (like SENSEI's GA populations): every image's visit count shifts its
