@@ -27,6 +27,12 @@ fn shared(rel: &str) -> Option<PathBuf> {
     if p.exists() {
         Some(p)
     } else {
+        if std::env::var_os("DEEPREPAIR_REQUIRE_DATA").is_some() {
+            panic!(
+                "{} is absent, and DEEPREPAIR_REQUIRE_DATA is set: the real data must be there",
+                p.display()
+            );
+        }
         eprintln!("skipping: {} is absent", p.display());
         None
     }

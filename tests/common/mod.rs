@@ -136,7 +136,8 @@ pub fn workers_of(parent: u32) -> Vec<(u32, String)> {
     found
 }
 
-/// The lossless CIFAR-10 subset (`../shared/data`, or `$DEEPREPAIR_DATA`), when present.
+/// The lossless CIFAR-10 subset (`../shared/data`, or `$DEEPREPAIR_DATA`), when present; absent
+/// with `DEEPREPAIR_REQUIRE_DATA` set (CI), the test fails instead of skipping.
 pub fn data_dir() -> Option<PathBuf> {
     let root = std::env::var_os("DEEPREPAIR_DATA")
         .map(std::path::PathBuf::from)
@@ -144,5 +145,15 @@ pub fn data_dir() -> Option<PathBuf> {
             std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data"))
         });
     let dir = root.join("cifar10-lossless-subset");
-    dir.join("test_batch.bin").exists().then_some(dir)
+    if dir.join("test_batch.bin").exists() {
+        Some(dir)
+    } else {
+        if std::env::var_os("DEEPREPAIR_REQUIRE_DATA").is_some() {
+            panic!(
+                "{} is absent, and DEEPREPAIR_REQUIRE_DATA is set: the real data must be there",
+                dir.display()
+            );
+        }
+        None
+    }
 }
