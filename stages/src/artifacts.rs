@@ -54,6 +54,23 @@ pub fn read_dataset(artifact: &Artifact) -> anyhow::Result<(Dataset, DatasetInfo
     Ok((ds, info))
 }
 
+/// A data set paired with a model must have the model's classes, in its order: otherwise a
+/// label would name another class than the model's output of the same index, and accuracies
+/// would be wrong without a word. `what` names the input for the message.
+pub fn ensure_same_classes(model: &ModelInfo, ds: &Dataset, what: &str) -> anyhow::Result<()> {
+    if model.class_names != ds.class_names {
+        bail!(
+            "{what} has the classes [{}] but the model ({}, {}) was trained on [{}]; pair a \
+             model with data of its own classes in its order (the dataset stage's class_names)",
+            ds.class_names.join(", "),
+            model.arch,
+            model.method,
+            model.class_names.join(", ")
+        );
+    }
+    Ok(())
+}
+
 /// What a model artifact is: enough to rebuild it and to label its evaluations.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ModelInfo {

@@ -3,7 +3,7 @@
 
 use crate::artifacts::{dataset_artifact, read_dataset, DatasetInfo};
 use deeprepair_corrupt::{Corruption, FrostTextures, Resources as CorruptResources};
-use deeprepair_data::{load_dataset, select_subset, Dataset, Split};
+use deeprepair_data::{select_subset, Dataset, Split};
 use deeprepair_pipeline::kind::fingerprint_path;
 use deeprepair_pipeline::{
     Artifact, InputSpec, ParamSpec, ParamType, Resources, StageCtx, StageError, StageKind,
@@ -74,7 +74,8 @@ impl StageKind for DatasetKind {
                 "class_names",
                 ParamType::List(Box::new(ParamType::Str)),
                 json!(deeprepair_data::CIFAR10_CLASSES),
-                "class names in label order (layout: failures)",
+                "class names in label order: an image folder must have exactly one folder per \
+                 class (layout: failures, a subset of them); CIFAR-10 binary files, 10 names",
             ),
             ParamSpec::optional("holdout", ParamType::Float, json!(0.0), "fraction per class held out (seeded) for evaluating on unseen images"),
             ParamSpec::optional("part", ParamType::Choice(&["kept", "held-out"]), json!("kept"), "which side of the holdout split this stage emits"),
@@ -113,11 +114,11 @@ impl StageKind for DatasetKind {
         let seed: u64 = ctx.param("seed")?;
         let eval_set: String = ctx.param("eval_set")?;
         let layout: String = ctx.param("layout")?;
+        let names: Vec<String> = ctx.param("class_names")?;
         let ds = if layout == "failures" {
-            let names: Vec<String> = ctx.param("class_names")?;
             deeprepair_data::load_images_dir_with_classes(Path::new(&path), &names)
         } else {
-            load_dataset(Path::new(&path), split)
+            deeprepair_data::load_dataset_with_classes(Path::new(&path), split, &names)
         }
         .map_err(anyhow::Error::from)?;
         let holdout: f64 = ctx.param("holdout")?;

@@ -15,7 +15,7 @@
 //! | deeprepair  | 3     | CE + 12·JSD     | AugMix whose first op per chain may be a style op that |
 //! |             |       |                 | carries a sampled failure's style (Algorithm 1)        |
 
-use crate::artifacts::{model_artifact, read_dataset, ModelInfo};
+use crate::artifacts::{ensure_same_classes, model_artifact, read_dataset, ModelInfo};
 use crate::model_kinds::{curve_artifact, stage_error, train_data};
 use crate::style::{style_transfer_from_params, StyleChoice};
 use crate::training::{
@@ -349,6 +349,7 @@ impl StageKind for RepairKind {
             }
         }
         let (failures, finfo) = read_dataset(&ctx.input("failures")?)?;
+        ensure_same_classes(&base_info, &failures, "input `failures`")?;
         if failures.is_empty() {
             return Err(StageError::Fatal(anyhow::anyhow!(
                 "no collected failures to repair from"
@@ -362,6 +363,7 @@ impl StageKind for RepairKind {
                 &ctx.input("train")
                     .with_context(|| format!("train_on: {train_on} needs a `train` input"))?,
             )?;
+            ensure_same_classes(&base_info, &train, "input `train`")?;
             if train_on == "train" {
                 train
             } else {
@@ -503,7 +505,9 @@ impl StageKind for RepairKind {
             }
         };
         let val = if ctx.has_input("validation") {
-            Some(read_dataset(&ctx.input("validation")?)?.0)
+            let (v, _) = read_dataset(&ctx.input("validation")?)?;
+            ensure_same_classes(&base_info, &v, "input `validation`")?;
+            Some(v)
         } else {
             None
         };

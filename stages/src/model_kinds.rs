@@ -2,7 +2,8 @@
 //! De_k) and `evaluate` (accuracy records for the report).
 
 use crate::artifacts::{
-    dataset_artifact, load_model, model_artifact, read_dataset, DatasetInfo, ModelInfo,
+    dataset_artifact, ensure_same_classes, load_model, model_artifact, read_dataset, DatasetInfo,
+    ModelInfo,
 };
 use crate::training::{
     input_model, rank_devices, run_training, train_config, training_params,
@@ -107,6 +108,15 @@ impl StageKind for PretrainKind {
         } else {
             None
         };
+        if let Some(v) = &val {
+            if v.class_names != ds.class_names {
+                return Err(StageError::Fatal(anyhow::anyhow!(
+                    "input `validation` has the classes [{}] but `train` has [{}]",
+                    v.class_names.join(", "),
+                    ds.class_names.join(", ")
+                )));
+            }
+        }
         let ranks: usize = ctx.param("ranks")?;
         let mut replicas: Vec<RankModel> = Vec::with_capacity(ranks);
         for device in rank_devices(ctx, ranks)? {
@@ -294,8 +304,14 @@ impl StageKind for SelectFailuresKind {
     fn run(&self, ctx: &mut StageCtx) -> Result<Vec<Artifact>, StageError> {
         let per_class: usize = ctx.param("per_class")?;
         let seed: u64 = ctx.param("seed")?;
-        let InputModel { model, device, .. } = input_model(ctx, "model")?;
+        let InputModel {
+            info,
+            model,
+            device,
+            ..
+        } = input_model(ctx, "model")?;
         let (ds, dinfo) = read_dataset(&ctx.input("images")?)?;
+        ensure_same_classes(&info, &ds, "input `images`")?;
         let eval = evaluate(
             &*model,
             &ds.images,
@@ -418,6 +434,7 @@ impl StageKind for EvaluateKind {
         for (k, r) in refs.iter().enumerate() {
             ctx.check_cancelled()?;
             let (ds, dinfo) = read_dataset(&ctx.artifact(&r.digest)?)?;
+            ensure_same_classes(&info, &ds, &format!("evaluation set {}", r.stage))?;
             let eval_set = dinfo.eval_set.clone().unwrap_or_else(|| r.stage.clone());
             let e = evaluate(
                 &*model,

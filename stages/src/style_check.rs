@@ -6,7 +6,7 @@
 //! does nothing leaves it at the clean accuracy. Also a contact sheet of (content, reference,
 //! stylized) triples for a person to look at.
 
-use crate::artifacts::read_dataset;
+use crate::artifacts::{ensure_same_classes, read_dataset};
 use crate::style::{style_params, StyleChoice};
 use crate::training::{input_model, InputModel};
 use deeprepair_pipeline::{
@@ -98,10 +98,18 @@ impl StageKind for StyleCheckKind {
         let clusters: usize = ctx.param("clusters")?;
         let seed: u64 = ctx.param("seed")?;
         let rows: usize = ctx.param("sheet_rows")?;
-        let InputModel { model, device, .. } = input_model(ctx, "model")?;
+        let InputModel {
+            info,
+            model,
+            device,
+            ..
+        } = input_model(ctx, "model")?;
         let (failures, finfo) = read_dataset(&ctx.input("failures")?)?;
         let (clean, _) = read_dataset(&ctx.input("clean")?)?;
         let (corrupted, _) = read_dataset(&ctx.input("corrupted")?)?;
+        ensure_same_classes(&info, &failures, "input `failures`")?;
+        ensure_same_classes(&info, &clean, "input `clean`")?;
+        ensure_same_classes(&info, &corrupted, "input `corrupted`")?;
         let sampler = ClassReferenceSampler::new(
             &failures.images,
             &failures.labels,

@@ -220,11 +220,40 @@ pub fn to_cifar_binary(ds: &Dataset) -> Result<Vec<u8>, DataError> {
 /// - a folder with a `train/` or `test/` subfolder: image folder (`<split>/<class>/*.png|jpg`);
 /// - a single `.bin` file: CIFAR-10 binary records (the split is ignored);
 /// - a file written by [`Dataset::to_bytes`] (the split is ignored).
+///
+/// The classes are CIFAR-10's ([`CIFAR10_CLASSES`]): an image folder must have exactly those
+/// class folders. [`load_dataset_with_classes`] takes others.
 pub fn load_dataset(path: &Path, split: Split) -> Result<Dataset, DataError> {
+    let cifar10: Vec<String> = CIFAR10_CLASSES.iter().map(|s| s.to_string()).collect();
+    load_dataset_with_classes(path, split, &cifar10)
+}
+
+/// [`load_dataset`] of a data set whose classes are `class_names` (in label order): an image
+/// folder must have exactly these class folders; CIFAR-10 binary files take them as the names
+/// of labels 0..9 (so there must be 10); an encoded dataset file keeps the names it carries.
+pub fn load_dataset_with_classes(
+    path: &Path,
+    split: Split,
+    class_names: &[String],
+) -> Result<Dataset, DataError> {
+    let binary = |mut ds: Dataset| -> Result<Dataset, DataError> {
+        if class_names.len() != CIFAR10_CLASSES.len() {
+            return Err(DataError::format(
+                path,
+                format!(
+                    "CIFAR-10 binary files have 10 classes, but {} class names were given ({})",
+                    class_names.len(),
+                    class_names.join(", ")
+                ),
+            ));
+        }
+        ds.class_names = class_names.to_vec();
+        Ok(ds)
+    };
     let meta = std::fs::metadata(path).map_err(|e| DataError::io(path, e))?;
     if meta.is_file() {
         if path.extension().is_some_and(|e| e == "bin") {
-            return load_cifar_binary_files(&[path.to_path_buf()]);
+            return binary(load_cifar_binary_files(&[path.to_path_buf()])?);
         }
         let bytes = std::fs::read(path).map_err(|e| DataError::io(path, e))?;
         if bytes.starts_with(&crate::dataset::DATASET_MAGIC) {
@@ -237,10 +266,10 @@ pub fn load_dataset(path: &Path, split: Split) -> Result<Dataset, DataError> {
         ));
     }
     if let Some(dir) = find_cifar_binary_dir(path) {
-        return load_cifar_binary(&dir, split);
+        return binary(load_cifar_binary(&dir, split)?);
     }
     if path.join("train").is_dir() || path.join("test").is_dir() {
-        return crate::folder::load_image_folder(path, Some(split.name()));
+        return crate::folder::load_image_folder(path, Some(split.name()), class_names);
     }
     Err(DataError::format(
         path,

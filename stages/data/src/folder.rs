@@ -124,14 +124,28 @@ fn decode_items(
     Ok(ds)
 }
 
-/// Loads `root/<split>/<class>/*.{png,jpg,jpeg}` (or `root/<class>/…` when `split` is `None`).
+/// Loads `root/<split>/<class>/*.{png,jpg,jpeg}` (or `root/<class>/…` when `split` is `None`)
+/// with the classes `class_names` in label order: there must be exactly one non-empty folder
+/// per class, named as the class. A missing class folder or a folder of no listed class is an
+/// error naming it and the expected classes, so labels can never shift with the folders that
+/// happen to exist.
 ///
-/// Classes are the sorted subfolder names (label = position); files are sorted by name.
-/// Hidden entries (names starting with `.`) are skipped. All images must share one size and
-/// are converted to RGB. Errors name the offending file: unreadable image, empty class
-/// folder, stray file, size mismatch. Decoding runs in parallel (rayon). Source ids are
-/// paths relative to `root` with `/` separators, e.g. `"test/cat/0000.jpg"`.
-pub fn load_image_folder(root: &Path, split: Option<&str>) -> Result<Dataset, DataError> {
+/// Files are sorted by name within a class; images are ordered by label. Hidden entries (names
+/// starting with `.`) are skipped. All images must share one size and are converted to RGB.
+/// Errors name the offending file: unreadable image, empty class folder, stray file, size
+/// mismatch. Decoding runs in parallel (rayon). Source ids are paths relative to `root` with
+/// `/` separators, e.g. `"test/cat/0000.jpg"`.
+pub fn load_image_folder(
+    root: &Path,
+    split: Option<&str>,
+    class_names: &[String],
+) -> Result<Dataset, DataError> {
+    if class_names.is_empty() || class_names.len() > 256 {
+        return Err(DataError::Invalid(format!(
+            "{} class names given, expected 1..=256",
+            class_names.len()
+        )));
+    }
     let dir = match split {
         Some(s) => root.join(s),
         None => root.to_path_buf(),
@@ -142,8 +156,9 @@ pub fn load_image_folder(root: &Path, split: Option<&str>) -> Result<Dataset, Da
             "not a folder; expected <root>/<split>/<class>/ image folders",
         ));
     }
+    let expected = || class_names.join(", ");
     let prefix = split.map(|s| format!("{s}/")).unwrap_or_default();
-    let mut class_names = Vec::new();
+    let mut found = vec![false; class_names.len()];
     let mut items = Vec::new();
     for (name, path, is_dir) in list_dir(&dir)? {
         if !is_dir {
@@ -152,6 +167,16 @@ pub fn load_image_folder(root: &Path, split: Option<&str>) -> Result<Dataset, Da
                 "stray file next to the class folders; expected only one folder per class",
             ));
         }
+        let Some(label) = class_names.iter().position(|c| *c == name) else {
+            return Err(DataError::format(
+                &path,
+                format!(
+                    "unexpected class folder {name:?}; the classes are {} (give the data set's \
+                     own names with class_names)",
+                    expected()
+                ),
+            ));
+        };
         let files = list_class_images(&path)?;
         if files.is_empty() {
             return Err(DataError::format(
@@ -159,24 +184,31 @@ pub fn load_image_folder(root: &Path, split: Option<&str>) -> Result<Dataset, Da
                 "empty class folder; expected .png/.jpg/.jpeg images",
             ));
         }
-        if class_names.len() == 256 {
-            return Err(DataError::format(&dir, "more than 256 class folders"));
-        }
-        let label = class_names.len() as u8;
+        found[label] = true;
         items.extend(files.into_iter().map(|(f, p)| Item {
             path: p,
             id: format!("{prefix}{name}/{f}"),
-            label,
+            label: label as u8,
         }));
-        class_names.push(name);
     }
-    if class_names.is_empty() {
+    let missing: Vec<&str> = class_names
+        .iter()
+        .zip(&found)
+        .filter(|(_, f)| !**f)
+        .map(|(c, _)| c.as_str())
+        .collect();
+    if !missing.is_empty() {
         return Err(DataError::format(
             &dir,
-            "no class folders; expected one subfolder of images per class",
+            format!(
+                "missing class folder(s) {}; expected one folder per class: {}",
+                missing.join(", "),
+                expected()
+            ),
         ));
     }
-    decode_items(&dir, items, class_names)
+    items.sort_by(|a, b| a.label.cmp(&b.label).then_with(|| a.id.cmp(&b.id)));
+    decode_items(&dir, items, class_names.to_vec())
 }
 
 /// Loads a user's folder of (failure) images `root/<class>/*.{png,jpg,jpeg}` whose class

@@ -15,7 +15,8 @@ mod npy;
 
 pub use cifar::{
     find_cifar_binary_dir, load_cifar_binary, load_cifar_binary_files, load_dataset,
-    to_cifar_binary, Split, CIFAR10_BINARY_SUBDIR, CIFAR10_CLASSES, CIFAR_RECORD_LEN,
+    load_dataset_with_classes, to_cifar_binary, Split, CIFAR10_BINARY_SUBDIR, CIFAR10_CLASSES,
+    CIFAR_RECORD_LEN,
 };
 pub use codec::{decode_image, encode_png};
 pub use dataset::{select_subset, Dataset, DATASET_FORMAT_VERSION, DATASET_MAGIC};

@@ -50,7 +50,8 @@ fn binary_matches_jpeg_folder_and_jpeg_test_split_loads() {
         return;
     };
     let t = std::time::Instant::now();
-    let folder = load_image_folder(&jpeg, Some("test")).unwrap();
+    let cifar10: Vec<String> = CIFAR10_CLASSES.iter().map(|c| c.to_string()).collect();
+    let folder = load_image_folder(&jpeg, Some("test"), &cifar10).unwrap();
     eprintln!(
         "loaded the 10,000-image JPEG test folder in {:?}",
         t.elapsed()
@@ -174,14 +175,25 @@ fn load_dataset_detects_layouts() {
             .unwrap();
         }
     }
-    let test = load_dataset(&root, Split::Test).unwrap();
+    let ab = names(&["a", "b"]);
+    let test = load_dataset_with_classes(&root, Split::Test, &ab).unwrap();
     assert_eq!((test.len(), test.height, test.width), (3, 4, 5));
     assert_eq!(test.labels, vec![0, 1, 1]);
     assert_eq!(test.class_names, vec!["a", "b"]);
     assert_eq!(test.source_ids.as_ref().unwrap()[2], "test/b/0001.png");
     assert_eq!(test.image(2), pseudo_random_bytes(60, 1).as_slice());
-    let train = load_dataset(&root, Split::Train).unwrap();
+    let train = load_dataset_with_classes(&root, Split::Train, &ab).unwrap();
     assert_eq!(train.labels, vec![0, 0, 1]);
+    // The classes are what the caller says, in its order, not the folders' sorted names.
+    let ba = load_dataset_with_classes(&root, Split::Train, &names(&["b", "a"])).unwrap();
+    assert_eq!(ba.labels, vec![0, 1, 1]);
+    assert_eq!(ba.class_names, vec!["b", "a"]);
+    // CIFAR-10's classes by default: these folders are not CIFAR-10's.
+    let e = msg(load_dataset(&root, Split::Test).unwrap_err());
+    assert!(
+        e.contains("unexpected class folder \"a\"") && e.contains("airplane"),
+        "{e}"
+    );
     // Unknown layout.
     let e = msg(load_dataset(&root.join("test").join("a"), Split::Test).unwrap_err());
     assert!(e.contains("unrecognized dataset layout"), "{e}");
@@ -204,6 +216,8 @@ fn image_folder_errors_name_the_file() {
     let root = tmp.path();
     png_file(&root.join("test/cat/0000.png"), 8, 8, 1);
     png_file(&root.join("test/dog/0000.png"), 8, 8, 2);
+    let cat_dog = names(&["cat", "dog"]);
+    let load_image_folder = |root: &Path, split| load_image_folder(root, split, &cat_dog);
     assert_eq!(load_image_folder(root, Some("test")).unwrap().len(), 2);
 
     // Unreadable image.
@@ -250,10 +264,22 @@ fn image_folder_errors_name_the_file() {
     assert_eq!(load_image_folder(root, Some("test")).unwrap().len(), 3);
 
     // Empty class folder.
-    std::fs::create_dir_all(root.join("test/emu")).unwrap();
+    std::fs::remove_file(root.join("test/cat/0000.png")).unwrap();
     let e = msg(load_image_folder(root, Some("test")).unwrap_err());
-    assert!(e.contains("emu") && e.contains("empty class folder"), "{e}");
-    std::fs::remove_dir(root.join("test/emu")).unwrap();
+    assert!(e.contains("cat") && e.contains("empty class folder"), "{e}");
+    png_file(&root.join("test/cat/0000.png"), 8, 8, 1);
+
+    // A folder of no listed class (it would have shifted or added labels) and a missing one.
+    png_file(&root.join("test/dragon/0000.png"), 8, 8, 5);
+    let e = msg(load_image_folder(root, Some("test")).unwrap_err());
+    assert!(
+        e.contains("dragon") && e.contains("unexpected class folder") && e.contains("cat, dog"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(root.join("test/dragon")).unwrap();
+    std::fs::remove_dir_all(root.join("test/cat")).unwrap();
+    let e = msg(load_image_folder(root, Some("test")).unwrap_err());
+    assert!(e.contains("missing class folder(s) cat"), "{e}");
 
     // Missing split.
     let e = msg(load_image_folder(root, Some("train")).unwrap_err());
@@ -297,4 +323,8 @@ fn failure_folder_with_known_classes() {
             .unwrap_err(),
     );
     assert!(e.contains("/nonexistent/failures"), "{e}");
+}
+
+fn names(n: &[&str]) -> Vec<String> {
+    n.iter().map(|s| s.to_string()).collect()
 }

@@ -23,6 +23,13 @@ fn score_chunk(model: &dyn Classifier, x: &Tensor, labels: &[u8]) -> Result<Vec<
     let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
     let preds: Vec<u32> = logits.argmax(D::Minus1)?.to_vec1()?;
     let lp: Vec<Vec<f32>> = log_probs.to_vec2()?;
+    let classes = lp.first().map_or(0, Vec::len);
+    if let Some(&y) = labels.iter().find(|&&y| y as usize >= classes) {
+        return Err(candle_core::Error::Msg(format!(
+            "label {y} is out of range for a model with {classes} outputs: the data set has \
+             more classes than the model"
+        )));
+    }
     Ok(preds
         .iter()
         .zip(lp.iter().zip(labels))
