@@ -99,10 +99,10 @@ stages:
     params: {unseen}
   train-data:
     kind: dataset
-    params: {{path: "${{train}}", split: train, per_class: {tpc}, seed: {seed}}}
+    params: {{path: "${{train}}", split: train, per_class: {tpc}, seed: {seed}{classes}}}
   clean:
     kind: dataset
-    params: {{path: "${{train}}", split: test, per_class: 100, seed: {seed}, eval_set: clean}}
+    params: {{path: "${{train}}", split: test, per_class: 100, seed: {seed}, eval_set: clean{classes}}}
   repaired:
     kind: {method}
     params: {{epochs: {epochs}, lr: {lr}, batch: {batch}, seed: {seed}}}
