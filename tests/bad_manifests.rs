@@ -118,6 +118,55 @@ const CASES: &[(&str, &str, u64, u64, &[&str])] = &[
         0,
         &["has no values"],
     ),
+    (
+        "duplicate grid value",
+        "grid:\n  seed: [0, 1, 0]\nstages:\n  a:\n    kind: util.work\n    over: [seed]\n",
+        2,
+        16,
+        &["grid axis 'seed' lists 0 twice"],
+    ),
+    (
+        "axis twice in over",
+        "grid:\n  seed: [0, 1]\nstages:\n  a:\n    kind: util.work\n    over: [seed, seed]\n",
+        6,
+        18,
+        &["lists grid axis 'seed' twice"],
+    ),
+    (
+        "override for an unknown stage",
+        "grid:\n  seed: [0, 1]\nstages:\n  a:\n    kind: util.work\n    over: [seed]\noverrides:\n  - stage: b\n    params: {steps: 2}\n",
+        8,
+        12,
+        &["override for unknown stage 'b'"],
+    ),
+    (
+        "override when on an unknown axis",
+        "grid:\n  seed: [0, 1]\nstages:\n  a:\n    kind: util.work\n    over: [seed]\noverrides:\n  - when: {sed: 1}\n    params: {steps: 2}\n",
+        8,
+        17,
+        &["unknown grid axis 'sed'", "did you mean 'seed'?"],
+    ),
+    (
+        "override setting a grid axis",
+        "grid:\n  seed: [0, 1]\nstages:\n  a:\n    kind: util.work\n    over: [seed]\noverrides:\n  - stage: a\n    params: {seed: 5}\n",
+        9,
+        20,
+        &["override sets param 'seed'", "its values come from the grid"],
+    ),
+    (
+        "variable naming a variable",
+        "vars:\n  a: x\n  b: \"${a}/y\"\nstages:\n  s:\n    kind: util.text\n    params: {text: \"${b}\"}\n",
+        3,
+        6,
+        &["variable 'b' refers to another variable"],
+    ),
+    (
+        "empty stage name",
+        "stages:\n  \"\":\n    kind: util.text\n    params: {text: x}\n",
+        3,
+        5,
+        &["a stage needs a name"],
+    ),
 ];
 
 #[test]

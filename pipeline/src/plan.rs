@@ -103,6 +103,28 @@ pub fn plan_source(
     cli_vars: &BTreeMap<String, String>,
 ) -> Result<Plan, ManifestError> {
     let raw = manifest::parse(source)?;
+    // Variables are plain text: one naming another would be left as literal `${…}` text.
+    for (k, v) in &raw.vars {
+        if v.value.contains("${") {
+            return Err(source.error_at(
+                &v.referenced,
+                format!(
+                    "variable '{k}' refers to another variable (\"{}\"); variables cannot \
+                     refer to variables: give its value in full",
+                    v.value
+                ),
+            ));
+        }
+    }
+    for (k, v) in cli_vars {
+        if v.contains("${") {
+            return Err(source.error_at_line(
+                1,
+                1,
+                format!("--var {k}={v}: a variable's value cannot refer to variables"),
+            ));
+        }
+    }
     let mut vars: BTreeMap<String, String> = raw
         .vars
         .iter()
@@ -283,11 +305,20 @@ impl<'a> Expander<'a> {
                     format!("grid axis '{axis}' has no values"),
                 ));
             }
-            for v in &values.value {
+            for (i, v) in values.value.iter().enumerate() {
                 if v.value.is_object() || v.value.is_array() || v.value.is_null() {
                     return Err(self.err(
                         &v.referenced,
                         format!("grid axis '{axis}': values must be strings, numbers or booleans"),
+                    ));
+                }
+                if values.value[..i].iter().any(|u| u.value == v.value) {
+                    return Err(self.err(
+                        &v.referenced,
+                        format!(
+                            "grid axis '{axis}' lists {} twice (two stages would have one path)",
+                            value_label(&v.value)
+                        ),
                     ));
                 }
             }
@@ -301,6 +332,37 @@ impl<'a> Expander<'a> {
                         did_you_mean(kind, self.registry.names().into_iter())
                     ),
                 ));
+            }
+        }
+
+        for (name, stage) in &raw.stages {
+            if name.trim().is_empty() {
+                return Err(self.err(&stage.referenced, "a stage needs a name; this one is empty"));
+            }
+        }
+        for ov in &raw.overrides {
+            if let Some(s) = &ov.value.stage {
+                if !raw.stages.contains_key(&s.value) {
+                    return Err(self.err(
+                        &s.referenced,
+                        format!(
+                            "override for unknown stage '{}'{}",
+                            s.value,
+                            did_you_mean(&s.value, raw.stages.keys().map(|k| k.as_str()))
+                        ),
+                    ));
+                }
+            }
+            for (axis, want) in &ov.value.when {
+                if !raw.grid.contains_key(axis) {
+                    return Err(self.err(
+                        &want.referenced,
+                        format!(
+                            "override `when` names unknown grid axis '{axis}'{}",
+                            did_you_mean(axis, raw.grid.keys().map(|k| k.as_str()))
+                        ),
+                    ));
+                }
             }
         }
 
@@ -369,6 +431,15 @@ impl<'a> Expander<'a> {
             // Axes this template varies over.
             let mut axes: Vec<(&str, &Vec<Spanned<Value>>)> = Vec::new();
             for axis in &stage.over {
+                if axes.iter().any(|(a, _)| *a == axis.value) {
+                    return Err(self.err(
+                        &axis.referenced,
+                        format!(
+                            "stage '{name}' lists grid axis '{}' twice in over:",
+                            axis.value
+                        ),
+                    ));
+                }
                 let Some(values) = raw.grid.get(&axis.value) else {
                     return Err(self.err(
                         &axis.referenced,
@@ -513,6 +584,19 @@ impl<'a> Expander<'a> {
                             .is_some_and(|have| *have == want.value)
                     });
                     if applies {
+                        if let Some((axis, v)) = ov_v
+                            .params
+                            .iter()
+                            .find(|(k, _)| axes.iter().any(|(a, _)| a == k))
+                        {
+                            return Err(self.err(
+                                &v.referenced,
+                                format!(
+                                    "override sets param '{axis}' of stage '{name}', which is \
+                                     over grid axis '{axis}': its values come from the grid"
+                                ),
+                            ));
+                        }
                         layer(&ov_v.params, &mut params)?;
                         if let Some(r) = &ov_v.resources {
                             override_resources.push(&r.value);
