@@ -47,9 +47,9 @@ impl VarArgs {
     fn map(&self) -> anyhow::Result<BTreeMap<String, String>> {
         let mut out = BTreeMap::new();
         for v in &self.vars {
-            let (k, val) = v
-                .split_once('=')
-                .with_context(|| format!("--var '{v}': expected NAME=VALUE"))?;
+            let (k, val) = v.split_once('=').ok_or_else(|| {
+                crate::ml_commands::UsageError(format!("--var '{v}': expected NAME=VALUE"))
+            })?;
             out.insert(k.trim().to_string(), val.to_string());
         }
         if let Some(d) = &self.data {
@@ -765,6 +765,13 @@ pub fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
 
 /// Writes via a temporary file and rename, so an interrupted export leaves no half file.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    if path.is_dir() {
+        return Err(crate::ml_commands::UsageError(format!(
+            "{} is a folder; give the path of the file to write",
+            path.display()
+        ))
+        .into());
+    }
     let tmp = path.with_extension("partial");
     std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;

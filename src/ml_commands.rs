@@ -214,7 +214,26 @@ fn load_frost(dir: Option<&Path>) -> anyhow::Result<Resources> {
     Ok(Resources { frost })
 }
 
+/// Our image outputs are PNG: a path that promises another format is refused rather than
+/// given PNG bytes under a misleading name.
+pub(crate) fn require_png(path: &Path) -> anyhow::Result<()> {
+    let is_png = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("png"));
+    if !is_png {
+        return Err(usage(format!(
+            "{}: the output is a PNG image; give a path ending in .png",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
 pub fn corrupt(args: CorruptArgs) -> anyhow::Result<ExitCode> {
+    for out in [&args.sheet, &args.output].into_iter().flatten() {
+        require_png(out)?;
+    }
     if let Some(sheet) = &args.sheet {
         let data = args.data.as_deref().context("--sheet needs --data PATH")?;
         return corrupt_sheet(sheet, data, args.index, args.seed, args.frost.as_deref());

@@ -61,6 +61,7 @@ pub fn stylize(args: StylizeArgs) -> anyhow::Result<ExitCode> {
         };
         UsageError(format!("{flag}: {problem}"))
     })?;
+    crate::ml_commands::require_png(&args.output)?;
     let (content, w, h) = read_image(&args.content, "content")?;
     let (reference, rw, rh) = read_image(&args.reference, "reference")?;
     if (w, h) != (rw, rh) {

@@ -580,3 +580,45 @@ fn stylize_wct2_names_every_misfit_tensor_of_the_checkpoints() {
     }
     assert!(!out.exists(), "no output on failure");
 }
+
+/// Image outputs are PNG files: a folder or a `.jpg` name is a usage error that leaves nothing
+/// behind (no `OUT.partial`, no PNG bytes under a JPEG name); `--var` without `=` is one too.
+#[test]
+fn bad_output_paths_and_vars_are_usage_errors() {
+    let Some(cat) = shared("cifar10-jpeg/test/cat/0000.jpg") else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("out.png");
+    std::fs::create_dir(&folder).unwrap();
+    let jpg = dir.path().join("out.jpg");
+    for (out, expected) in [(&folder, "is a folder"), (&jpg, "ending in .png")] {
+        let o = deeprepair(&[
+            "corrupt",
+            "--corruption",
+            "fog",
+            "--severity",
+            "2",
+            cat.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ]);
+        let (_, err) = text(&o);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(err.contains(expected), "{err}");
+    }
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(
+        left,
+        ["out.png"],
+        "nothing written beside the refused outputs"
+    );
+    assert!(std::fs::read_dir(&folder).unwrap().next().is_none());
+
+    let o = deeprepair(&["plan", "manifests/smoke.yaml", "--var", "noequals"]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("expected NAME=VALUE"), "{err}");
+}
