@@ -161,6 +161,20 @@ const CASES: &[(&str, &str, u64, u64, &[&str])] = &[
         &["variable 'b' refers to another variable"],
     ),
     (
+        "a grid too large to plan",
+        "grid:\n  steps: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]\n  step_ms: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]\n  seed: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]\n  checkpoint_every: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]\n  size: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]\n  fail_attempts: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]\nstages:\n  w:\n    kind: util.work\n    over: [steps, step_ms, seed, checkpoint_every, size, fail_attempts]\n",
+        10,
+        0,
+        &["would make 1.772e6 stages", "at most 1000000"],
+    ),
+    (
+        "a huge util.work output",
+        "stages:\n  w:\n    kind: util.work\n    params: {size: 99999999999}\n",
+        4,
+        0,
+        &["param 'size'", "at most 1073741824"],
+    ),
+    (
         "empty stage name",
         "stages:\n  \"\":\n    kind: util.text\n    params: {text: x}\n",
         3,

@@ -6,6 +6,9 @@ use crate::kind::{InputSpec, ParamSpec, ParamType, Registry, StageCtx, StageErro
 use anyhow::Context;
 use serde_json::{json, Value};
 
+/// `util.work`'s largest output: a bigger `size` is refused when planning, not an abort.
+const MAX_WORK_OUTPUT: i64 = 1 << 30;
+
 pub fn register(registry: &mut Registry) {
     registry.register(Text);
     registry.register(Concat);
@@ -166,6 +169,13 @@ impl StageKind for Work {
             if params[p].as_i64().unwrap_or(0) < 0 {
                 return Err((p.into(), "must not be negative".into()));
             }
+        }
+        let size = params["size"].as_i64().unwrap_or(0);
+        if size > MAX_WORK_OUTPUT {
+            return Err((
+                "size".into(),
+                format!("{size} bytes; at most {MAX_WORK_OUTPUT} (1 GiB) of busy-work output"),
+            ));
         }
         Ok(())
     }

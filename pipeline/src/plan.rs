@@ -152,6 +152,10 @@ pub fn plan_source(
     .expand()
 }
 
+/// The most stage instances a plan may hold: far above any real grid (the paper's is 1,060),
+/// far below what would exhaust memory while expanding.
+pub const MAX_PLAN_STAGES: usize = 1_000_000;
+
 /// Replaces `${name}` in every string inside `value`.
 fn substitute(value: &Value, vars: &BTreeMap<String, String>) -> Result<Value, String> {
     Ok(match value {
@@ -536,7 +540,27 @@ impl<'a> Expander<'a> {
                 }
             }
 
-            // Cartesian product of the axes.
+            // Cartesian product of the axes, bounded before it is built.
+            let count = axes
+                .iter()
+                .try_fold(1usize, |n, (_, v)| n.checked_mul(v.len()))
+                .filter(|n| stages.len().saturating_add(*n) <= MAX_PLAN_STAGES);
+            let Some(_) = count else {
+                let sizes: Vec<String> = axes
+                    .iter()
+                    .map(|(a, v)| format!("{a}: {}", v.len()))
+                    .collect();
+                let n = axes.iter().fold(1f64, |n, (_, v)| n * v.len() as f64);
+                return Err(self.err(
+                    &spanned_stage.referenced,
+                    format!(
+                        "stage '{name}' over the grid ({}) would make {n:.3e} stages, {} before \
+                         it; a plan holds at most {MAX_PLAN_STAGES}",
+                        sizes.join(" × "),
+                        stages.len()
+                    ),
+                ));
+            };
             let mut points: Vec<Vec<&Spanned<Value>>> = vec![vec![]];
             for (_, values) in &axes {
                 points = points
