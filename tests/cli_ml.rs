@@ -15,6 +15,19 @@ fn deeprepair(args: &[&str]) -> Output {
         .expect("running the deeprepair binary")
 }
 
+/// `deeprepair corrupt --corruption C --severity S IN OUT`.
+fn corrupt(corruption: &str, severity: &str, input: &Path, output: &Path) -> Output {
+    deeprepair(&[
+        "corrupt",
+        "--corruption",
+        corruption,
+        "--severity",
+        severity,
+        input.to_str().unwrap(),
+        output.to_str().unwrap(),
+    ])
+}
+
 fn text(o: &Output) -> (String, String) {
     (
         String::from_utf8_lossy(&o.stdout).into_owned(),
@@ -64,15 +77,7 @@ fn corrupt_one_image() {
     };
     let dir = tempfile::tempdir().unwrap();
     let out_png = dir.path().join("fog.png");
-    let o = deeprepair(&[
-        "corrupt",
-        "--corruption",
-        "fog",
-        "--severity",
-        "3",
-        input.to_str().unwrap(),
-        out_png.to_str().unwrap(),
-    ]);
+    let o = corrupt("fog", "3", &input, &out_png);
     let (_, err) = text(&o);
     assert!(o.status.success(), "{err}");
     let png = std::fs::read(&out_png).unwrap();
@@ -421,15 +426,7 @@ fn stylize_carries_the_reference_style_and_refuses_bad_input() {
     };
     let dir = tempfile::tempdir().unwrap();
     let noisy = dir.path().join("noisy.png");
-    let o = deeprepair(&[
-        "corrupt",
-        "--corruption",
-        "gaussian_noise",
-        "--severity",
-        "5",
-        cat.to_str().unwrap(),
-        noisy.to_str().unwrap(),
-    ]);
+    let o = corrupt("gaussian_noise", "5", &cat, &noisy);
     assert!(o.status.success(), "{}", text(&o).1);
     let out = dir.path().join("stylized.png");
     let o = deeprepair(&[
@@ -593,15 +590,7 @@ fn bad_output_paths_and_vars_are_usage_errors() {
     std::fs::create_dir(&folder).unwrap();
     let jpg = dir.path().join("out.jpg");
     for (out, expected) in [(&folder, "is a folder"), (&jpg, "ending in .png")] {
-        let o = deeprepair(&[
-            "corrupt",
-            "--corruption",
-            "fog",
-            "--severity",
-            "2",
-            cat.to_str().unwrap(),
-            out.to_str().unwrap(),
-        ]);
+        let o = corrupt("fog", "2", &cat, out);
         let (_, err) = text(&o);
         assert_eq!(o.status.code(), Some(2), "{err}");
         assert!(err.contains(expected), "{err}");

@@ -68,6 +68,17 @@ fn list_class_images(dir: &Path) -> Result<Vec<(String, PathBuf)>, DataError> {
     Ok(files)
 }
 
+/// Labels are u8: 1 to 256 classes.
+fn check_class_count(class_names: &[String]) -> Result<(), DataError> {
+    if class_names.is_empty() || class_names.len() > 256 {
+        return Err(DataError::Invalid(format!(
+            "{} class names given, expected 1..=256",
+            class_names.len()
+        )));
+    }
+    Ok(())
+}
+
 /// One image to load: path, provenance id, label.
 struct Item {
     path: PathBuf,
@@ -140,12 +151,7 @@ pub fn load_image_folder(
     split: Option<&str>,
     class_names: &[String],
 ) -> Result<Dataset, DataError> {
-    if class_names.is_empty() || class_names.len() > 256 {
-        return Err(DataError::Invalid(format!(
-            "{} class names given, expected 1..=256",
-            class_names.len()
-        )));
-    }
+    check_class_count(class_names)?;
     let dir = match split {
         Some(s) => root.join(s),
         None => root.to_path_buf(),
@@ -220,12 +226,7 @@ pub fn load_images_dir_with_classes(
     root: &Path,
     class_names: &[String],
 ) -> Result<Dataset, DataError> {
-    if class_names.is_empty() || class_names.len() > 256 {
-        return Err(DataError::Invalid(format!(
-            "{} class names given, expected 1..=256",
-            class_names.len()
-        )));
-    }
+    check_class_count(class_names)?;
     if !root.is_dir() {
         return Err(DataError::format(
             root,

@@ -40,8 +40,7 @@
 use crate::fast_conv::conv2d;
 use crate::weights::{check_tensors, TensorProblem, TensorShapes};
 use candle_core::pickle::{Object, Stack};
-use candle_core::{DType, Device, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use linfa_linalg::eigh::EighInto;
 use ndarray::{Array1, Array2, ArrayView2, Axis};
@@ -49,7 +48,6 @@ use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::io::{Cursor, Read};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 /// The official encoder checkpoint's file name.
 pub const ENCODER_FILE: &str = "wave_encoder_cat5_l4.pth";
@@ -628,40 +626,8 @@ fn list_problems(problems: &[(PathBuf, TensorProblem)]) -> String {
     out
 }
 
-/// A backend that hands out (broadcast) zeros and records the names and shapes asked for.
-struct Recorder(Arc<Mutex<TensorShapes>>);
-
-impl SimpleBackend for Recorder {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _h: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        self.0
-            .lock()
-            .expect("recorder lock")
-            .push((name.to_string(), s.dims().to_vec()));
-        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
-    }
-
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        candle_core::bail!("shape of {name} unknown while recording")
-    }
-
-    fn contains_tensor(&self, _name: &str) -> bool {
-        true
-    }
-}
-
 fn record(build: impl FnOnce(VarBuilder) -> candle_core::Result<()>) -> TensorShapes {
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let vb = VarBuilder::from_backend(Box::new(Recorder(log.clone())), DType::F32, Device::Cpu);
-    build(vb).expect("building WCT2 on zeros cannot fail");
-    let out = std::mem::take(&mut *log.lock().expect("recorder lock"));
-    out
+    crate::weights::record_tensors(build).expect("building WCT2 on zeros cannot fail")
 }
 
 // ---- PyTorch checkpoints ----

@@ -42,7 +42,8 @@ impl SimpleBackend for Recorder {
             .lock()
             .expect("recorder lock")
             .push((name.to_string(), s.dims().to_vec()));
-        Tensor::zeros(s, dtype, dev)
+        // One zero broadcast to the shape: recording a large model allocates nothing.
+        Tensor::zeros((), dtype, dev)?.broadcast_as(s)
     }
 
     fn get_unchecked(
@@ -59,15 +60,22 @@ impl SimpleBackend for Recorder {
     }
 }
 
+/// The `(name, shape)` of every tensor that `build` reads from its `VarBuilder`, in
+/// construction order (the builder hands out zeros).
+pub fn record_tensors(
+    build: impl FnOnce(VarBuilder) -> candle_core::Result<()>,
+) -> candle_core::Result<TensorShapes> {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let backend: Box<dyn SimpleBackend> = Box::new(Recorder(log.clone()));
+    build(VarBuilder::from_backend(backend, DType::F32, Device::Cpu))?;
+    let out = std::mem::take(&mut *log.lock().expect("recorder lock"));
+    Ok(out)
+}
+
 /// The `(name, shape)` of every tensor `arch` reads (parameters and BatchNorm running stats,
 /// not `num_batches_tracked`), in construction order.
 pub fn expected_tensors(arch: Arch, num_classes: usize) -> candle_core::Result<TensorShapes> {
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let backend: Box<dyn SimpleBackend> = Box::new(Recorder(log.clone()));
-    let vb = VarBuilder::from_backend(backend, DType::F32, Device::Cpu);
-    build(arch, num_classes, vb)?;
-    let out = std::mem::take(&mut *log.lock().expect("recorder lock"));
-    Ok(out)
+    record_tensors(|vb| build(arch, num_classes, vb).map(|_| ()))
 }
 
 /// Trainable parameters, as PyTorch's `sum(p.numel() for p in model.parameters())`.

@@ -270,6 +270,21 @@ fn rotate(img: &ImageRef, degrees: f64) -> Vec<u8> {
 }
 
 /// Applies one op.
+/// `ops` applied in order, each to the previous one's output.
+pub fn apply_chain(ops: &[Op], img: &ImageRef) -> Vec<u8> {
+    let mut out = img.pixels.to_vec();
+    for &op in ops {
+        out = apply(
+            op,
+            &ImageRef {
+                pixels: &out,
+                ..*img
+            },
+        );
+    }
+    out
+}
+
 pub fn apply(op: Op, img: &ImageRef) -> Vec<u8> {
     match op {
         Op::AutoContrast => autocontrast(img),
@@ -349,18 +364,11 @@ pub fn augment_and_mix_with<R: Rng>(
             aug = match replaced {
                 Some(out) => out,
                 None => {
-                    let mut out = current.pixels.to_vec();
-                    for &kind in ops[rng.random_range(0..ops.len())] {
-                        let op = sample_op(kind, severity, img.width, rng);
-                        out = apply(
-                            op,
-                            &ImageRef {
-                                pixels: &out,
-                                ..*img
-                            },
-                        );
-                    }
-                    out
+                    let chain: Vec<Op> = ops[rng.random_range(0..ops.len())]
+                        .iter()
+                        .map(|&kind| sample_op(kind, severity, img.width, rng))
+                        .collect();
+                    apply_chain(&chain, &current)
                 }
             };
         }

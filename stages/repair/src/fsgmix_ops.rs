@@ -6,7 +6,7 @@
 //! Augment is linear in w, so Eq. 1 (learning w per failure image by gradient descent through
 //! the model) needs only the seven views, computed once per image by [`views`].
 
-use crate::augmix_ops::{apply, sample_op, ImageRef, OpKind};
+use crate::augmix_ops::{apply_chain, sample_op, ImageRef, OpKind};
 use rand::Rng;
 
 /// The seven operations, each a chain applied left to right.
@@ -37,22 +37,15 @@ pub fn views(img: &ImageRef, severity: f64, rng: &mut impl Rng) -> [Vec<u8>; 7] 
     let rotate = sample_op(OpKind::Rotate, severity, img.width, rng);
     let solarize = sample_op(OpKind::Solarize, severity, img.width, rng);
     std::array::from_fn(|i| {
-        let mut out = img.pixels.to_vec();
-        for kind in FSGMIX_OPS[i] {
-            let op = match kind {
+        let chain: Vec<_> = FSGMIX_OPS[i]
+            .iter()
+            .map(|kind| match kind {
                 OpKind::Rotate => rotate,
                 OpKind::Solarize => solarize,
                 other => sample_op(*other, severity, img.width, rng),
-            };
-            out = apply(
-                op,
-                &ImageRef {
-                    pixels: &out,
-                    ..*img
-                },
-            );
-        }
-        out
+            })
+            .collect();
+        apply_chain(&chain, img)
     })
 }
 
@@ -80,7 +73,7 @@ pub fn mix(views: &[Vec<u8>; 7], weights: &[f64]) -> anyhow::Result<Vec<f32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::augmix_ops::Op;
+    use crate::augmix_ops::{apply, Op};
     use rand::SeedableRng;
 
     fn img() -> Vec<u8> {

@@ -146,22 +146,7 @@ fn early_stopping_restores_the_best_epoch() {
     // Validation labels are shuffled: validation loss cannot keep improving.
     let (vimages, mut vlabels) = synthetic(16, 4);
     vlabels.rotate_left(1);
-    let data = TrainData {
-        images: &images,
-        labels: &labels,
-        n: 32,
-        height: 16,
-        width: 16,
-        num_classes: 4,
-    };
-    let val = TrainData {
-        images: &vimages,
-        labels: &vlabels,
-        n: 16,
-        height: 16,
-        width: 16,
-        num_classes: 4,
-    };
+    let (data, val) = (data(&images, &labels), data(&vimages, &vlabels));
     let (vm, model) = fresh(0);
     let cfg = TrainConfig {
         patience: Some(2),
@@ -224,22 +209,7 @@ fn early_stopping_restores_the_best_epoch() {
 fn keep_best_by_accuracy_runs_the_whole_schedule() {
     let (images, labels) = synthetic(32, 3);
     let (vimages, vlabels) = synthetic(16, 4);
-    let data = TrainData {
-        images: &images,
-        labels: &labels,
-        n: 32,
-        height: 16,
-        width: 16,
-        num_classes: 4,
-    };
-    let val = TrainData {
-        images: &vimages,
-        labels: &vlabels,
-        n: 16,
-        height: 16,
-        width: 16,
-        num_classes: 4,
-    };
+    let (data, val) = (data(&images, &labels), data(&vimages, &vlabels));
     let (vm, model) = fresh(0);
     let cfg = TrainConfig {
         keep_best: true,
