@@ -98,6 +98,17 @@ impl Method {
         }
     }
 
+    /// What the repair trains on by default: Algorithm 1 trains DeepRepair on Dt (the failures
+    /// enter as style references); the paper's baselines fine-tune on Dt and the 1,000
+    /// collected failures (Sec. 4.1).
+    fn default_train_on(self) -> &'static str {
+        if self == Method::DeepRepair {
+            "train"
+        } else {
+            "train+failures"
+        }
+    }
+
     fn extra_params(self) -> Vec<ParamSpec> {
         match self {
             Method::Cutout => vec![ParamSpec::optional(
@@ -245,17 +256,10 @@ impl StageKind for RepairKind {
     }
     fn params(&self) -> Vec<ParamSpec> {
         let mut p = training_params(10, 0.01, 128, Monitor::ValLoss);
-        // Algorithm 1 trains DeepRepair on Dt (the failures enter as style references); the
-        // paper's baselines fine-tune on Dt and the 1,000 collected failures (Sec. 4.1).
-        let train_on = if self.0 == Method::DeepRepair {
-            "train"
-        } else {
-            "train+failures"
-        };
         p.push(ParamSpec::optional(
             "train_on",
             ParamType::Choice(&TRAIN_ON),
-            json!(train_on),
+            json!(self.0.default_train_on()),
             "what the repair fine-tunes on: the training data (`train` input), the collected \
              failures, or both",
         ));
@@ -424,12 +428,8 @@ impl StageKind for RepairKind {
                     }
                 };
                 let reference_class = reference_class_param(ctx)?;
+                // In [0, 1]: `validate` checked it when the manifest was planned.
                 let prob: f64 = ctx.param("style_prob")?;
-                if !(0.0..=1.0).contains(&prob) {
-                    return Err(StageError::Fatal(anyhow::anyhow!(
-                        "style_prob {prob} is not a probability (0 to 1)"
-                    )));
-                }
                 let transfer = style_transfer_from_params(ctx)?;
                 ctx.log(format!(
                     "DeepRepair: {v} reference sampling from {} of Dc ({} failures), style op \
@@ -518,12 +518,7 @@ impl StageKind for RepairKind {
         let varmap = &replicas[0].0;
         // What a repair trained on is part of its row in the report whenever it is not the
         // method's default (FSGMix's Table I compares D_f alone with D_o ∪ D_f).
-        let default_train_on = if method == Method::DeepRepair {
-            "train"
-        } else {
-            "train+failures"
-        };
-        if train_on != default_train_on {
+        if train_on != method.default_train_on() {
             let tag = match train_on.as_str() {
                 "failures" => "failures-only".to_string(),
                 other => format!("on {other}"),
@@ -544,8 +539,8 @@ impl StageKind for RepairKind {
     }
 }
 
-/// The `reference_class` param.
-fn reference_class_param(ctx: &StageCtx) -> anyhow::Result<ReferenceClass> {
+/// The `reference_class` param (of `deeprepair` and `style-check`).
+pub fn reference_class_param(ctx: &StageCtx) -> anyhow::Result<ReferenceClass> {
     let v: String = ctx.param("reference_class")?;
     match v.as_str() {
         "any" => Ok(ReferenceClass::Any),

@@ -14,7 +14,7 @@ use deeprepair_pipeline::{
     StageKind,
 };
 use deeprepair_repair::augmix_ops::ImageRef;
-use deeprepair_repair::reference_sampling::{ClassReferenceSampler, ReferenceClass, Sampling};
+use deeprepair_repair::reference_sampling::{ClassReferenceSampler, Sampling};
 use deeprepair_train::evaluate;
 use deeprepair_train::trainer::item_rng;
 use rayon::prelude::*;
@@ -115,10 +115,7 @@ impl StageKind for StyleCheckKind {
             &failures.labels,
             failures.image_len(),
             Sampling::Cluster { clusters },
-            match ctx.param::<String>("reference_class")?.as_str() {
-                "same" => ReferenceClass::Same,
-                _ => ReferenceClass::Any,
-            },
+            crate::methods::reference_class_param(ctx)?,
             seed,
         )?;
         let choice = StyleChoice::from_ctx(ctx)?;

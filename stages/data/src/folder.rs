@@ -135,6 +135,54 @@ fn decode_items(
     Ok(ds)
 }
 
+/// The images of `dir/<class>/*` whose class folders must be among `class_names` (a folder
+/// of no listed class is an error naming it), labelled by position in `class_names` and ordered
+/// by label, then file name; source ids are `"<prefix><class>/<file>"`. Also returns, per
+/// class, whether its folder held any image.
+fn class_items(
+    dir: &Path,
+    class_names: &[String],
+    prefix: &str,
+) -> Result<(Vec<Item>, Vec<bool>), DataError> {
+    check_class_count(class_names)?;
+    if !dir.is_dir() {
+        return Err(DataError::format(
+            dir,
+            "not a folder; expected <root>/<class>/ image folders",
+        ));
+    }
+    let mut found = vec![false; class_names.len()];
+    let mut items = Vec::new();
+    for (name, path, is_dir) in list_dir(dir)? {
+        if !is_dir {
+            return Err(DataError::format(
+                &path,
+                "stray file next to the class folders; expected only one folder per class",
+            ));
+        }
+        let Some(label) = class_names.iter().position(|c| *c == name) else {
+            return Err(DataError::format(
+                &path,
+                format!(
+                    "unexpected class folder {name:?}; the classes are {} (give the data set's \
+                     own names with class_names)",
+                    class_names.join(", ")
+                ),
+            ));
+        };
+        for (f, p) in list_class_images(&path)? {
+            found[label] = true;
+            items.push(Item {
+                path: p,
+                id: format!("{prefix}{name}/{f}"),
+                label: label as u8,
+            });
+        }
+    }
+    items.sort_by(|a, b| a.label.cmp(&b.label).then_with(|| a.id.cmp(&b.id)));
+    Ok((items, found))
+}
+
 /// Loads `root/<split>/<class>/*.{png,jpg,jpeg}` (or `root/<class>/…` when `split` is `None`)
 /// with the classes `class_names` in label order: there must be exactly one non-empty folder
 /// per class, named as the class. A missing class folder or a folder of no listed class is an
@@ -151,7 +199,6 @@ pub fn load_image_folder(
     split: Option<&str>,
     class_names: &[String],
 ) -> Result<Dataset, DataError> {
-    check_class_count(class_names)?;
     let dir = match split {
         Some(s) => root.join(s),
         None => root.to_path_buf(),
@@ -162,58 +209,31 @@ pub fn load_image_folder(
             "not a folder; expected <root>/<split>/<class>/ image folders",
         ));
     }
-    let expected = || class_names.join(", ");
     let prefix = split.map(|s| format!("{s}/")).unwrap_or_default();
-    let mut found = vec![false; class_names.len()];
-    let mut items = Vec::new();
-    for (name, path, is_dir) in list_dir(&dir)? {
-        if !is_dir {
+    let (items, found) = class_items(&dir, class_names, &prefix)?;
+    let mut missing = Vec::new();
+    for (class, found) in class_names.iter().zip(&found) {
+        let folder = dir.join(class);
+        if !*found && folder.is_dir() {
             return Err(DataError::format(
-                &path,
-                "stray file next to the class folders; expected only one folder per class",
-            ));
-        }
-        let Some(label) = class_names.iter().position(|c| *c == name) else {
-            return Err(DataError::format(
-                &path,
-                format!(
-                    "unexpected class folder {name:?}; the classes are {} (give the data set's \
-                     own names with class_names)",
-                    expected()
-                ),
-            ));
-        };
-        let files = list_class_images(&path)?;
-        if files.is_empty() {
-            return Err(DataError::format(
-                &path,
+                &folder,
                 "empty class folder; expected .png/.jpg/.jpeg images",
             ));
         }
-        found[label] = true;
-        items.extend(files.into_iter().map(|(f, p)| Item {
-            path: p,
-            id: format!("{prefix}{name}/{f}"),
-            label: label as u8,
-        }));
+        if !*found {
+            missing.push(class.as_str());
+        }
     }
-    let missing: Vec<&str> = class_names
-        .iter()
-        .zip(&found)
-        .filter(|(_, f)| !**f)
-        .map(|(c, _)| c.as_str())
-        .collect();
     if !missing.is_empty() {
         return Err(DataError::format(
             &dir,
             format!(
                 "missing class folder(s) {}; expected one folder per class: {}",
                 missing.join(", "),
-                expected()
+                class_names.join(", ")
             ),
         ));
     }
-    items.sort_by(|a, b| a.label.cmp(&b.label).then_with(|| a.id.cmp(&b.id)));
     decode_items(&dir, items, class_names.to_vec())
 }
 
@@ -226,39 +246,6 @@ pub fn load_images_dir_with_classes(
     root: &Path,
     class_names: &[String],
 ) -> Result<Dataset, DataError> {
-    check_class_count(class_names)?;
-    if !root.is_dir() {
-        return Err(DataError::format(
-            root,
-            "not a folder; expected <root>/<class>/ image folders",
-        ));
-    }
-    let mut items = Vec::new();
-    for (name, path, is_dir) in list_dir(root)? {
-        if !is_dir {
-            return Err(DataError::format(
-                &path,
-                "stray file next to the class folders; expected only one folder per class",
-            ));
-        }
-        let Some(label) = class_names.iter().position(|c| *c == name) else {
-            return Err(DataError::format(
-                &path,
-                format!(
-                    "unknown class folder {name:?}; expected class names: {}",
-                    class_names.join(", ")
-                ),
-            ));
-        };
-        for (f, p) in list_class_images(&path)? {
-            items.push(Item {
-                path: p,
-                id: format!("{name}/{f}"),
-                label: label as u8,
-            });
-        }
-    }
-    // Items follow sorted folder names; order them by label, then file name.
-    items.sort_by(|a, b| a.label.cmp(&b.label).then_with(|| a.id.cmp(&b.id)));
+    let (items, _) = class_items(root, class_names, "")?;
     decode_items(root, items, class_names.to_vec())
 }

@@ -39,6 +39,24 @@ impl TrainObserver for Recorder {
     }
 }
 
+/// The model on 16×16 images of 4 classes (the validation sets here).
+fn evaluate_16px(
+    model: &dyn deeprepair_nn::Classifier,
+    images: &[u8],
+    labels: &[u8],
+) -> deeprepair_train::Evaluation {
+    evaluate(
+        model,
+        images,
+        labels,
+        (labels.len(), 16, 16),
+        4,
+        64,
+        &Device::Cpu,
+    )
+    .unwrap()
+}
+
 fn fresh(seed: u64) -> (VarMap, Box<dyn deeprepair_nn::Classifier>) {
     let varmap = VarMap::new();
     let model = build(
@@ -173,16 +191,7 @@ fn early_stopping_restores_the_best_epoch() {
         .iter()
         .all(|s| s.val_loss.unwrap() >= best_loss));
     assert_eq!(outcome.history.len(), best + 3);
-    let after = evaluate(
-        &*model,
-        &vimages,
-        &vlabels,
-        (16, 16, 16),
-        4,
-        64,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let after = evaluate_16px(&*model, &vimages, &vlabels);
     assert!(
         (after.mean_loss - best_loss).abs() < 1e-4,
         "best weights restored: {} vs {best_loss}",
@@ -242,16 +251,7 @@ fn keep_best_by_accuracy_runs_the_whole_schedule() {
         .history
         .iter()
         .all(|s| s.val_accuracy.unwrap() <= best_acc));
-    let after = evaluate(
-        &*model,
-        &vimages,
-        &vlabels,
-        (16, 16, 16),
-        4,
-        64,
-        &Device::Cpu,
-    )
-    .unwrap();
+    let after = evaluate_16px(&*model, &vimages, &vlabels);
     assert!(
         (after.accuracy - best_acc).abs() < 1e-9,
         "{} vs {best_acc}",
