@@ -214,6 +214,14 @@ fn load_frost(dir: Option<&Path>) -> anyhow::Result<Resources> {
     Ok(Resources { frost })
 }
 
+/// An RGB image file (PNG or JPEG) the user named as `what`; unreadable or undecodable is a
+/// usage error naming it.
+pub(crate) fn read_image(path: &Path, what: &str) -> anyhow::Result<(Vec<u8>, usize, usize)> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| usage(format!("cannot read {what} image {}: {e}", path.display())))?;
+    decode_image(&bytes).map_err(|e| usage(format!("{what} image {}: {e}", path.display())))
+}
+
 /// Our image outputs are PNG: a path that promises another format is refused rather than
 /// given PNG bytes under a misleading name.
 pub(crate) fn require_png(path: &Path) -> anyhow::Result<()> {
@@ -252,10 +260,7 @@ pub fn corrupt(args: CorruptArgs) -> anyhow::Result<ExitCode> {
         ));
     }
     let res = load_frost(args.frost.as_deref())?;
-    let bytes = std::fs::read(input)
-        .map_err(|e| usage(format!("cannot read input image {}: {e}", input.display())))?;
-    let (pixels, w, h) =
-        decode_image(&bytes).map_err(|e| usage(format!("{}: {e}", input.display())))?;
+    let (pixels, w, h) = read_image(input, "input")?;
     let out = corrupt_image(
         &pixels,
         w,

@@ -2,9 +2,9 @@
 //! DeepRepair's style ops do to a training image with a failure image as reference.
 
 use crate::commands::write_atomically;
-use crate::ml_commands::{emit, UsageError};
+use crate::ml_commands::{emit, read_image, UsageError};
 use clap::Args;
-use deeprepair_data::{decode_image, encode_png};
+use deeprepair_data::encode_png;
 use deeprepair_repair::augmix_ops::ImageRef;
 use deeprepair_stages::style::StyleChoice;
 use std::path::PathBuf;
@@ -35,14 +35,6 @@ pub struct StylizeArgs {
     /// Where to write the stylized image (PNG).
     #[arg(value_name = "OUT.png")]
     output: PathBuf,
-}
-
-fn read_image(path: &std::path::Path, what: &str) -> anyhow::Result<(Vec<u8>, usize, usize)> {
-    let bytes = std::fs::read(path)
-        .map_err(|e| UsageError(format!("cannot read {what} image {}: {e}", path.display())))?;
-    let (pixels, w, h) = decode_image(&bytes)
-        .map_err(|e| UsageError(format!("{what} image {}: {e}", path.display())))?;
-    Ok((pixels, w, h))
 }
 
 pub fn stylize(args: StylizeArgs) -> anyhow::Result<ExitCode> {

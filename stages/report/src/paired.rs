@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
 use crate::names::{corruption_abbrev, sort_corruptions, MethodKey};
-use crate::stats::{archs, failures_of, method_keys};
+use crate::stats::{archs, failures_of, method_keys, repaired_records};
 use crate::{Record, Tables};
 
 /// The method every other is compared with.
@@ -74,22 +74,7 @@ fn per_seed(
     corruption: &str,
     eval_set: &str,
 ) -> BTreeMap<u64, f64> {
-    let mut sums: BTreeMap<u64, (f64, usize)> = BTreeMap::new();
-    for r in records.iter().filter(|r| {
-        r.arch == arch
-            && r.method == key.method
-            && r.variant == key.variant
-            && r.repaired_for.as_deref() == Some(corruption)
-            && r.eval_set == eval_set
-            && r.accuracy.is_finite()
-    }) {
-        let e = sums.entry(r.seed).or_insert((0.0, 0));
-        e.0 += r.accuracy;
-        e.1 += 1;
-    }
-    sums.into_iter()
-        .map(|(s, (sum, c))| (s, sum / c as f64))
-        .collect()
+    crate::stats::per_seed(repaired_records(records, arch, key, corruption, eval_set)).0
 }
 
 fn differences(a: &BTreeMap<u64, f64>, b: &BTreeMap<u64, f64>) -> Vec<f64> {

@@ -17,8 +17,11 @@ pub(crate) struct Stat {
     pub images: usize,
 }
 
-/// Mean over seeds; records of one seed are averaged first. Non-finite accuracies are skipped.
-pub(crate) fn stat<'a>(records: impl Iterator<Item = &'a Record>) -> Option<Stat> {
+/// Each seed's mean accuracy (records of one seed averaged) and the images evaluated, summed.
+/// Non-finite accuracies are skipped.
+pub(crate) fn per_seed<'a>(
+    records: impl Iterator<Item = &'a Record>,
+) -> (BTreeMap<u64, f64>, usize) {
     let mut by_seed: BTreeMap<u64, (f64, usize)> = BTreeMap::new();
     let mut images = 0usize;
     for r in records {
@@ -30,10 +33,20 @@ pub(crate) fn stat<'a>(records: impl Iterator<Item = &'a Record>) -> Option<Stat
         e.1 += 1;
         images = images.saturating_add(r.n);
     }
+    let means = by_seed
+        .into_iter()
+        .map(|(seed, (sum, count))| (seed, sum / count as f64))
+        .collect();
+    (means, images)
+}
+
+/// Mean over seeds; records of one seed are averaged first. Non-finite accuracies are skipped.
+pub(crate) fn stat<'a>(records: impl Iterator<Item = &'a Record>) -> Option<Stat> {
+    let (by_seed, images) = per_seed(records);
     if by_seed.is_empty() {
         return None;
     }
-    let per_seed: Vec<f64> = by_seed.values().map(|(s, c)| s / *c as f64).collect();
+    let per_seed: Vec<f64> = by_seed.values().copied().collect();
     let k = per_seed.len() as f64;
     let mean = per_seed.iter().sum::<f64>() / k;
     let std = (per_seed.len() > 1).then(|| {
@@ -69,13 +82,24 @@ pub(crate) fn repaired_cell(
     repaired_for: &str,
     eval_set: &str,
 ) -> Option<Stat> {
-    stat(records.iter().filter(|r| {
+    stat(repaired_records(records, arch, key, repaired_for, eval_set))
+}
+
+/// The records of the model of `arch` repaired by `key` for `repaired_for`, on `eval_set`.
+pub(crate) fn repaired_records<'a>(
+    records: &'a [Record],
+    arch: &'a str,
+    key: &'a MethodKey,
+    repaired_for: &'a str,
+    eval_set: &'a str,
+) -> impl Iterator<Item = &'a Record> {
+    records.iter().filter(move |r| {
         r.arch == arch
             && r.method == key.method
             && r.variant == key.variant
             && r.repaired_for.as_deref() == Some(repaired_for)
             && r.eval_set == eval_set
-    }))
+    })
 }
 
 /// Architectures, sorted.
