@@ -5,7 +5,9 @@ use crate::store_path;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand, ValueEnum};
 use deeprepair_pipeline::render;
-use deeprepair_pipeline::store::{RunRecord, RunState, StageRunRecord, StageState};
+use deeprepair_pipeline::store::{
+    salvage, RunRecord, RunState, StageRunRecord, StageState, StoreError,
+};
 use deeprepair_pipeline::{
     plan_file_with_vars, progress::Progress, run_plan, Artifact, Digest, Registry, RunOptions,
     Store,
@@ -813,19 +815,104 @@ pub fn gc(args: GcArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn verify(args: StoreArgs) -> anyhow::Result<ExitCode> {
-    let store = args.open()?;
-    let problems = store.verify_all()?;
-    let artifacts = store.artifacts()?.len();
-    if problems.is_empty() {
-        println!("ok: {artifacts} artifacts verified");
-        return Ok(ExitCode::SUCCESS);
+#[derive(Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Salvage a damaged store: keep every record that reads and verifies in a fresh file, put
+    /// it in the store's place (the damaged file is kept beside it), and say what was lost; the
+    /// next `run` recomputes the lost stages.
+    #[arg(long)]
+    repair: bool,
+}
+
+/// `verify`: redb's integrity check of the file (skipped while a run holds the store), every
+/// record of every table, every artifact's bytes, every cached stage's outputs, every
+/// checkpoint. Exit 0 when all is well, 1 when something is damaged.
+pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
+    let path = store_path(args.store.store.clone(), args.store.manifest.as_deref());
+    if !path.exists() {
+        return Err(StoreError::Missing { path }.into());
     }
-    for p in &problems {
-        println!("{p}");
+    let opened = match Store::open_writer(&path) {
+        Err(StoreError::Busy { .. }) if !args.repair => {
+            println!(
+                "note: a run is writing to {}: the file-level integrity check is skipped",
+                path.display()
+            );
+            Store::open_reader(&path)
+        }
+        other => other,
+    };
+    let report = opened.and_then(|store| {
+        let integrity = match &store {
+            s if s.is_writer() => salvage::check_file_integrity(&path)?,
+            _ => None,
+        };
+        let mut report = store.check()?;
+        report
+            .problems
+            .extend(integrity.map(|detail| format!("file integrity: {detail}")));
+        Ok(report)
+    });
+    match report {
+        Ok(report) => {
+            if report.problems.is_empty() {
+                println!(
+                    "ok: {} artifacts, {} cached stages, {} runs verified",
+                    report.artifacts, report.actions, report.runs,
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            for p in &report.problems {
+                println!("{p}");
+            }
+            println!(
+                "{} problems ({} artifacts, {} cached stages, {} runs read)",
+                report.problems.len(),
+                report.artifacts,
+                report.actions,
+                report.runs
+            );
+        }
+        Err(StoreError::Damaged { detail, .. }) => {
+            println!("the store file is damaged: it cannot be opened ({detail})");
+        }
+        Err(e) => return Err(e.into()),
     }
-    println!("{} problems in {artifacts} artifacts", problems.len());
-    Ok(ExitCode::FAILURE)
+    if !args.repair {
+        println!(
+            "run `deeprepair verify --store {} --repair` to salvage what is readable",
+            path.display()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    let salvaged = salvage::salvage(&path)?;
+    for lost in &salvaged.lost {
+        println!("lost: {lost}");
+    }
+    println!(
+        "repaired {}: kept {} artifacts ({} chunks), {} cached stages, {} runs, {} stage records, {} checkpoints",
+        path.display(),
+        salvaged.artifacts,
+        salvaged.chunks,
+        salvaged.actions,
+        salvaged.runs,
+        salvaged.stage_records,
+        salvaged.checkpoints
+    );
+    if !salvaged.lost_stages.is_empty() {
+        println!(
+            "{} cached stages lost; the next `run` recomputes them: {}",
+            salvaged.lost_stages.len(),
+            salvaged.lost_stages.join(", ")
+        );
+    }
+    println!(
+        "the damaged file is kept at {} (delete it when satisfied)",
+        salvaged.damaged_copy.display()
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 pub fn kinds(registry: &Registry) -> anyhow::Result<ExitCode> {

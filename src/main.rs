@@ -38,8 +38,9 @@ enum Command {
     Inspect(commands::InspectArgs),
     /// Write an artifact to ordinary files.
     Export(commands::ExportArgs),
-    /// Re-hash every artifact in the store and check every cached stage's outputs exist.
-    Verify(commands::StoreArgs),
+    /// Check the store: the file, every record, every artifact's bytes, every cached stage's
+    /// outputs; `--repair` salvages a damaged one.
+    Verify(commands::VerifyArgs),
     /// Drop what no kept run reaches.
     Gc(commands::GcArgs),
     /// The stage kinds this binary knows, with their params, inputs and outputs.
