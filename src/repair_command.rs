@@ -9,13 +9,13 @@ use crate::commands::write_atomically;
 use crate::ml_commands::UsageError;
 use anyhow::Context;
 use clap::Args;
+use deeprepair_pipeline::manifest::Source;
 use deeprepair_pipeline::store::RunState;
 use deeprepair_pipeline::{
-    plan_file_with_vars, progress::Progress, run_plan, Digest, Registry, RunOptions, RunSummary,
-    Store,
+    plan_literal, progress::Progress, run_plan, Digest, Registry, RunOptions, RunSummary, Store,
 };
 use deeprepair_stages::methods::Method;
-use std::collections::BTreeMap;
+use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
@@ -73,61 +73,102 @@ fn absolute(p: &Path, what: &str) -> anyhow::Result<String> {
     Ok(abs.display().to_string())
 }
 
-/// The DAG, as an ordinary manifest (written beside the store so `status`/`inspect` work).
-fn manifest(args: &RepairArgs) -> String {
-    let classes = class_names_param(&args.classes);
-    let failures = |part: &str, eval_set: &str| {
-        format!(
-            "{{path: \"${{failures}}\", layout: failures, holdout: {h}, part: {part}, seed: {s}, eval_set: \"{eval_set}\", pattern: field{classes}}}",
-            h = args.holdout,
-            s = args.seed,
+/// `{class_names: [...]}` (and `num_classes` for a model) for the given classes, or nothing
+/// for the default (CIFAR-10).
+fn class_params(classes: &[String], with_count: bool) -> serde_json::Map<String, Value> {
+    let mut params = serde_json::Map::new();
+    if !classes.is_empty() {
+        params.insert("class_names".into(), json!(classes));
+        if with_count {
+            params.insert("num_classes".into(), json!(classes.len()));
+        }
+    }
+    params
+}
+
+/// `base` with `extra`'s entries added.
+fn with(mut base: Value, extra: &serde_json::Map<String, Value>) -> Value {
+    if let Value::Object(map) = &mut base {
+        map.extend(extra.clone());
+    }
+    base
+}
+
+/// The DAG as data: an ordinary manifest, planned literally (paths and class names are never
+/// read as `${variables}` or YAML), and written beside the store so `status`/`inspect` work.
+fn manifest(args: &RepairArgs, model: &str, failures: &str, train: &str) -> Value {
+    let classes = class_params(&args.classes, false);
+    let failure_set = |part: &str, eval_set: &str| {
+        with(
+            json!({"path": failures, "layout": "failures", "holdout": args.holdout, "part": part,
+                   "seed": args.seed, "eval_set": eval_set, "pattern": "field"}),
+            &classes,
         )
     };
-    format!(
-        r#"# Written by `deeprepair repair`; re-running the command reuses every finished stage.
-name: repair
-vars: {{model: "", failures: "", train: ""}}
-stages:
-  deployed:
-    kind: import-model
-    params: {{arch: {arch}, path: "${{model}}"{classes}{num_classes}}}
-  collected:
-    kind: dataset
-    params: {collected}
-  unseen:
-    kind: dataset
-    params: {unseen}
-  train-data:
-    kind: dataset
-    params: {{path: "${{train}}", split: train, per_class: {tpc}, seed: {seed}{classes}}}
-  clean:
-    kind: dataset
-    params: {{path: "${{train}}", split: test, per_class: 100, seed: {seed}, eval_set: clean{classes}}}
-  repaired:
-    kind: {method}
-    params: {{epochs: {epochs}, lr: {lr}, batch: {batch}, seed: {seed}}}
-    inputs: {{model: deployed, failures: collected, train: train-data}}
-  before:
-    kind: evaluate
-    inputs: {{model: deployed, sets: [clean, unseen, collected]}}
-  after:
-    kind: evaluate
-    inputs: {{model: repaired.model, sets: [clean, unseen, collected]}}
-  report:
-    kind: report
-    inputs: {{results: [before, after]}}
-"#,
-        arch = args.arch,
-        num_classes = num_classes_param(&args.classes),
-        collected = failures("kept", "collected:field"),
-        unseen = failures("held-out", "failures:field"),
-        tpc = args.train_per_class,
-        seed = args.seed,
-        method = args.method,
-        epochs = args.epochs,
-        lr = args.lr,
-        batch = args.batch,
-    )
+    json!({
+        "name": "repair",
+        "stages": {
+            "deployed": {"kind": "import-model", "params": with(
+                json!({"arch": args.arch, "path": model}),
+                &class_params(&args.classes, true),
+            )},
+            "collected": {"kind": "dataset", "params": failure_set("kept", "collected:field")},
+            "unseen": {"kind": "dataset", "params": failure_set("held-out", "failures:field")},
+            "train-data": {"kind": "dataset", "params": with(
+                json!({"path": train, "split": "train", "per_class": args.train_per_class,
+                       "seed": args.seed}),
+                &classes,
+            )},
+            "clean": {"kind": "dataset", "params": with(
+                json!({"path": train, "split": "test", "per_class": 100, "seed": args.seed,
+                       "eval_set": "clean"}),
+                &classes,
+            )},
+            "repaired": {
+                "kind": args.method,
+                "params": {"epochs": args.epochs, "lr": args.lr, "batch": args.batch,
+                           "seed": args.seed},
+                "inputs": {"model": "deployed", "failures": "collected", "train": "train-data"},
+            },
+            "before": {"kind": "evaluate",
+                       "inputs": {"model": "deployed", "sets": ["clean", "unseen", "collected"]}},
+            "after": {"kind": "evaluate",
+                      "inputs": {"model": "repaired.model", "sets": ["clean", "unseen", "collected"]}},
+            "report": {"kind": "report", "inputs": {"results": ["before", "after"]}},
+        }
+    })
+}
+
+/// Checks the flags every generated manifest shares, naming the flag: the architecture and
+/// the class names (at least two, none empty, no duplicates).
+fn check_model_flags(arch: &str, classes: &[String]) -> anyhow::Result<()> {
+    if deeprepair_nn::Arch::from_name(arch).is_none() {
+        return Err(UsageError(format!(
+            "--arch {arch}: expected one of {}",
+            deeprepair_nn::Arch::NAMES.join(", ")
+        ))
+        .into());
+    }
+    if classes.is_empty() {
+        return Ok(());
+    }
+    if classes.len() < 2 {
+        return Err(UsageError(format!(
+            "--classes {}: a classifier needs at least two classes",
+            classes.join(",")
+        ))
+        .into());
+    }
+    if let Some(empty) = classes.iter().position(|c| c.trim().is_empty()) {
+        return Err(UsageError(format!("--classes: class {} has an empty name", empty + 1)).into());
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for c in classes {
+        if !seen.insert(c) {
+            return Err(UsageError(format!("--classes: '{c}' is given twice")).into());
+        }
+    }
+    Ok(())
 }
 
 pub fn repair(args: RepairArgs, registry: &Registry) -> anyhow::Result<ExitCode> {
@@ -147,14 +188,13 @@ pub fn repair(args: RepairArgs, registry: &Registry) -> anyhow::Result<ExitCode>
         ))
         .into());
     }
-    let vars = BTreeMap::from([
-        ("model".to_string(), absolute(&args.model, "--model")?),
-        (
-            "failures".to_string(),
-            absolute(&args.failures, "--failures")?,
-        ),
-        ("train".to_string(), absolute(&args.train, "--train")?),
-    ]);
+    check_model_flags(&args.arch, &args.classes)?;
+    let manifest = manifest(
+        &args,
+        &absolute(&args.model, "--model")?,
+        &absolute(&args.failures, "--failures")?,
+        &absolute(&args.train, "--train")?,
+    );
     let out_dir = args
         .out
         .parent()
@@ -163,12 +203,18 @@ pub fn repair(args: RepairArgs, registry: &Registry) -> anyhow::Result<ExitCode>
     let work = out_dir.join(".deeprepair");
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
     let manifest_path = work.join("repair.yaml");
-    write_atomically(&manifest_path, manifest(&args).as_bytes())?;
     let store_path = args
         .store
         .clone()
         .unwrap_or_else(|| work.join("store.redb"));
-    let (store, summary) = run_generated(&manifest_path, &vars, &store_path, args.plain, registry)?;
+    let (store, summary) = run_generated(
+        &manifest_path,
+        "deeprepair repair",
+        &manifest,
+        &store_path,
+        args.plain,
+        registry,
+    )?;
     if summary.state != RunState::Succeeded {
         for f in &summary.failed {
             eprintln!("stage {} failed: {}", f.stage, f.error);
@@ -233,25 +279,28 @@ pub struct ImportModelArgs {
 /// `deeprepair import-model`: a user's checkpoint into the store as a model artifact (through
 /// a one-stage `import-model` run, so it is checked, cached and recorded like any stage).
 pub fn import_model(args: ImportModelArgs, registry: &Registry) -> anyhow::Result<ExitCode> {
+    check_model_flags(&args.arch, &args.classes)?;
     let path = absolute(&args.file, "model file")?;
     let store_path = crate::store_path(args.store.clone(), None);
     let work = store_path.parent().unwrap_or(Path::new(".")).to_path_buf();
     std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
-    let classes = format!(
-        "{}{}",
-        num_classes_param(&args.classes),
-        class_names_param(&args.classes)
-    );
-    let manifest_path = work.join("import-model.yaml");
-    let text = format!(
-        "# Written by `deeprepair import-model`.\nname: import-model\nvars: {{model: \"\"}}\nstages:\n  model:\n    kind: import-model\n    params: {{arch: {:?}, path: \"${{model}}\"{classes}}}\n",
-        args.arch
-    );
-    write_atomically(&manifest_path, text.as_bytes())?;
-    let vars = BTreeMap::from([("model".to_string(), path.clone())]);
-    let (store, summary) = run_generated(&manifest_path, &vars, &store_path, true, registry)?;
+    let manifest = json!({
+        "name": "import-model",
+        "stages": {"model": {"kind": "import-model", "params": with(
+            json!({"arch": args.arch, "path": path}),
+            &class_params(&args.classes, true),
+        )}}
+    });
+    let (store, summary) = run_generated(
+        &work.join("import-model.yaml"),
+        "deeprepair import-model",
+        &manifest,
+        &store_path,
+        true,
+        registry,
+    )?;
     if let Some(f) = summary.failed.first() {
-        return Err(UsageError(format!("{path}: {}", f.error)).into());
+        return Err(UsageError(f.error.clone()).into());
     }
     let digest = stage_output(&store, summary.run, "model", "model")?;
     println!(
@@ -263,33 +312,26 @@ pub fn import_model(args: ImportModelArgs, registry: &Registry) -> anyhow::Resul
     Ok(ExitCode::SUCCESS)
 }
 
-/// `, class_names: [...]` for a generated manifest, or nothing for the default (CIFAR-10).
-fn class_names_param(classes: &[String]) -> String {
-    if classes.is_empty() {
-        return String::new();
-    }
-    let quoted: Vec<String> = classes.iter().map(|c| format!("{c:?}")).collect();
-    format!(", class_names: [{}]", quoted.join(", "))
-}
-
-fn num_classes_param(classes: &[String]) -> String {
-    if classes.is_empty() {
-        String::new()
-    } else {
-        format!(", num_classes: {}", classes.len())
-    }
-}
-
-/// Runs a manifest this module generated through the ordinary pipeline (cached, resumable,
-/// recorded); Ctrl-C stops it safely.
+/// Writes a manifest this module built (YAML from data, never pasted text) to `path`, then runs
+/// it through the ordinary pipeline (cached, resumable, recorded); Ctrl-C stops it safely.
 fn run_generated(
-    manifest: &Path,
-    vars: &BTreeMap<String, String>,
+    path: &Path,
+    writer: &str,
+    manifest: &Value,
     store_path: &Path,
     plain: bool,
     registry: &Registry,
 ) -> anyhow::Result<(Arc<Store>, RunSummary)> {
-    let plan = plan_file_with_vars(manifest, registry, vars)?;
+    let yaml = serde_saphyr::to_string(manifest).context("writing the generated manifest")?;
+    let text = format!(
+        "# Written by `{writer}`; re-running the command reuses every finished stage.\n{yaml}"
+    );
+    write_atomically(path, text.as_bytes())?;
+    let source = Source {
+        path: path.to_path_buf(),
+        text,
+    };
+    let plan = plan_literal(&source, registry)?;
     let store = Arc::new(Store::open_writer(store_path)?);
     let progress = Arc::new(Progress::new(plan.stages.len() as u64, plain));
     let options = RunOptions {

@@ -405,7 +405,8 @@ fn import_model_stores_a_pytorch_checkpoint_and_names_every_misfit() {
     let (_, err) = text(&bad);
     assert_eq!(bad.status.code(), Some(2), "{err}");
     assert!(
-        err.contains("weights do not fit wrn-40-2")
+        err.contains("do not fit wrn-40-2")
+            && err.contains("tiny_cnn_torch.safetensors")
             && err.contains("missing")
             && err.contains("conv1.weight"),
         "{err}"
@@ -413,6 +414,207 @@ fn import_model_stores_a_pytorch_checkpoint_and_names_every_misfit() {
     assert!(
         err.contains("unexpected"),
         "extra tensors are listed too: {err}"
+    );
+}
+
+/// The fixture's tensors with `edit` applied, written as safetensors to `path`.
+fn edited_weights(
+    path: &Path,
+    edit: impl Fn(&str, safetensors::Dtype, Vec<u8>) -> (safetensors::Dtype, Vec<u8>),
+) {
+    let bytes = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/stages/nn/tests/fixtures/tiny_cnn_torch.safetensors"
+    ))
+    .unwrap();
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let edited: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = tensors
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let (dtype, data) = edit(&name, view.dtype(), view.data().to_vec());
+            (name, dtype, view.shape().to_vec(), data)
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = edited
+        .iter()
+        .map(|(n, d, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    std::fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+}
+
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+fn f32_bytes(values: &[f32]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+#[test]
+fn import_model_refuses_suspect_weights_naming_each_tensor() {
+    use safetensors::Dtype;
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store.redb");
+    let import = |file: &Path| {
+        let o = deeprepair(&[
+            "import-model",
+            "--arch",
+            "tiny-cnn",
+            file.to_str().unwrap(),
+            "--store",
+            store.to_str().unwrap(),
+        ]);
+        (o.status.code(), text(&o).1)
+    };
+    let refused = |file: &Path, expected: &[&str]| {
+        let (code, err) = import(file);
+        assert_eq!(code, Some(2), "{err}");
+        for e in expected {
+            assert!(err.contains(e), "expected {e:?} in: {err}");
+        }
+    };
+
+    // Integer weights: a cast would invent a model.
+    let ints = dir.path().join("ints.safetensors");
+    edited_weights(&ints, |name, dtype, data| {
+        if name == "features.conv1.weight" {
+            let ints: Vec<u8> = f32s(&data)
+                .iter()
+                .flat_map(|v| (*v as i64).to_le_bytes())
+                .collect();
+            (Dtype::I64, ints)
+        } else {
+            (dtype, data)
+        }
+    });
+    refused(&ints, &["dtype", "conv1.weight", "I64"]);
+
+    // NaN and Inf, and a negative running variance.
+    let bad_values = dir.path().join("nan.safetensors");
+    edited_weights(&bad_values, |name, dtype, data| {
+        if dtype != Dtype::F32 {
+            return (dtype, data);
+        }
+        let mut v = f32s(&data);
+        if name == "features.conv1.weight" {
+            v[0] = f32::NAN;
+            v[1] = f32::INFINITY;
+        }
+        if name.ends_with("running_var") {
+            v[0] = -1.0;
+        }
+        (dtype, f32_bytes(&v))
+    });
+    refused(
+        &bad_values,
+        &[
+            "conv1.weight: 2 NaN or infinite",
+            "running_var: 1 negative variance",
+        ],
+    );
+
+    // A tensor listed twice in the header (the parser would keep one silently).
+    let fixture = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/stages/nn/tests/fixtures/tiny_cnn_torch.safetensors"
+    ))
+    .unwrap();
+    let header_len = u64::from_le_bytes(fixture[..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&fixture[8..8 + header_len]).unwrap();
+    let first = header
+        .find("\"features.conv1.weight\"")
+        .expect("conv1.weight in the header");
+    let entry_end = first + header[first..].find('}').unwrap() + 1;
+    let twice = format!("{{{},{}", &header[first..entry_end], &header[1..]);
+    let mut duplicated = (twice.len() as u64).to_le_bytes().to_vec();
+    duplicated.extend_from_slice(twice.as_bytes());
+    duplicated.extend_from_slice(&fixture[8 + header_len..]);
+    let dup = dir.path().join("dup.safetensors");
+    std::fs::write(&dup, duplicated).unwrap();
+    refused(&dup, &["dup.safetensors", "'features.conv1.weight' is listed twice"]);
+
+    // Truncated: the byte counts are named; nothing is said twice.
+    let short = dir.path().join("short.safetensors");
+    std::fs::write(&short, &fixture[..100]).unwrap();
+    let (code, err) = import(&short);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("short.safetensors") && err.contains("92"),
+        "{err}"
+    );
+
+    // f64 weights are harmless: converted, imported.
+    let doubles = dir.path().join("f64.safetensors");
+    edited_weights(&doubles, |_, dtype, data| {
+        if dtype != Dtype::F32 {
+            return (dtype, data);
+        }
+        (
+            Dtype::F64,
+            f32s(&data)
+                .iter()
+                .flat_map(|v| (*v as f64).to_le_bytes())
+                .collect(),
+        )
+    });
+    let (code, err) = import(&doubles);
+    assert_eq!(code, Some(0), "{err}");
+}
+
+#[test]
+fn import_model_flags_are_checked_as_flags_and_class_names_are_taken_literally() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("store.redb");
+    let file = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/stages/nn/tests/fixtures/tiny_cnn_torch.safetensors"
+    );
+    let run = |args: &[&str]| {
+        let mut all = vec!["import-model", file, "--store", store.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let o = deeprepair(&all);
+        (o.status.code(), text(&o).0, text(&o).1)
+    };
+    let (code, _, err) = run(&["--arch", "nope"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("--arch nope: expected one of tiny-cnn"),
+        "{err}"
+    );
+    assert!(
+        !err.contains(".yaml"),
+        "no generated file in the message: {err}"
+    );
+
+    let ten = |tenth: &str| {
+        let mut c: Vec<String> = (0..9).map(|i| format!("c{i}")).collect();
+        c.push(tenth.into());
+        c.join(",")
+    };
+    let (code, _, err) = run(&["--arch", "tiny-cnn", "--classes", &ten("c3")]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("'c3' is given twice"), "{err}");
+
+    // A class named like a variable, or like YAML, stays what it is.
+    let (code, out, err) = run(&["--arch", "tiny-cnn", "--classes", &ten("${model}")]);
+    assert_eq!(code, Some(0), "{err}");
+    let digest = out.split_whitespace().next().unwrap();
+    let inspect = deeprepair(&["inspect", &digest[..12], "--store", store.to_str().unwrap()]);
+    let (shown, err) = text(&inspect);
+    assert!(inspect.status.success(), "{err}");
+    assert!(shown.contains("${model}"), "{shown}");
+    assert!(
+        !shown.contains("tiny_cnn_torch.safetensors\", \"c"),
+        "{shown}"
     );
 }
 

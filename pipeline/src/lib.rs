@@ -22,7 +22,7 @@ pub use kind::{
     Gang, InputSpec, ParamSpec, ParamType, Registry, Resources, StageCtx, StageError, StageKind,
 };
 pub use manifest::ManifestError;
-pub use plan::{plan_file, plan_file_with_vars, Plan};
+pub use plan::{plan_file, plan_file_with_vars, plan_literal, Plan};
 pub use store::{Store, StoreError};
 
 /// "; did you mean 'x'?" when a known name is close to `word`, else "".

@@ -147,7 +147,27 @@ pub fn plan_source(
         source,
         registry,
         raw: &raw,
-        vars: &vars,
+        vars: Some(&vars),
+    }
+    .expand()
+}
+
+/// Plans a manifest a program wrote from data (`import-model`, `repair`): every string is
+/// taken as it is, `${…}` included (a class named `${model}` stays that name), and the manifest
+/// declares no variables.
+pub fn plan_literal(source: &Source, registry: &Registry) -> Result<Plan, ManifestError> {
+    let raw = manifest::parse(source)?;
+    if let Some((name, v)) = raw.vars.iter().next() {
+        return Err(source.error_at(
+            &v.referenced,
+            format!("variable '{name}': a literal manifest declares no variables"),
+        ));
+    }
+    Expander {
+        source,
+        registry,
+        raw: &raw,
+        vars: None,
     }
     .expand()
 }
@@ -199,7 +219,8 @@ struct Expander<'a> {
     source: &'a Source,
     registry: &'a Registry,
     raw: &'a RawManifest,
-    vars: &'a BTreeMap<String, String>,
+    /// `None`: strings are literal ([`plan_literal`]).
+    vars: Option<&'a BTreeMap<String, String>>,
 }
 
 /// An input binding as written: `stage`, `stage.output` or `{from: …, all: true}`.
@@ -499,8 +520,12 @@ impl<'a> Expander<'a> {
                         ),
                         ));
                     }
-                    let value = substitute(&v.value, self.vars)
-                        .map_err(|msg| self.err(&v.referenced, format!("param '{k}': {msg}")))?;
+                    let value = match self.vars {
+                        Some(vars) => substitute(&v.value, vars).map_err(|msg| {
+                            self.err(&v.referenced, format!("param '{k}': {msg}"))
+                        })?,
+                        None => v.value.clone(),
+                    };
                     base.insert(k.clone(), (value, Some(v.referenced)));
                 }
                 Ok(())

@@ -2,8 +2,7 @@
 //! De_k) and `evaluate` (accuracy records for the report).
 
 use crate::artifacts::{
-    dataset_artifact, ensure_same_classes, load_model, model_artifact, read_dataset, DatasetInfo,
-    ModelInfo,
+    dataset_artifact, ensure_same_classes, model_artifact, read_dataset, DatasetInfo, ModelInfo,
 };
 use crate::training::{
     input_model, rank_devices, run_training, train_config, training_params,
@@ -248,8 +247,14 @@ impl StageKind for ImportModelKind {
             seed: 0,
             parameters: param_count(arch, num_classes),
         };
-        let (varmap, _) = load_model(&bytes, &info, &candle_core::Device::Cpu)
-            .map_err(|e| anyhow::anyhow!("{path}: {e:#}"))?;
+        let (varmap, _) = deeprepair_nn::load_weights_from_buffer(
+            arch,
+            num_classes,
+            &bytes,
+            Path::new(&path),
+            &candle_core::Device::Cpu,
+        )
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok(vec![model_artifact(&varmap, &info)?])
     }
 }

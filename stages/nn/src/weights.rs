@@ -116,6 +116,21 @@ pub enum TensorProblem {
         expected: Vec<usize>,
         found: Vec<usize>,
     },
+    /// An integer or boolean tensor where the model holds floats: casting would invent values.
+    Dtype {
+        name: String,
+        found: DType,
+    },
+    /// NaN or infinite values: the model's outputs would be NaN.
+    NotFinite {
+        name: String,
+        count: usize,
+    },
+    /// A BatchNorm running variance below zero: no valid training produces one.
+    NegativeVariance {
+        name: String,
+        count: usize,
+    },
 }
 
 impl fmt::Display for TensorProblem {
@@ -135,6 +150,16 @@ impl fmt::Display for TensorProblem {
                 f,
                 "shape      {name}: expected {expected:?}, found {found:?}"
             ),
+            TensorProblem::Dtype { name, found } => write!(
+                f,
+                "dtype      {name}: {found:?} (expected a float type: f32, f16, bf16 or f64)"
+            ),
+            TensorProblem::NotFinite { name, count } => {
+                write!(f, "values     {name}: {count} NaN or infinite value(s)")
+            }
+            TensorProblem::NegativeVariance { name, count } => {
+                write!(f, "values     {name}: {count} negative variance(s)")
+            }
         }
     }
 }
@@ -146,6 +171,8 @@ pub enum LoadError {
         path: PathBuf,
         source: candle_core::Error,
     },
+    #[error("{path} is not a usable safetensors file: {detail}")]
+    Format { path: PathBuf, detail: String },
     #[error(
         "weights {path} do not fit {arch} ({n} problem(s)):\n{list}",
         n = problems.len(),
@@ -198,6 +225,61 @@ pub fn check_tensors(
     problems
 }
 
+/// Checks what safetensors' own parser lets through or reports vaguely: the file's length
+/// against its header length, and tensor names listed twice in the header (a JSON object with a
+/// repeated key, of which the parser silently keeps one).
+pub fn check_safetensors_layout(bytes: &[u8]) -> Result<(), String> {
+    let len = bytes.len();
+    if len < 8 {
+        return Err(format!(
+            "{len} bytes; a safetensors file starts with an 8-byte header length and a JSON header"
+        ));
+    }
+    let header_len = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+    if header_len > (len - 8) as u64 {
+        return Err(format!(
+            "its header claims {header_len} bytes but only {} follow the length field",
+            len - 8
+        ));
+    }
+    let header = &bytes[8..8 + header_len as usize];
+    let keys: KeysInOrder = serde_json::from_slice(header)
+        .map_err(|e| format!("its JSON header does not parse ({e})"))?;
+    let mut seen = BTreeSet::new();
+    for key in &keys.0 {
+        if !seen.insert(key.as_str()) {
+            return Err(format!("tensor '{key}' is listed twice in its header"));
+        }
+    }
+    Ok(())
+}
+
+/// The keys of a JSON object, repeats kept.
+struct KeysInOrder(Vec<String>);
+
+impl<'de> serde::Deserialize<'de> for KeysInOrder {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = KeysInOrder;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<KeysInOrder, A::Error> {
+                let mut keys = vec![];
+                while let Some((k, _)) = map.next_entry::<String, serde::de::IgnoredAny>()? {
+                    keys.push(k);
+                }
+                Ok(KeysInOrder(keys))
+            }
+        }
+        d.deserialize_map(Visitor)
+    }
+}
+
 /// Loads a safetensors file written by [`save_weights`] or by PyTorch
 /// (`safetensors.torch.save_file(model.state_dict(), p)`), converting floats to f32. Returns the
 /// [`VarMap`] holding the loaded values (train on from them) and the model built on it.
@@ -207,12 +289,11 @@ pub fn load_weights(
     path: &Path,
     device: &Device,
 ) -> Result<(VarMap, Box<dyn Classifier>), LoadError> {
-    let tensors =
-        candle_core::safetensors::load(path, device).map_err(|source| LoadError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-    weights_from_tensors(arch, num_classes, &tensors, path, device)
+    let bytes = std::fs::read(path).map_err(|e| LoadError::Read {
+        path: path.to_path_buf(),
+        source: e.into(),
+    })?;
+    load_weights_from_buffer(arch, num_classes, &bytes, path, device)
 }
 
 /// [`load_weights`] from safetensors bytes in memory (a stored artifact); `source` names them
@@ -224,10 +305,14 @@ pub fn load_weights_from_buffer(
     source: &Path,
     device: &Device,
 ) -> Result<(VarMap, Box<dyn Classifier>), LoadError> {
+    check_safetensors_layout(bytes).map_err(|detail| LoadError::Format {
+        path: source.to_path_buf(),
+        detail,
+    })?;
     let tensors =
-        candle_core::safetensors::load_buffer(bytes, device).map_err(|e| LoadError::Read {
+        candle_core::safetensors::load_buffer(bytes, device).map_err(|e| LoadError::Format {
             path: source.to_path_buf(),
-            source: e,
+            detail: e.to_string(),
         })?;
     weights_from_tensors(arch, num_classes, &tensors, source, device)
 }
@@ -250,7 +335,10 @@ fn weights_from_tensors(
         .iter()
         .map(|(n, t)| (n.clone(), t.dims().to_vec()))
         .collect();
-    let problems = check_tensors(&expected, &found);
+    let mut problems = check_tensors(&expected, &found);
+    if problems.is_empty() {
+        problems = check_values(&expected, tensors).map_err(build_err)?;
+    }
     if !problems.is_empty() {
         return Err(LoadError::Mismatch {
             path: path.to_path_buf(),
@@ -273,6 +361,57 @@ fn weights_from_tensors(
     )
     .map_err(build_err)?;
     Ok((varmap, model))
+}
+
+/// The values a model cannot be trusted with: integer tensors, NaN/Inf, negative running
+/// variances. A float type other than f32 is converted (exactly for f16/bf16, rounded for f64)
+/// and said once in the log.
+fn check_values(
+    expected: &[(String, Vec<usize>)],
+    tensors: &HashMap<String, Tensor>,
+) -> candle_core::Result<Vec<TensorProblem>> {
+    let mut problems = vec![];
+    let mut converted = BTreeSet::new();
+    for (name, _) in expected {
+        let t = &tensors[name];
+        match t.dtype() {
+            DType::F32 => {}
+            DType::F16 | DType::BF16 | DType::F64 => {
+                converted.insert(format!("{:?}", t.dtype()));
+            }
+            other => {
+                problems.push(TensorProblem::Dtype {
+                    name: name.clone(),
+                    found: other,
+                });
+                continue;
+            }
+        }
+        let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let count = values.iter().filter(|v| !v.is_finite()).count();
+        if count > 0 {
+            problems.push(TensorProblem::NotFinite {
+                name: name.clone(),
+                count,
+            });
+        }
+        if name.ends_with(".running_var") {
+            let count = values.iter().filter(|v| **v < 0.0).count();
+            if count > 0 {
+                problems.push(TensorProblem::NegativeVariance {
+                    name: name.clone(),
+                    count,
+                });
+            }
+        }
+    }
+    if !converted.is_empty() {
+        tracing::info!(
+            "weights stored as {} converted to f32",
+            converted.into_iter().collect::<Vec<_>>().join(", ")
+        );
+    }
+    Ok(problems)
 }
 
 /// Writes every variable of `varmap` (parameters and running stats, PyTorch names) as
