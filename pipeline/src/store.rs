@@ -101,6 +101,36 @@ pub struct RunRecord {
     pub error: Option<String>,
 }
 
+impl RunRecord {
+    /// The state a person reads: `running`, `succeeded`, `failed`, `cancelled`, or
+    /// `interrupted` for a run still marked running whose process is gone (killed or crashed).
+    pub fn state_label(&self) -> String {
+        match self.state {
+            RunState::Running if self.pid != std::process::id() && !pid_alive(self.pid) => {
+                "interrupted".into()
+            }
+            s => format!("{s:?}").to_lowercase(),
+        }
+    }
+}
+
+/// Whether `pid` is a live (not zombie) deeprepair process (Linux /proc; elsewhere assume so).
+pub fn pid_alive(pid: u32) -> bool {
+    if !Path::new("/proc/self").exists() {
+        return true;
+    }
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // Format: "pid (comm) S ..."; the state follows the last ')'.
+    let state = stat
+        .rsplit(')')
+        .next()
+        .and_then(|rest| rest.split_whitespace().next());
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    state != Some("Z") && String::from_utf8_lossy(&cmdline).contains("deeprepair")
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StageState {
@@ -134,6 +164,10 @@ pub struct StageRunRecord {
     pub log_tail: Vec<String>,
     #[serde(default)]
     pub outputs: BTreeMap<String, Digest>,
+    /// The stage paths this stage reads outputs of (the plan's edges, so a reader can draw
+    /// the DAG of a run before its stages have run); empty in records older than the field.
+    #[serde(default)]
+    pub deps: Vec<String>,
 }
 
 impl StageRunRecord {
@@ -150,6 +184,7 @@ impl StageRunRecord {
             error: None,
             log_tail: vec![],
             outputs: BTreeMap::new(),
+            deps: vec![],
         }
     }
 }
@@ -243,6 +278,42 @@ impl Store {
                 Err(DatabaseError::DatabaseAlreadyOpen) if attempts < 20 => {
                     attempts += 1;
                     std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => return Err(map_open_error(path, e)),
+            }
+        }
+    }
+
+    /// Opens the store strictly read-only, alongside a running writer if there is one. Unlike
+    /// [`Store::open_reader`] it never falls back to a writer: a store that needs crash
+    /// recovery is reported as such, and nothing is ever written (what `ui` uses).
+    pub fn open_read_only(path: &Path) -> StoreResult<Store> {
+        if !path.is_file() {
+            return Err(StoreError::Missing { path: path.into() });
+        }
+        let mut attempts = 0;
+        loop {
+            let opened = Database::builder()
+                .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+                .open_read_only(path);
+            match opened {
+                Ok(db) => {
+                    return Ok(Store {
+                        handle: Handle::Reader(db),
+                        path: path.into(),
+                    })
+                }
+                Err(DatabaseError::DatabaseAlreadyOpen) if attempts < 20 => {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(DatabaseError::RepairAborted) => {
+                    return Err(StoreError::Db {
+                        path: path.into(),
+                        detail: "needs crash recovery, which only a writer does (run `deeprepair \
+                                 verify` or any run on it once)"
+                            .into(),
+                    })
                 }
                 Err(e) => return Err(map_open_error(path, e)),
             }
