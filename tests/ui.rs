@@ -369,8 +369,39 @@ fn compare_shows_a_params_diff_and_metrics_side_by_side() {
     assert_eq!(cells.len(), 3, "{row}");
     assert_eq!(cells[0], cells[1]);
     assert_eq!(cells[2], "0");
+    // Beside their own params, the stages they read and those stages' params: here the
+    // corrupted sets differ by corruption, the model is the same.
+    assert!(html.contains(r#"<tr class="diff"><th>sets[1] ← stage</th><td class="mono">corrupted[corruption=fog]</td><td class="mono">corrupted[corruption=gaussian_noise]</td></tr>"#), "{html}");
+    assert!(html.contains(
+        r#"<tr><th>model ← stage</th><td class="mono">base</td><td class="mono">base</td></tr>"#
+    ));
+    assert!(html.contains(r#"<tr><th>model: arch</th><td class="mono">tiny-cnn</td><td class="mono">tiny-cnn</td></tr>"#));
     let picker = page("/runs/1/compare");
     assert!(picker.contains(r#"<select name="a">"#));
+    assert!(picker.contains(r#"<option value="eval">eval (all)</option>"#));
+}
+
+#[test]
+fn comparing_two_templates_pairs_their_stages_by_grid_values() {
+    let html = page("/runs/1/compare?a=eval&b=eval");
+    assert!(html.contains(r#"<table id="template-means">"#), "{html}");
+    for corruption in ["fog", "gaussian_noise"] {
+        // The base model gets every one of its failures wrong, in both columns.
+        let row = format!(
+            r#"<td class="mono">[corruption={corruption}]</td><td class="mono">accuracy[failures:{corruption}]</td>"#
+        );
+        let cells = html
+            .split(&row)
+            .nth(1)
+            .and_then(|r| r.split("</tr>").next())
+            .unwrap_or_else(|| panic!("no pair row for {corruption}: {html}"));
+        assert_eq!(cells.matches(">0</a>").count(), 2, "{cells}");
+    }
+    // accuracy[clean] is in both stages of both templates: 2 pairs.
+    assert!(
+        html.contains(r#"<th class="mono">accuracy[clean]</th><td>2</td>"#),
+        "{html}"
+    );
 }
 
 #[test]

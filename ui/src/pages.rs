@@ -21,7 +21,7 @@ pub const REFRESH_SECS: u32 = 2;
 const STYLE: &str = r#"
 body{font-family:system-ui,sans-serif;margin:0;color:#111827;background:#fafafa}
 header{background:#1f2937;color:#fff;padding:.5em 1em}header a{color:#fff;text-decoration:none;font-weight:600}
-main{padding:1em}h1{font-size:1.3em}h2{font-size:1.1em;margin-top:1.5em}
+main{padding:1em}h1{font-size:1.3em}h1.mono{font-size:1.2em}h2{font-size:1.1em;margin-top:1.5em}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #d1d5db;padding:.2em .5em;text-align:left;vertical-align:top}
 th{background:#f3f4f6}code,.mono{font-family:monospace;font-size:.9em}pre{background:#f3f4f6;padding:.5em;overflow:auto;max-height:40em}
 .state{padding:0 .4em;border-radius:3px;font-size:.9em}.error{color:#b91c1c;white-space:pre-wrap}
@@ -459,12 +459,21 @@ pub async fn compare(
     blocking(move || {
         find_run(&app.store, id)?;
         let all = app.store.stage_runs(id)?;
+        let templates: BTreeSet<&str> = all.iter().map(|s| template(&s.stage)).collect();
         let picker = |name: &str, chosen: Option<&str>| {
             html! {
                 select name=(name) {
-                    @for s in &all {
-                        @if Some(s.stage.as_str()) == chosen { option selected value=(s.stage) { (s.stage) } }
-                        @else { option value=(s.stage) { (s.stage) } }
+                    optgroup label="every stage of a template, matched by grid values" {
+                        @for t in &templates {
+                            @if Some(*t) == chosen { option selected value=(t) { (t) " (all)" } }
+                            @else { option value=(t) { (t) " (all)" } }
+                        }
+                    }
+                    optgroup label="one stage" {
+                        @for s in &all {
+                            @if Some(s.stage.as_str()) == chosen { option selected value=(s.stage) { (s.stage) } }
+                            @else { option value=(s.stage) { (s.stage) } }
+                        }
                     }
                 }
             }
@@ -479,15 +488,44 @@ pub async fn compare(
             let body = html! { h1 { "Compare two stages of run " (id) } (form) };
             return Ok(Html(layout("compare", None, body).into_string()));
         };
+        if templates.contains(a) && templates.contains(b) && !a.contains('[') && !b.contains('[') {
+            let body = html! { h1 { "Compare " code { (a) } " and " code { (b) } } (form) (compare_templates(&app, id, &all, a, b)) };
+            return Ok(Html(layout("compare", None, body).into_string()));
+        }
         let sa = find_stage(&app.store, id, a)?;
         let sb = find_stage(&app.store, id, b)?;
         let aa = action_of(&app.store, &sa)?;
         let ab = action_of(&app.store, &sb)?;
+        // A stage's params, then which stage each input came from and that stage's params
+        // (one level up, as `input: param`), so two evaluations show how their models differ.
         let params = |act: &Option<ActionRecord>| -> BTreeMap<String, String> {
-            act.as_ref()
-                .and_then(|x| x.params.as_object())
-                .map(|o| o.iter().map(|(k, v)| (k.clone(), cell(v))).collect())
-                .unwrap_or_default()
+            let mut out = BTreeMap::new();
+            let Some(act) = act else { return out };
+            if let Some(o) = act.params.as_object() {
+                out.extend(o.iter().map(|(k, v)| (k.clone(), cell(v))));
+            }
+            for (input, digests) in &act.inputs {
+                for (i, d) in digests.iter().enumerate() {
+                    let Some(up) = all.iter().find(|r| r.outputs.values().any(|o| o == d)) else {
+                        continue;
+                    };
+                    let label = if digests.len() > 1 {
+                        format!("{input}[{i}]")
+                    } else {
+                        input.clone()
+                    };
+                    out.insert(format!("{label} ← stage"), up.stage.clone());
+                    let Ok(Some(up_action)) = action_of(&app.store, up) else {
+                        continue;
+                    };
+                    if let Some(o) = up_action.params.as_object() {
+                        for (k, v) in o {
+                            out.insert(format!("{label}: {k}"), cell(v));
+                        }
+                    }
+                }
+            }
+            out
         };
         let (pa, pb) = (params(&aa), params(&ab));
         let keys: BTreeSet<&String> = pa.keys().chain(pb.keys()).collect();
@@ -514,7 +552,7 @@ pub async fn compare(
                 @for k in &keys {
                     @let (x, y) = (pa.get(*k), pb.get(*k));
                     tr class=[(x != y).then_some("diff")] {
-                        th { (k) } td class="mono" { (x.cloned().unwrap_or_default()) } td class="mono" { (y.cloned().unwrap_or_default()) }
+                        th { (k) } td class="mono" { (x.cloned().unwrap_or_else(|| "—".into())) } td class="mono" { (y.cloned().unwrap_or_else(|| "—".into())) }
                     }
                 }
             }
@@ -538,4 +576,74 @@ pub async fn compare(
         Ok(Html(layout("compare", None, body).into_string()))
     })
     .await
+}
+
+/// Every stage of template `a` beside the stage of template `b` with the same grid values
+/// (`[corruption=fog,seed=1]`), their accuracies side by side, with the mean over the pairs.
+fn compare_templates(app: &App, id: u64, all: &[StageRunRecord], a: &str, b: &str) -> Markup {
+    let axes = |s: &StageRunRecord| s.stage[template(&s.stage).len()..].to_string();
+    let numbers = |s: &StageRunRecord| -> BTreeMap<String, f64> {
+        s.outputs
+            .values()
+            .flat_map(|d| metric_numbers(&app.store, &app.cache, d).unwrap_or_default())
+            .filter(|(k, _)| k.starts_with("accuracy"))
+            .collect()
+    };
+    let bs: BTreeMap<String, &StageRunRecord> = all
+        .iter()
+        .filter(|s| template(&s.stage) == b)
+        .map(|s| (axes(s), s))
+        .collect();
+    let mut rows = vec![];
+    let mut sums: BTreeMap<String, (f64, f64, usize)> = BTreeMap::new();
+    for sa in all.iter().filter(|s| template(&s.stage) == a) {
+        let key = axes(sa);
+        let Some(sb) = bs.get(&key) else { continue };
+        let (na, nb) = (numbers(sa), numbers(sb));
+        for (metric, x) in &na {
+            let y = nb.get(metric).copied();
+            if let Some(y) = y {
+                let e = sums.entry(metric.clone()).or_default();
+                e.0 += x;
+                e.1 += y;
+                e.2 += 1;
+            }
+            rows.push((
+                key.clone(),
+                sa.stage.clone(),
+                sb.stage.clone(),
+                metric.clone(),
+                *x,
+                y,
+            ));
+        }
+    }
+    html! {
+        @if rows.is_empty() {
+            p { "No stages of " code { (a) } " and " code { (b) } " share grid values and accuracies." }
+        } @else {
+            h2 { "Mean over the matched stages" }
+            table id="template-means" {
+                tr { th { "metric" } th { "pairs" } th { (a) } th { (b) } th { "B − A" } }
+                @for (metric, (x, y, n)) in &sums {
+                    @let (mx, my) = (x / *n as f64, y / *n as f64);
+                    tr { th class="mono" { (metric) } td { (n) } td { (format_number(mx)) } td { (format_number(my)) } td { (format_number(my - mx)) } }
+                }
+            }
+            h2 { "Each pair" }
+            table id="template-pairs" {
+                tr { th { "grid values" } th { "metric" } th { (a) } th { (b) } th { "B − A" } th {} }
+                @for (key, sa, sb, metric, x, y) in &rows {
+                    tr {
+                        td class="mono" { (key) }
+                        td class="mono" { (metric) }
+                        td { a href=(stage_href(id, sa)) { (format_number(*x)) } }
+                        td { @if let Some(y) = y { a href=(stage_href(id, sb)) { (format_number(*y)) } } }
+                        td { @if let Some(y) = y { (format_number(y - x)) } }
+                        td { a href=(format!("/runs/{id}/compare?a={}&b={}", enc(sa), enc(sb))) { "compare" } }
+                    }
+                }
+            }
+        }
+    }
 }
