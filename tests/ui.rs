@@ -440,6 +440,25 @@ fn bad_requests_get_error_pages_not_panics() {
     page("/");
 }
 
+#[test]
+fn a_loopback_ui_answers_only_its_own_host_name_and_forbids_script() {
+    let f = fixture();
+    let foreign = agent()
+        .get(format!("{}/", f.base))
+        .header("Host", "rebound.example:8080")
+        .call()
+        .unwrap();
+    assert_eq!(foreign.status().as_u16(), 403);
+    let named = agent()
+        .get(format!("{}/", f.base))
+        .header("Host", "localhost:8080")
+        .call()
+        .unwrap();
+    assert_eq!(named.status().as_u16(), 200);
+    let csp = named.headers()["content-security-policy"].to_str().unwrap();
+    assert!(csp.contains("default-src 'none'"), "{csp}");
+}
+
 /// A `deeprepair ui` process, killed when dropped.
 struct UiProcess {
     child: std::process::Child,

@@ -8,7 +8,8 @@
 //! - **Loopback unless a token guards it**: a non-loopback address gets a random token (from
 //!   the OS RNG, printed once at start) that every request must carry as `?token=`, the
 //!   `deeprepair_ui_token` cookie (set on the first good `?token=`) or `Authorization: Bearer`;
-//!   it is compared in constant time.
+//!   it is compared in constant time. Without a token only requests whose `Host` is loopback
+//!   are answered (no DNS rebinding). Every answer forbids script and framing (CSP).
 //! - **Bad input is an error page**, never a panic: unknown runs, stages, digests, pages and
 //!   undecodable artifacts answer 400/404 with the reason.
 
@@ -125,25 +126,72 @@ fn presents_token(token: &str, query: Option<&str>, headers: &HeaderMap) -> (boo
     (from_query || from_cookie || from_bearer, from_query)
 }
 
-async fn require_token(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
-    let Some(token) = app.token.as_deref() else {
-        return next.run(request).await;
+/// Whether a `Host` header names this machine's loopback (`localhost`, `127.0.0.1`, `[::1]`,
+/// with or without a port): what a browser sends to a loopback UI. Anything else, on a UI
+/// without a token, is a page elsewhere reaching in through DNS rebinding.
+fn loopback_host(host: &str) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, _)| h)
     };
-    let (ok, via_query) = presents_token(token, request.uri().query(), request.headers());
-    if !ok {
-        return (
-            StatusCode::UNAUTHORIZED,
-            "this deeprepair ui listens beyond loopback: add ?token=<the token it printed at start>",
-        )
-            .into_response();
-    }
-    let mut response = next.run(request).await;
-    if via_query {
-        if let Ok(v) = format!("{TOKEN_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict").parse()
-        {
-            response.headers_mut().insert(header::SET_COOKIE, v);
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// What every answer carries: no script, no framing, images only from here or inline.
+const CSP: &str = "default-src 'none'; img-src 'self' data:; style-src 'unsafe-inline'; \
+                   form-action 'self'; frame-ancestors 'none'";
+
+async fn guard(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
+    let mut set_cookie = None;
+    match app.token.as_deref() {
+        None => {
+            let host = request
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("");
+            if !loopback_host(host) {
+                return (
+                    StatusCode::FORBIDDEN,
+                    "this deeprepair ui answers only requests to localhost (Host header)",
+                )
+                    .into_response();
+            }
+        }
+        Some(token) => {
+            let (ok, via_query) = presents_token(token, request.uri().query(), request.headers());
+            if !ok {
+                return (
+                    StatusCode::UNAUTHORIZED,
+                    "this deeprepair ui listens beyond loopback: add ?token=<the token it printed \
+                     at start>",
+                )
+                    .into_response();
+            }
+            if via_query {
+                set_cookie = format!("{TOKEN_COOKIE}={token}; Path=/; HttpOnly; SameSite=Strict")
+                    .parse()
+                    .ok();
+            }
         }
     }
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    if let Some(cookie) = set_cookie {
+        headers.insert(header::SET_COOKIE, cookie);
+    }
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        axum::http::HeaderValue::from_static(CSP),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        axum::http::HeaderValue::from_static("nosniff"),
+    );
     response
 }
 
@@ -166,7 +214,7 @@ pub fn router(store: Store, token: Option<String>) -> Router {
             get(viewers::report_file),
         )
         .fallback(|| async { UiError::NotFound("no such page".into()) })
-        .layer(middleware::from_fn_with_state(app.clone(), require_token))
+        .layer(middleware::from_fn_with_state(app.clone(), guard))
         .with_state(app)
 }
 
@@ -303,5 +351,29 @@ mod tests {
         assert!(presents_token(&t, None, &bearer).0);
         bearer.insert(header::AUTHORIZATION, "Bearer nope".parse().unwrap());
         assert!(!presents_token(&t, None, &bearer).0);
+    }
+
+    #[test]
+    fn only_loopback_host_names_pass_without_a_token() {
+        for ok in [
+            "localhost",
+            "localhost:8080",
+            "127.0.0.1:8080",
+            "[::1]:80",
+            "[::1]",
+            "LOCALHOST",
+        ] {
+            assert!(loopback_host(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "evil.example",
+            "evil.example:8080",
+            "10.0.0.1:8080",
+            "localhost.evil.example",
+            "[fe80::1]:80",
+        ] {
+            assert!(!loopback_host(bad), "{bad}");
+        }
     }
 }

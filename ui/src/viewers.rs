@@ -22,8 +22,10 @@ use std::sync::{Arc, Mutex};
 
 /// Images per contact-sheet page.
 pub const SHEET_PAGE: usize = 64;
-/// Decoded datasets kept in memory (the last few viewed).
+/// Decoded datasets kept in memory (the last few viewed), each at most this many bytes of
+/// pixels (a larger one is decoded for each page).
 const DATASETS_KEPT: usize = 4;
+const DATASET_CACHE_MAX_BYTES: usize = 64 << 20;
 /// Metrics artifacts larger than this are not flattened into numbers (siblings, compare).
 const METRICS_MAX_BYTES: u64 = 4 << 20;
 
@@ -59,10 +61,12 @@ fn dataset(app: &App, d: &Digest) -> UiResult<Decoded> {
     }
     drop(kept);
     let decoded = Arc::new(read_dataset(&get(&app.store, d)?)?);
-    let mut kept = app.cache.datasets.lock().unwrap_or_else(|p| p.into_inner());
-    kept.push((*d, decoded.clone()));
-    if kept.len() > DATASETS_KEPT {
-        kept.remove(0);
+    if decoded.0.images.len() <= DATASET_CACHE_MAX_BYTES {
+        let mut kept = app.cache.datasets.lock().unwrap_or_else(|p| p.into_inner());
+        kept.push((*d, decoded.clone()));
+        if kept.len() > DATASETS_KEPT {
+            kept.remove(0);
+        }
     }
     Ok(decoded)
 }
