@@ -6,7 +6,7 @@ use deeprepair_pipeline::store::{StageRunRecord, StageState};
 use maud::{html, Markup, PreEscaped};
 use std::collections::HashMap;
 
-const NODE_W: f64 = 210.0;
+const NODE_W: f64 = 250.0;
 const NODE_H: f64 = 24.0;
 const COL_GAP: f64 = 70.0;
 const ROW_GAP: f64 = 8.0;
@@ -156,7 +156,7 @@ pub fn svg(stages: &[StageRunRecord], link: impl Fn(&str) -> String) -> Markup {
                     rect x=(format!("{:.1}", x(c))) y=(format!("{:.1}", y(r))) width=(NODE_W)
                         height=(NODE_H) rx="4" fill=(state_colour(s.state)) stroke="#374151" {}
                     text x=(format!("{:.1}", x(c) + 6.0)) y=(format!("{:.1}", y(r) + 16.0))
-                        font-size="11" font-family="monospace" { (truncate(&s.stage, 30)) }
+                        font-size="11" font-family="monospace" { (truncate(&s.stage, 36)) }
                 }
             }
         }
