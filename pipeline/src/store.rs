@@ -258,29 +258,16 @@ impl Store {
         if !path.exists() {
             return Err(StoreError::Missing { path: path.into() });
         }
-        // A writer that is creating or repairing the file holds it exclusively for a moment.
-        let mut attempts = 0;
-        loop {
-            let opened = Database::builder()
-                .set_concurrency_mode(ConcurrencyMode::SingleWriter)
-                .open_read_only(path);
-            match opened {
-                Ok(db) => {
-                    return Ok(Store {
-                        handle: Handle::Reader(db),
-                        path: path.into(),
-                    })
-                }
-                Err(DatabaseError::RepairAborted) | Err(DatabaseError::Storage(_)) => {
-                    // Needs crash recovery: only a writer may repair.
-                    return Store::open_writer(path);
-                }
-                Err(DatabaseError::DatabaseAlreadyOpen) if attempts < 20 => {
-                    attempts += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(50));
-                }
-                Err(e) => return Err(map_open_error(path, e)),
+        match open_shared(path) {
+            Ok(db) => Ok(Store {
+                handle: Handle::Reader(db),
+                path: path.into(),
+            }),
+            // Needs crash recovery: only a writer may repair.
+            Err(DatabaseError::RepairAborted) | Err(DatabaseError::Storage(_)) => {
+                Store::open_writer(path)
             }
+            Err(e) => Err(map_open_error(path, e)),
         }
     }
 
@@ -291,32 +278,18 @@ impl Store {
         if !path.is_file() {
             return Err(StoreError::Missing { path: path.into() });
         }
-        let mut attempts = 0;
-        loop {
-            let opened = Database::builder()
-                .set_concurrency_mode(ConcurrencyMode::SingleWriter)
-                .open_read_only(path);
-            match opened {
-                Ok(db) => {
-                    return Ok(Store {
-                        handle: Handle::Reader(db),
-                        path: path.into(),
-                    })
-                }
-                Err(DatabaseError::DatabaseAlreadyOpen) if attempts < 20 => {
-                    attempts += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(50));
-                }
-                Err(DatabaseError::RepairAborted) => {
-                    return Err(StoreError::Db {
-                        path: path.into(),
-                        detail: "needs crash recovery, which only a writer does (run `deeprepair \
-                                 verify` or any run on it once)"
-                            .into(),
-                    })
-                }
-                Err(e) => return Err(map_open_error(path, e)),
-            }
+        match open_shared(path) {
+            Ok(db) => Ok(Store {
+                handle: Handle::Reader(db),
+                path: path.into(),
+            }),
+            Err(DatabaseError::RepairAborted) => Err(StoreError::Db {
+                path: path.into(),
+                detail: "needs crash recovery, which only a writer does (run `deeprepair verify` \
+                         or any run on it once)"
+                    .into(),
+            }),
+            Err(e) => Err(map_open_error(path, e)),
         }
     }
 
@@ -857,6 +830,24 @@ impl Store {
     }
 }
 
+/// A read-only handle beside a running writer, if any. A writer that is creating or repairing
+/// the file holds it exclusively for a moment, so that is retried for about a second.
+fn open_shared(path: &Path) -> Result<ReadOnlyDatabase, DatabaseError> {
+    let mut attempts = 0;
+    loop {
+        match Database::builder()
+            .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+            .open_read_only(path)
+        {
+            Err(DatabaseError::DatabaseAlreadyOpen) if attempts < 20 => {
+                attempts += 1;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
 fn map_open_error(path: &Path, e: DatabaseError) -> StoreError {
     match e {
         DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch => {
@@ -997,6 +988,29 @@ mod tests {
         }
         assert_eq!(streamed, big);
         assert!(store.verify_all().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_read_only_handle_follows_the_writer_and_never_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        assert!(matches!(
+            Store::open_read_only(&path),
+            Err(StoreError::Missing { .. })
+        ));
+        let writer = Store::open_writer(&path).unwrap();
+        let reader = Store::open_read_only(&path).unwrap();
+        assert!(reader.runs().unwrap().is_empty());
+        let mut stage = StageRunRecord::pending("b", "util.text");
+        stage.deps = vec!["a".into()];
+        let run = writer
+            .begin_run("m.yaml", Digest::of(b"m"), &[stage])
+            .unwrap();
+        // The reader sees the commit made after it opened, deps included.
+        assert_eq!(reader.runs().unwrap().len(), 1);
+        assert_eq!(reader.stage_runs(run.id).unwrap()[0].deps, ["a"]);
+        assert!(reader.put_artifacts(&[artifact(vec![1])]).is_err());
+        assert!(reader.update_run(&run).is_err());
     }
 
     #[test]
