@@ -206,7 +206,15 @@ fn a_failed_stage_shows_why_with_its_log_and_inputs() {
         "{html}"
     );
     assert!(html.contains("failing as asked (fail: true)"));
-    assert!(html.contains(r#"<strong id="stage-kind">util.work</strong>"#));
+    assert!(
+        html.contains(r#"<strong id="stage-kind">util.work</strong> version <strong>1</strong>"#),
+        "{html}"
+    );
+    // What it was asked to do, though it never produced an action record.
+    assert!(
+        html.contains(r#"<th>fail</th><td class="mono">true</td>"#),
+        "{html}"
+    );
     assert!(html.contains(r#"href="/runs/1/stage?path=note""#));
 }
 

@@ -226,6 +226,8 @@ impl<'a> Executor<'a> {
                 deps.sort();
                 deps.dedup();
                 record.deps = deps;
+                record.params = s.params.clone();
+                record.version = s.version.clone();
                 record
             })
             .collect();

@@ -168,6 +168,12 @@ pub struct StageRunRecord {
     /// the DAG of a run before its stages have run); empty in records older than the field.
     #[serde(default)]
     pub deps: Vec<String>,
+    /// The planned params and code version (known before the stage runs, so a failed stage
+    /// shows what it was asked to do); null and empty in records older than the fields.
+    #[serde(default)]
+    pub params: serde_json::Value,
+    #[serde(default)]
+    pub version: String,
 }
 
 impl StageRunRecord {
@@ -185,6 +191,8 @@ impl StageRunRecord {
             log_tail: vec![],
             outputs: BTreeMap::new(),
             deps: vec![],
+            params: serde_json::Value::Null,
+            version: String::new(),
         }
     }
 }

@@ -350,6 +350,7 @@ pub async fn stage(
             p {
                 "Kind " strong id="stage-kind" { (s.kind) }
                 @if let Some(a) = &action { " version " strong { (a.version) } }
+                @else if !s.version.is_empty() { " version " strong { (s.version) } }
                 ", state " span id="stage-state" { (state_badge(s.state)) }
                 ", run " a href=(format!("/runs/{id}")) { (id) } "."
             }
@@ -374,13 +375,15 @@ pub async fn stage(
                     tr { th { "checkpoint" } td { (c.size) " bytes saved " (when(c.saved_ms)) " (digest " span class="mono" { (c.digest.short()) } ")" } }
                 }
             }
-            @if let Some(a) = &action {
+            @if let Some(params) = action.as_ref().map(|a| &a.params).or((!s.params.is_null()).then_some(&s.params)) {
                 h2 { "Params" }
                 table id="params" {
-                    @if let Some(obj) = a.params.as_object() {
+                    @if let Some(obj) = params.as_object() {
                         @for (k, v) in obj { tr { th { (k) } td class="mono" { (cell(v)) } } }
-                    } @else { tr { td class="mono" { (a.params) } } }
+                    } @else { tr { td class="mono" { (params) } } }
                 }
+            }
+            @if let Some(a) = &action {
                 h2 { "Inputs" }
                 table id="inputs" {
                     @for (name, digests) in &a.inputs {
@@ -498,12 +501,13 @@ pub async fn compare(
         let ab = action_of(&app.store, &sb)?;
         // A stage's params, then which stage each input came from and that stage's params
         // (one level up, as `input: param`), so two evaluations show how their models differ.
-        let params = |act: &Option<ActionRecord>| -> BTreeMap<String, String> {
+        let params = |s: &StageRunRecord, act: &Option<ActionRecord>| -> BTreeMap<String, String> {
             let mut out = BTreeMap::new();
-            let Some(act) = act else { return out };
-            if let Some(o) = act.params.as_object() {
+            let own = act.as_ref().map_or(&s.params, |a| &a.params);
+            if let Some(o) = own.as_object() {
                 out.extend(o.iter().map(|(k, v)| (k.clone(), cell(v))));
             }
+            let Some(act) = act else { return out };
             for (input, digests) in &act.inputs {
                 for (i, d) in digests.iter().enumerate() {
                     let Some(up) = all.iter().find(|r| r.outputs.values().any(|o| o == d)) else {
@@ -527,7 +531,7 @@ pub async fn compare(
             }
             out
         };
-        let (pa, pb) = (params(&aa), params(&ab));
+        let (pa, pb) = (params(&sa, &aa), params(&sb, &ab));
         let keys: BTreeSet<&String> = pa.keys().chain(pb.keys()).collect();
         let metrics = |s: &StageRunRecord| -> BTreeMap<String, f64> {
             s.outputs
