@@ -400,31 +400,8 @@ fn when(ms: u64) -> String {
     humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_millis(ms)).to_string()
 }
 
-/// Whether `pid` is a live (not zombie) deeprepair process (Linux /proc; elsewhere assume so).
-fn pid_alive(pid: u32) -> bool {
-    if !Path::new("/proc/self").exists() {
-        return true;
-    }
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    // Format: "pid (comm) S ..."; the state follows the last ')'.
-    let state = stat
-        .rsplit(')')
-        .next()
-        .and_then(|rest| rest.split_whitespace().next());
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    state != Some("Z") && String::from_utf8_lossy(&cmdline).contains("deeprepair")
-}
-
-/// A run still marked running whose process is gone was interrupted (killed or crashed).
 fn run_state_label(run: &RunRecord) -> String {
-    match run.state {
-        RunState::Running if run.pid != std::process::id() && !pid_alive(run.pid) => {
-            "interrupted".into()
-        }
-        s => format!("{s:?}").to_lowercase(),
-    }
+    run.state_label()
 }
 
 pub(crate) fn pick_run(store: &Store, run: Option<u64>) -> anyhow::Result<RunRecord> {
@@ -778,6 +755,30 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
     Ok(())
+}
+
+#[derive(Args)]
+pub struct UiArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Address to serve on. Loopback by default; any other address is guarded by a random
+    /// token, printed once at start, that every request must carry.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: std::net::SocketAddr,
+}
+
+/// `ui`: serves the read-only web UI until Ctrl-C (the `deeprepair-ui` crate).
+pub fn ui(args: UiArgs) -> anyhow::Result<ExitCode> {
+    let store = store_path(args.store.store.clone(), args.store.manifest.as_deref());
+    deeprepair_ui::serve(deeprepair_ui::Options {
+        store,
+        listen: args.listen,
+    })
+    .map_err(|e| match e {
+        deeprepair_ui::StartError::Usage(m) => crate::ml_commands::UsageError(m).into(),
+        deeprepair_ui::StartError::Other(e) => e,
+    })?;
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Args)]

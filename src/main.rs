@@ -38,6 +38,9 @@ enum Command {
     Inspect(commands::InspectArgs),
     /// Write an artifact to ordinary files.
     Export(commands::ExportArgs),
+    /// A read-only web UI over a store: runs, DAGs, stages, artifact viewers (loopback by
+    /// default; another address needs the token it prints).
+    Ui(commands::UiArgs),
     /// Check the store: the file, every record, every artifact's bytes, every cached stage's
     /// outputs; `--repair` salvages a damaged one.
     Verify(commands::VerifyArgs),
@@ -90,6 +93,7 @@ fn main() -> ExitCode {
         Command::Inspect(a) => commands::inspect(a),
         Command::Export(a) => commands::export(a),
         Command::Gc(a) => commands::gc(a),
+        Command::Ui(a) => commands::ui(a),
         Command::Verify(a) => commands::verify(a),
         Command::Kinds => commands::kinds(&registry),
         Command::Bench { what } => commands::bench(what, &registry),

@@ -540,7 +540,10 @@ fn import_model_refuses_suspect_weights_naming_each_tensor() {
     duplicated.extend_from_slice(&fixture[8 + header_len..]);
     let dup = dir.path().join("dup.safetensors");
     std::fs::write(&dup, duplicated).unwrap();
-    refused(&dup, &["dup.safetensors", "'features.conv1.weight' is listed twice"]);
+    refused(
+        &dup,
+        &["dup.safetensors", "'features.conv1.weight' is listed twice"],
+    );
 
     // Truncated: the byte counts are named; nothing is said twice.
     let short = dir.path().join("short.safetensors");

@@ -215,7 +215,21 @@ impl<'a> Executor<'a> {
         let records: Vec<StageRunRecord> = plan
             .stages
             .iter()
-            .map(|s| StageRunRecord::pending(&s.path, &s.kind))
+            .map(|s| {
+                let mut record = StageRunRecord::pending(&s.path, &s.kind);
+                let mut deps: Vec<String> = s
+                    .inputs
+                    .values()
+                    .flatten()
+                    .map(|e| plan.stages[e.from].path.clone())
+                    .collect();
+                deps.sort();
+                deps.dedup();
+                record.deps = deps;
+                record.params = s.params.clone();
+                record.version = s.version.clone();
+                record
+            })
             .collect();
         let kept: Vec<StageRunRecord> = records
             .iter()

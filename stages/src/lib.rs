@@ -52,26 +52,7 @@ pub fn export_extra(artifact: &Artifact, dir: &Path, stem: &str) -> anyhow::Resu
             written.push(path);
         }
         ArtifactKind::Metrics if artifact.header.meta["curve"] == true => {
-            let v: serde_json::Value = serde_json::from_slice(&artifact.bytes)?;
-            let history: Vec<deeprepair_train::EpochStats> =
-                serde_json::from_value(v["history"].clone())?;
-            let series = vec![
-                (
-                    "train loss".to_string(),
-                    history
-                        .iter()
-                        .map(|s| ((s.epoch + 1) as f64, s.train_loss))
-                        .collect(),
-                ),
-                (
-                    "train accuracy".to_string(),
-                    history
-                        .iter()
-                        .map(|s| ((s.epoch + 1) as f64, s.train_accuracy))
-                        .collect(),
-                ),
-            ];
-            let png = deeprepair_report::plot_curve(&series, "epoch", "loss / accuracy")?;
+            let png = training_curve_png(artifact)?;
             let path = dir.join(format!("{stem}.png"));
             std::fs::write(&path, png)?;
             written.push(path);
@@ -85,4 +66,32 @@ pub fn export_extra(artifact: &Artifact, dir: &Path, stem: &str) -> anyhow::Resu
         _ => {}
     }
     Ok(written)
+}
+
+/// The PNG plot of a training history (a training stage's metrics, header `curve: true`):
+/// train loss and train accuracy by epoch.
+pub fn training_curve_png(artifact: &Artifact) -> anyhow::Result<Vec<u8>> {
+    let v: serde_json::Value = serde_json::from_slice(&artifact.bytes)?;
+    let history: Vec<deeprepair_train::EpochStats> = serde_json::from_value(v["history"].clone())?;
+    let series = vec![
+        (
+            "train loss".to_string(),
+            history
+                .iter()
+                .map(|s| ((s.epoch + 1) as f64, s.train_loss))
+                .collect(),
+        ),
+        (
+            "train accuracy".to_string(),
+            history
+                .iter()
+                .map(|s| ((s.epoch + 1) as f64, s.train_accuracy))
+                .collect(),
+        ),
+    ];
+    Ok(deeprepair_report::plot_curve(
+        &series,
+        "epoch",
+        "loss / accuracy",
+    )?)
 }

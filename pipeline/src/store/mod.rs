@@ -113,6 +113,36 @@ pub struct RunRecord {
     pub error: Option<String>,
 }
 
+impl RunRecord {
+    /// The state a person reads: `running`, `succeeded`, `failed`, `cancelled`, or
+    /// `interrupted` for a run still marked running whose process is gone (killed or crashed).
+    pub fn state_label(&self) -> String {
+        match self.state {
+            RunState::Running if self.pid != std::process::id() && !pid_alive(self.pid) => {
+                "interrupted".into()
+            }
+            s => format!("{s:?}").to_lowercase(),
+        }
+    }
+}
+
+/// Whether `pid` is a live (not zombie) deeprepair process (Linux /proc; elsewhere assume so).
+pub fn pid_alive(pid: u32) -> bool {
+    if !Path::new("/proc/self").exists() {
+        return true;
+    }
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // Format: "pid (comm) S ..."; the state follows the last ')'.
+    let state = stat
+        .rsplit(')')
+        .next()
+        .and_then(|rest| rest.split_whitespace().next());
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    state != Some("Z") && String::from_utf8_lossy(&cmdline).contains("deeprepair")
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StageState {
@@ -146,6 +176,16 @@ pub struct StageRunRecord {
     pub log_tail: Vec<String>,
     #[serde(default)]
     pub outputs: BTreeMap<String, Digest>,
+    /// The stage paths this stage reads outputs of (the plan's edges, so a reader can draw
+    /// the DAG of a run before its stages have run); empty in records older than the field.
+    #[serde(default)]
+    pub deps: Vec<String>,
+    /// The planned params and code version (known before the stage runs, so a failed stage
+    /// shows what it was asked to do); null and empty in records older than the fields.
+    #[serde(default)]
+    pub params: serde_json::Value,
+    #[serde(default)]
+    pub version: String,
 }
 
 impl StageRunRecord {
@@ -162,6 +202,9 @@ impl StageRunRecord {
             error: None,
             log_tail: vec![],
             outputs: BTreeMap::new(),
+            deps: vec![],
+            params: serde_json::Value::Null,
+            version: String::new(),
         }
     }
 }
@@ -253,47 +296,39 @@ impl Store {
         if !path.exists() {
             return Err(StoreError::Missing { path: path.into() });
         }
-        // A writer that is creating or repairing the file holds it exclusively for a moment.
-        let mut attempts = 0;
-        loop {
-            let opened = catch_store_panic(path, || {
-                Ok(Database::builder()
-                    .set_concurrency_mode(ConcurrencyMode::SingleWriter)
-                    .open_read_only(path))
-            })?;
-            match opened {
-                Ok(db) => {
-                    return Ok(Store {
-                        handle: ManuallyDrop::new(Handle::Reader(db)),
-                        path: path.into(),
-                    })
-                }
-                Err(DatabaseError::RepairAborted) | Err(DatabaseError::Storage(_)) => {
-                    // Needs crash recovery: only a writer may repair.
-                    return Store::open_writer(path);
-                }
-                Err(DatabaseError::DatabaseAlreadyOpen) if attempts < 20 => {
-                    attempts += 1;
-                    std::thread::sleep(std::time::Duration::from_millis(50));
-                }
-                Err(e) => return Err(map_open_error(path, e)),
+        match catch_store_panic(path, || Ok(open_shared(path)))? {
+            Ok(db) => Ok(Store {
+                handle: ManuallyDrop::new(Handle::Reader(db)),
+                path: path.into(),
+            }),
+            // Needs crash recovery: only a writer may repair.
+            Err(DatabaseError::RepairAborted) | Err(DatabaseError::Storage(_)) => {
+                Store::open_writer(path)
             }
+            Err(e) => Err(map_open_error(path, e)),
         }
     }
 
-    /// Opens the store read-only without repairing it (salvage reads a file that redb cannot
-    /// open for writing).
-    pub(crate) fn open_read_only_as_is(path: &Path) -> StoreResult<Store> {
-        let db = catch_store_panic(path, || {
-            Database::builder()
-                .set_concurrency_mode(ConcurrencyMode::SingleWriter)
-                .open_read_only(path)
-                .map_err(|e| map_open_error(path, e))
-        })?;
-        Ok(Store {
-            handle: ManuallyDrop::new(Handle::Reader(db)),
-            path: path.into(),
-        })
+    /// Opens the store strictly read-only, alongside a running writer if there is one. Unlike
+    /// [`Store::open_reader`] it never falls back to a writer: a store that needs crash
+    /// recovery is reported as such, and nothing is ever written (what `ui` uses).
+    pub fn open_read_only(path: &Path) -> StoreResult<Store> {
+        if !path.is_file() {
+            return Err(StoreError::Missing { path: path.into() });
+        }
+        match catch_store_panic(path, || Ok(open_shared(path)))? {
+            Ok(db) => Ok(Store {
+                handle: ManuallyDrop::new(Handle::Reader(db)),
+                path: path.into(),
+            }),
+            Err(DatabaseError::RepairAborted) => Err(StoreError::Db {
+                path: path.into(),
+                detail: "needs crash recovery, which only a writer does (run `deeprepair verify` \
+                         or any run on it once)"
+                    .into(),
+            }),
+            Err(e) => Err(map_open_error(path, e)),
+        }
     }
 
     /// Whether this handle may write (and so holds the store against other writers).
@@ -878,6 +913,24 @@ impl Store {
     }
 }
 
+/// A read-only handle beside a running writer, if any. A writer that is creating or repairing
+/// the file holds it exclusively for a moment, so that is retried for about a second.
+fn open_shared(path: &Path) -> Result<ReadOnlyDatabase, DatabaseError> {
+    let mut attempts = 0;
+    loop {
+        match Database::builder()
+            .set_concurrency_mode(ConcurrencyMode::SingleWriter)
+            .open_read_only(path)
+        {
+            Err(DatabaseError::DatabaseAlreadyOpen) if attempts < 20 => {
+                attempts += 1;
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
 fn map_open_error(path: &Path, e: DatabaseError) -> StoreError {
     match e {
         DatabaseError::DatabaseAlreadyOpen | DatabaseError::LockProtocolMismatch => {
@@ -1021,6 +1074,29 @@ mod tests {
         assert_eq!(streamed, big);
         drop(reader);
         assert!(store.check().unwrap().problems.is_empty());
+    }
+
+    #[test]
+    fn a_read_only_handle_follows_the_writer_and_never_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.redb");
+        assert!(matches!(
+            Store::open_read_only(&path),
+            Err(StoreError::Missing { .. })
+        ));
+        let writer = Store::open_writer(&path).unwrap();
+        let reader = Store::open_read_only(&path).unwrap();
+        assert!(reader.runs().unwrap().is_empty());
+        let mut stage = StageRunRecord::pending("b", "util.text");
+        stage.deps = vec!["a".into()];
+        let run = writer
+            .begin_run("m.yaml", Digest::of(b"m"), &[stage])
+            .unwrap();
+        // The reader sees the commit made after it opened, deps included.
+        assert_eq!(reader.runs().unwrap().len(), 1);
+        assert_eq!(reader.stage_runs(run.id).unwrap()[0].deps, ["a"]);
+        assert!(reader.put_artifacts(&[artifact(vec![1])]).is_err());
+        assert!(reader.update_run(&run).is_err());
     }
 
     #[test]

@@ -283,7 +283,7 @@ pub fn salvage(path: &Path) -> StoreResult<SalvageReport> {
     // file a writer cannot open is read as it is.
     let source = match Store::open_writer(path) {
         Ok(store) => Some(store),
-        Err(StoreError::Damaged { detail: first, .. }) => match Store::open_read_only_as_is(path) {
+        Err(StoreError::Damaged { detail: first, .. }) => match Store::open_read_only(path) {
             Ok(store) => Some(store),
             Err(e) => {
                 report.lost.push(format!(
