@@ -434,10 +434,7 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
     }
-    let secs = run
-        .ended_ms
-        .unwrap_or_else(deeprepair_pipeline::store::now_ms)
-        - run.started_ms;
+    let secs = run.wall_ms(&stages);
     println!(
         "run {} of {}: {} (started {}, {:.1}s, pid {})",
         run.id,

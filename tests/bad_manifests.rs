@@ -181,7 +181,67 @@ const CASES: &[(&str, &str, u64, u64, &[&str])] = &[
         5,
         &["a stage needs a name"],
     ),
+    (
+        "a custom YAML tag on a value",
+        "stages:\n  a:\n    kind: util.text\n    params: {text: !secret x}\n",
+        4,
+        0,
+        &["YAML tag", "!secret", "not part of the manifest schema"],
+    ),
+    (
+        "a custom YAML tag on a key",
+        "stages:\n  a:\n    !opt kind: util.text\n    params: {text: x}\n",
+        3,
+        0,
+        &["YAML tag", "!opt"],
+    ),
 ];
+
+#[test]
+fn nesting_too_deep_is_said_in_words() {
+    let s = Scratch::new();
+    let deep = format!(
+        "stages:\n  a:\n    kind: util.text\n    params: {{text: {}x{}}}\n",
+        "[".repeat(100),
+        "]".repeat(100)
+    );
+    let m = s.write("deep.yaml", &deep);
+    let out = bin().args(["plan", m.to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("levels deep"), "{err}");
+    assert!(!err.contains("Depth {"), "no Debug form: {err}");
+}
+
+#[test]
+fn an_unreadable_manifest_has_no_line_zero_and_a_long_line_is_not_echoed_whole() {
+    let s = Scratch::new();
+    let out = bin()
+        .args(["plan", s.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("cannot read manifest"), "{err}");
+    assert!(!err.contains(":0:0"), "{err}");
+
+    // One line of 1 MB with a mistake near its end.
+    let long = format!(
+        "{{stages: {{a: {{kind: util.text, params: {{text: \"{}\", txet: 1}}}}}}}}\n",
+        "y".repeat(1 << 20)
+    );
+    let m = s.write("long.yaml", &long);
+    let out = bin().args(["plan", m.to_str().unwrap()]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        &err[..err.len().min(2000)]
+    );
+    assert!(err.len() < 2000, "stderr is {} bytes", err.len());
+    assert!(err.contains("txet") && err.contains('…'), "{err}");
+}
 
 #[test]
 fn bad_manifests_give_located_errors() {

@@ -210,7 +210,26 @@ fn a_second_run_on_the_same_store_gets_a_clear_error() {
     }
     kill9(&mut first);
     let status = run_ok(&["status", "--manifest", m.to_str().unwrap()]);
-    assert!(String::from_utf8_lossy(&status.stdout).contains("interrupted"));
+    let first_look = String::from_utf8_lossy(&status.stdout).to_string();
+    assert!(first_look.contains("interrupted"), "{first_look}");
+    // The duration of a dead run stops at its last recorded activity: it does not grow.
+    std::thread::sleep(Duration::from_millis(1200));
+    let status = run_ok(&["status", "--manifest", m.to_str().unwrap()]);
+    let second_look = String::from_utf8_lossy(&status.stdout).to_string();
+    let duration = |text: &str| {
+        text.lines()
+            .next()
+            .unwrap()
+            .split(", ")
+            .nth(1)
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(
+        duration(&first_look),
+        duration(&second_look),
+        "{first_look}\n{second_look}"
+    );
 }
 
 #[test]

@@ -22,21 +22,27 @@ pub struct ManifestError {
 
 impl fmt::Display for ManifestError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}:{}: {}",
-            self.file.display(),
-            self.line,
-            self.column,
-            self.message
-        )?;
-        if let Some(line) = &self.snippet {
-            let gutter = self.line.to_string();
+        if self.line == 0 {
+            // No place in the file (it could not be read, or the error is about all of it).
+            write!(f, "{}: {}", self.file.display(), self.message)?;
+        } else {
             write!(
                 f,
-                "\n {gutter} | {line}\n {} | {}^",
+                "{}:{}:{}: {}",
+                self.file.display(),
+                self.line,
+                self.column,
+                self.message
+            )?;
+        }
+        if let Some(line) = &self.snippet {
+            let gutter = self.line.to_string();
+            let (shown, caret) = snippet_window(line, self.column.saturating_sub(1) as usize);
+            write!(
+                f,
+                "\n {gutter} | {shown}\n {} | {}^",
                 " ".repeat(gutter.len()),
-                " ".repeat(self.column.saturating_sub(1) as usize)
+                " ".repeat(caret)
             )?;
         }
         Ok(())
@@ -44,6 +50,34 @@ impl fmt::Display for ManifestError {
 }
 
 impl std::error::Error for ManifestError {}
+
+/// At most [`SNIPPET_CHARS`] characters of a source line around `column` (0-based), with `…`
+/// where it is cut, and the caret's position in what is shown: a one-line 1 MB manifest is not
+/// echoed whole.
+fn snippet_window(line: &str, column: usize) -> (String, usize) {
+    let chars: Vec<char> = line.chars().collect();
+    let column = column.min(chars.len());
+    if chars.len() <= SNIPPET_CHARS {
+        return (line.to_string(), column);
+    }
+    let start = column
+        .saturating_sub(SNIPPET_CHARS / 2)
+        .min(chars.len() - SNIPPET_CHARS);
+    let end = start + SNIPPET_CHARS;
+    let mut shown = String::new();
+    let mut caret = column - start;
+    if start > 0 {
+        shown.push('…');
+        caret += 1;
+    }
+    shown.extend(&chars[start..end]);
+    if end < chars.len() {
+        shown.push('…');
+    }
+    (shown, caret)
+}
+
+const SNIPPET_CHARS: usize = 100;
 
 /// The manifest source, kept to point errors at lines.
 #[derive(Debug, Clone)]
@@ -155,14 +189,51 @@ pub struct RawOverride {
 
 /// Parses the YAML text; syntax, type and unknown-key errors carry line and column.
 pub fn parse(source: &Source) -> Result<RawManifest, ManifestError> {
-    serde_saphyr::from_str::<RawManifest>(&source.text).map_err(|e| {
+    // A tag the schema does not know (`!custom x`) would otherwise be dropped without a word,
+    // and one on a key would let a typo'd field through.
+    let options = serde_saphyr::options! {
+        reject_unsupported_tags: true,
+        reject_tagged_field_names: true,
+    };
+    serde_saphyr::from_str_with_options::<RawManifest>(&source.text, options).map_err(|e| {
         let (line, column) = e
             .location()
             .map(|l| (l.line(), l.column()))
             .unwrap_or((0, 0));
-        let message = first_line_of(&e.to_string());
+        let message = match e.without_snippet() {
+            serde_saphyr::Error::Budget { breach, .. } => budget_message(breach),
+            serde_saphyr::Error::UnsupportedTag { tag, .. }
+            | serde_saphyr::Error::TaggedStructFieldName { tag, .. } => format!(
+                "YAML tag {tag} is not part of the manifest schema (write the value without it)"
+            ),
+            _ => first_line_of(&e.to_string()),
+        };
         source.error_at_line(line, column, message)
     })
+}
+
+/// serde-saphyr's resource limits in words (its own message is the limit's Debug form).
+fn budget_message(breach: &serde_saphyr::budget::BudgetBreach) -> String {
+    use serde_saphyr::budget::BudgetBreach as B;
+    match breach {
+        B::Depth { depth } => {
+            format!("nested {depth} levels deep, deeper than a manifest may nest")
+        }
+        B::Events { events } => format!("too large: more than {events} YAML events"),
+        B::Nodes { nodes } => format!("too large: more than {nodes} YAML nodes"),
+        B::Aliases { aliases } => format!("too many aliases (*ref): {aliases}"),
+        B::Anchors { anchors } => format!("too many anchors (&name): {anchors}"),
+        B::AliasAnchorRatio { aliases, anchors } => format!(
+            "{aliases} aliases to {anchors} anchors: aliases expanding like this are refused"
+        ),
+        B::ScalarBytes { total_scalar_bytes } => {
+            format!("too much text: {total_scalar_bytes} bytes of values")
+        }
+        B::Documents { documents } => {
+            format!("{documents} YAML documents; a manifest is one document")
+        }
+        other => format!("exceeds a YAML size limit ({other:?})"),
+    }
 }
 
 /// serde-saphyr renders its own location and snippet; we keep its message and render ours.

@@ -124,6 +124,21 @@ impl RunRecord {
             s => format!("{s:?}").to_lowercase(),
         }
     }
+
+    /// How long the run ran, in ms: to its end; for a live run, to now; for an interrupted
+    /// one, to the last thing its stages recorded (so the figure stops growing once it died).
+    pub fn wall_ms(&self, stages: &[StageRunRecord]) -> u64 {
+        let until = match self.ended_ms {
+            Some(end) => end,
+            None if self.state_label() == "interrupted" => stages
+                .iter()
+                .filter_map(|s| s.ended_ms.or(s.started_ms))
+                .max()
+                .unwrap_or(self.started_ms),
+            None => now_ms(),
+        };
+        until.saturating_sub(self.started_ms)
+    }
 }
 
 /// Whether `pid` is a live (not zombie) deeprepair process (Linux /proc; elsewhere assume so).

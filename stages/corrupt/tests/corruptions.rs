@@ -529,42 +529,6 @@ fn tolerance(c: Corruption) -> f64 {
     }
 }
 
-/// Byte comparison with reference outputs dumped outside the repository (deterministic
-/// corruptions only): DEEPREPAIR_CORRUPT_REF_DUMP=<dir with <name>_<sev>.bin, N x 32x32x3>.
-#[test]
-fn matches_reference_dump_when_given() {
-    let Some(dir) = std::env::var_os("DEEPREPAIR_CORRUPT_REF_DUMP") else {
-        return;
-    };
-    let dir = PathBuf::from(dir);
-    let Some(imgs) = cifar(20) else { return };
-    for name in [
-        "defocus_blur",
-        "zoom_blur",
-        "brightness",
-        "contrast",
-        "pixelate",
-        "jpeg_compression",
-    ] {
-        let c = Corruption::from_name(name).unwrap();
-        for sev in 1..=5u8 {
-            let Ok(bytes) = std::fs::read(dir.join(format!("{name}_{sev}.bin"))) else {
-                continue;
-            };
-            let (mut max, mut differing) = (0i32, 0usize);
-            for (i, im) in imgs.iter().enumerate().take(bytes.len() / 3072) {
-                let ours = corrupt_image(im, 32, 32, c, sev, 0, &Default::default()).unwrap();
-                for (a, b) in ours.iter().zip(&bytes[i * 3072..(i + 1) * 3072]) {
-                    let d = (*a as i32 - *b as i32).abs();
-                    max = max.max(d);
-                    differing += (d > 0) as usize;
-                }
-            }
-            eprintln!("{name} {sev}: max |diff| {max}, differing bytes {differing}");
-        }
-    }
-}
-
 /// The corruptions without random numbers reproduce the reference byte for byte (BLAKE3 of the
 /// reference's outputs on the first 20 test images, computed once with the Python reference).
 #[test]

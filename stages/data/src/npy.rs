@@ -36,6 +36,40 @@ fn open_npy(path: &Path) -> Result<NpyFile<BufReader<File>>, DataError> {
         .map_err(|e| DataError::format(path, format!("not a valid .npy file: {e}")))
 }
 
+/// Refuses a file shorter than its header says (a truncated download), naming both sizes,
+/// before the array is read.
+fn check_complete(path: &Path, data_bytes: u64) -> Result<(), DataError> {
+    let mut prefix = [0u8; 12];
+    let mut f = File::open(path).map_err(|e| DataError::io(path, e))?;
+    let file_len = f.metadata().map_err(|e| DataError::io(path, e))?.len();
+    std::io::Read::read_exact(&mut f, &mut prefix).map_err(|_| {
+        DataError::format(
+            path,
+            format!("{file_len} bytes: too short for a .npy header"),
+        )
+    })?;
+    // Version 1 stores the header length in 2 bytes after the 8-byte magic+version, later
+    // versions in 4.
+    let header_end = if prefix[6] == 1 {
+        10 + u64::from(u16::from_le_bytes([prefix[8], prefix[9]]))
+    } else {
+        12 + u64::from(u32::from_le_bytes([
+            prefix[8], prefix[9], prefix[10], prefix[11],
+        ]))
+    };
+    let needed = header_end + data_bytes;
+    if file_len < needed {
+        return Err(DataError::format(
+            path,
+            format!(
+                "truncated: {file_len} bytes, but its header's shape needs {needed} \
+                 ({header_end}-byte header + {data_bytes} bytes of data)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn describe(npy: &NpyFile<BufReader<File>>) -> String {
     format!("dtype {}, shape {:?}", npy.dtype().descr(), npy.shape())
 }
@@ -65,6 +99,13 @@ pub fn read_cifar_c_npy(dir: &Path, corruption: &str) -> Result<(Vec<u8>, Vec<u8
     }
     let n = usize::try_from(shape[0])
         .map_err(|_| DataError::format(&path, "image count is too large"))?;
+    if n == 0 {
+        return Err(DataError::format(
+            &path,
+            "holds no images (shape [0, 32, 32, 3]); expected the corrupted test set",
+        ));
+    }
+    check_complete(&path, (n * IMAGE_LEN) as u64)?;
     let images: Vec<u8> = npy
         .into_vec::<u8>()
         .map_err(|e| DataError::format(&path, format!("cannot read array data: {e}")))?;
@@ -108,6 +149,7 @@ fn read_labels(path: &Path) -> Result<Vec<u8>, DataError> {
     let DType::Plain(t) = npy.dtype() else {
         return Err(bad());
     };
+    check_complete(path, npy.shape()[0] * t.size_field() as u64)?;
     let read_err = |e: std::io::Error| DataError::format(path, format!("cannot read labels: {e}"));
     let values: Vec<i128> = match (t.type_char(), t.size_field()) {
         (TypeChar::Uint, 1) => npy

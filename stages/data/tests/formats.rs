@@ -99,6 +99,55 @@ fn npy_round_trip_and_standard_header() {
 }
 
 #[test]
+fn a_truncated_npy_names_both_sizes_and_an_empty_one_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("CIFAR-10-C");
+    let n = 4;
+    let images = pseudo_random_bytes(n * 3072, 2);
+    let labels: Vec<u8> = (0..n).map(|i| i as u8).collect();
+    write_cifar_c_npy(&dir, "fog", &images, n, &labels).unwrap();
+    let full = std::fs::read(dir.join("fog.npy")).unwrap();
+    std::fs::write(dir.join("fog.npy"), &full[..full.len() - 1000]).unwrap();
+    let e = read_cifar_c_npy(&dir, "fog").unwrap_err().to_string();
+    let (short, whole) = ((full.len() - 1000).to_string(), full.len().to_string());
+    assert!(
+        e.contains("fog.npy")
+            && e.contains("truncated")
+            && e.contains(&short)
+            && e.contains(&whole),
+        "{e}"
+    );
+    // Labels cut short too.
+    write_cifar_c_npy(&dir, "snow", &images, n, &labels).unwrap();
+    let labels_file = std::fs::read(dir.join("labels.npy")).unwrap();
+    std::fs::write(
+        dir.join("labels.npy"),
+        &labels_file[..labels_file.len() - 2],
+    )
+    .unwrap();
+    let e = read_cifar_c_npy(&dir, "snow").unwrap_err().to_string();
+    assert!(e.contains("labels.npy") && e.contains("truncated"), "{e}");
+
+    // Zero images: an error, not an empty set.
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    // A version-1 .npy of shape (0, 32, 32, 3), written by hand.
+    let mut dict =
+        "{'descr': '|u1', 'fortran_order': False, 'shape': (0, 32, 32, 3), }".to_string();
+    while (10 + dict.len() + 1) % 64 != 0 {
+        dict.push(' ');
+    }
+    dict.push('\n');
+    let mut zero = b"\x93NUMPY\x01\x00".to_vec();
+    zero.extend_from_slice(&(dict.len() as u16).to_le_bytes());
+    zero.extend_from_slice(dict.as_bytes());
+    std::fs::write(empty.join("fog.npy"), zero).unwrap();
+    npyz::to_file_1d(empty.join("labels.npy"), std::iter::empty::<u8>()).unwrap();
+    let e = read_cifar_c_npy(&empty, "fog").unwrap_err().to_string();
+    assert!(e.contains("fog.npy") && e.contains("no images"), "{e}");
+}
+
+#[test]
 fn dataset_bytes_round_trip_and_corruption() {
     for with_ids in [false, true] {
         let ds = small_dataset(25, with_ids);
