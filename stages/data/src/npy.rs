@@ -149,7 +149,7 @@ fn read_labels(path: &Path) -> Result<Vec<u8>, DataError> {
     let DType::Plain(t) = npy.dtype() else {
         return Err(bad());
     };
-    check_complete(path, npy.shape()[0] * t.size_field() as u64)?;
+    check_complete(path, npy.shape()[0] * t.size_field())?;
     let read_err = |e: std::io::Error| DataError::format(path, format!("cannot read labels: {e}"));
     let values: Vec<i128> = match (t.type_char(), t.size_field()) {
         (TypeChar::Uint, 1) => npy
