@@ -134,7 +134,7 @@ fn a_truncated_npy_names_both_sizes_and_an_empty_one_is_refused() {
     // A version-1 .npy of shape (0, 32, 32, 3), written by hand.
     let mut dict =
         "{'descr': '|u1', 'fortran_order': False, 'shape': (0, 32, 32, 3), }".to_string();
-    while (10 + dict.len() + 1) % 64 != 0 {
+    while !(10 + dict.len() + 1).is_multiple_of(64) {
         dict.push(' ');
     }
     dict.push('\n');
