@@ -14,7 +14,6 @@ use deeprepair_pipeline::store::RunState;
 use deeprepair_pipeline::{
     plan_literal, progress::Progress, run_plan, Digest, Registry, RunOptions, RunSummary, Store,
 };
-use deeprepair_stages::methods::Method;
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -35,8 +34,8 @@ pub struct RepairArgs {
     /// Training data: CIFAR-10 binary files or an image folder with train/ and test/.
     #[arg(long)]
     train: PathBuf,
-    /// Repair method: finetune, cutout, mixup, cutmix, sensei, augmix, fsgmix, deeprepair.
-    #[arg(long, default_value = "deeprepair")]
+    /// Repair method (every registered one: `deeprepair kinds` describes each).
+    #[arg(long, default_value = "deeprepair", value_parser = method_names())]
     method: String,
     /// Where to write the repaired weights (safetensors, PyTorch names).
     #[arg(long)]
@@ -65,6 +64,11 @@ pub struct RepairArgs {
     /// Plain log lines instead of progress bars.
     #[arg(long)]
     plain: bool,
+}
+
+/// The registered repair methods, as `--method`'s choices.
+fn method_names() -> clap::builder::PossibleValuesParser {
+    clap::builder::PossibleValuesParser::new(deeprepair_stages::methods::all().map(|m| m.name()))
 }
 
 fn absolute(p: &Path, what: &str) -> anyhow::Result<String> {
@@ -172,15 +176,6 @@ fn check_model_flags(arch: &str, classes: &[String]) -> anyhow::Result<()> {
 }
 
 pub fn repair(args: RepairArgs, registry: &Registry) -> anyhow::Result<ExitCode> {
-    let methods: Vec<&str> = Method::ALL.iter().map(|m| m.name()).collect();
-    if !methods.contains(&args.method.as_str()) {
-        return Err(UsageError(format!(
-            "--method {}: expected one of {}",
-            args.method,
-            methods.join(", ")
-        ))
-        .into());
-    }
     if !(0.0..1.0).contains(&args.holdout) {
         return Err(UsageError(format!(
             "--holdout {}: expected a fraction in [0, 1)",

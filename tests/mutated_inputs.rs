@@ -278,6 +278,8 @@ fn mutated_weights_files_load_or_are_refused_naming_the_file() {
                 source,
                 &candle_core::Device::Cpu,
             )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
         });
         if let Err(e) = result {
             refused += 1;

@@ -28,7 +28,7 @@ pub fn register(registry: &mut Registry) {
     registry.register(model_kinds::ImportModelKind);
     registry.register(model_kinds::SelectFailuresKind);
     registry.register(model_kinds::EvaluateKind);
-    for m in methods::Method::ALL {
+    for m in methods::all() {
         registry.register(methods::RepairKind(m));
     }
     registry.register(report_kind::ReportKind);

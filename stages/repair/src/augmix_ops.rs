@@ -103,35 +103,48 @@ fn random_sign(value: f64, rng: &mut impl Rng) -> f64 {
 
 /// Draws an op's parameter for a severity (AugMix's default severity is 3), as
 /// `augmentations.py` does for a 32-pixel image.
-pub fn sample_op(kind: OpKind, severity: f64, image_size: usize, rng: &mut impl Rng) -> Op {
+pub fn sample_op<R: Rng>(kind: OpKind, severity: f64, image_size: usize, rng: &mut R) -> Op {
+    op_with_level(kind, image_size, rng, |rng| sample_level(severity, rng))
+}
+
+/// An op at a fixed level (0–10, the scale of `augmentations.py`; RandAugment's magnitude),
+/// its direction still random.
+pub fn op_at_level<R: Rng>(kind: OpKind, level: f64, image_size: usize, rng: &mut R) -> Op {
+    op_with_level(kind, image_size, rng, |_| level)
+}
+
+/// An op whose level comes from `level`, drawn exactly where AugMix draws it (so the random
+/// stream of [`sample_op`] is AugMix's).
+fn op_with_level<R: Rng>(
+    kind: OpKind,
+    image_size: usize,
+    rng: &mut R,
+    level: impl FnOnce(&mut R) -> f64,
+) -> Op {
     let size = image_size as f64;
     match kind {
         OpKind::AutoContrast => Op::AutoContrast,
         OpKind::Equalize => Op::Equalize,
-        OpKind::Posterize => {
-            Op::Posterize(4 - int_parameter(sample_level(severity, rng), 4.0) as u8)
-        }
+        OpKind::Posterize => Op::Posterize(4 - int_parameter(level(rng), 4.0) as u8),
         OpKind::Rotate => {
-            let d = int_parameter(sample_level(severity, rng), 30.0);
+            let d = int_parameter(level(rng), 30.0);
             Op::Rotate(random_sign(d, rng))
         }
-        OpKind::Solarize => {
-            Op::Solarize(256 - int_parameter(sample_level(severity, rng), 256.0) as u16)
-        }
+        OpKind::Solarize => Op::Solarize(256 - int_parameter(level(rng), 256.0) as u16),
         OpKind::ShearX => {
-            let s = float_parameter(sample_level(severity, rng), 0.3);
+            let s = float_parameter(level(rng), 0.3);
             Op::ShearX(random_sign(s, rng))
         }
         OpKind::ShearY => {
-            let s = float_parameter(sample_level(severity, rng), 0.3);
+            let s = float_parameter(level(rng), 0.3);
             Op::ShearY(random_sign(s, rng))
         }
         OpKind::TranslateX => {
-            let t = int_parameter(sample_level(severity, rng), size / 3.0);
+            let t = int_parameter(level(rng), size / 3.0);
             Op::TranslateX(random_sign(t, rng))
         }
         OpKind::TranslateY => {
-            let t = int_parameter(sample_level(severity, rng), size / 3.0);
+            let t = int_parameter(level(rng), size / 3.0);
             Op::TranslateY(random_sign(t, rng))
         }
     }
