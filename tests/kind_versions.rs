@@ -68,6 +68,7 @@ stages:
         "augmix",
         "fsgmix",
         "deeprepair",
+        "randaugment",
     ] {
         m.push_str(&format!(
             r#"  {method}:

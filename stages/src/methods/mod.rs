@@ -14,6 +14,7 @@
 //! |             |       |                 | weights learned per failure by gradient descent (Eq. 1)|
 //! | deeprepair  | 3     | CE + 12·JSD     | AugMix whose first op per chain may be a style op that |
 //! |             |       |                 | carries a sampled failure's style (Algorithm 1)        |
+//! | randaugment | 1     | CE              | crop + flip, N = 3 of AugMix's ops + identity at M = 4 |
 
 //!
 //! Adding a method: a file here implementing [`RepairMethod`] and one line in [`all`]; the
@@ -26,6 +27,7 @@ mod deeprepair;
 mod finetune;
 mod fsgmix;
 mod mixup;
+mod randaugment;
 mod sensei;
 
 pub use augmix::augmix_source;
@@ -51,7 +53,7 @@ use serde_json::{json, Value};
 
 /// Every repair method, in the order `kinds` and `--method` list them. Registering a method is
 /// one line here.
-pub fn all() -> [&'static dyn RepairMethod; 8] {
+pub fn all() -> [&'static dyn RepairMethod; 9] {
     [
         &finetune::Finetune,
         &cutout::Cutout,
@@ -61,6 +63,7 @@ pub fn all() -> [&'static dyn RepairMethod; 8] {
         &augmix::Augmix,
         &fsgmix::Fsgmix,
         &deeprepair::DeepRepair,
+        &randaugment::RandAugment,
     ]
 }
 
@@ -388,7 +391,7 @@ mod tests {
         assert_eq!(dr["style"], json!("wavelet"));
         assert_eq!(dr["monitor"], json!("val_loss"));
         assert_eq!(dr["keep_best"], json!(true));
-        for m in ["finetune", "augmix", "fsgmix", "cutmix"] {
+        for m in ["finetune", "augmix", "fsgmix", "cutmix", "randaugment"] {
             assert_eq!(defaults(m)["train_on"], json!("train+failures"), "{m}");
         }
         assert_eq!(defaults("augmix")["ops"], json!("augmix9"));
