@@ -105,28 +105,37 @@ impl Corruption {
         Corruption::JpegCompression,
     ];
 
-    /// The CIFAR-10-C file stems, in [`Corruption::ALL`] (= declaration) order.
-    pub const NAMES: [&'static str; 15] = [
-        "gaussian_noise",
-        "shot_noise",
-        "impulse_noise",
-        "defocus_blur",
-        "glass_blur",
-        "motion_blur",
-        "zoom_blur",
-        "snow",
-        "frost",
-        "fog",
-        "brightness",
-        "contrast",
-        "elastic_transform",
-        "pixelate",
-        "jpeg_compression",
-    ];
+    /// The CIFAR-10-C file stems, in [`Corruption::ALL`] order.
+    pub const NAMES: [&'static str; 15] = {
+        let mut names = [""; 15];
+        let mut i = 0;
+        while i < 15 {
+            names[i] = Corruption::ALL[i].name();
+            i += 1;
+        }
+        names
+    };
 
-    /// The CIFAR-10-C file stem (`gaussian_noise`, ..., `jpeg_compression`).
-    pub fn name(self) -> &'static str {
-        Self::NAMES[self as usize]
+    /// The CIFAR-10-C file stem (`gaussian_noise`, ..., `jpeg_compression`): one match, so
+    /// every variant has its own name wherever it is declared.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Corruption::GaussianNoise => "gaussian_noise",
+            Corruption::ShotNoise => "shot_noise",
+            Corruption::ImpulseNoise => "impulse_noise",
+            Corruption::DefocusBlur => "defocus_blur",
+            Corruption::GlassBlur => "glass_blur",
+            Corruption::MotionBlur => "motion_blur",
+            Corruption::ZoomBlur => "zoom_blur",
+            Corruption::Snow => "snow",
+            Corruption::Frost => "frost",
+            Corruption::Fog => "fog",
+            Corruption::Brightness => "brightness",
+            Corruption::Contrast => "contrast",
+            Corruption::ElasticTransform => "elastic_transform",
+            Corruption::Pixelate => "pixelate",
+            Corruption::JpegCompression => "jpeg_compression",
+        }
     }
 
     /// Inverse of [`Corruption::name`].

@@ -90,9 +90,14 @@ fn names_round_trip_and_order() {
     assert_eq!(Corruption::ALL.len(), 15);
     assert_eq!(Corruption::ALL[0].name(), "gaussian_noise");
     assert_eq!(Corruption::ALL[14].name(), "jpeg_compression");
-    for c in Corruption::ALL {
+    for (i, c) in Corruption::ALL.into_iter().enumerate() {
         assert_eq!(Corruption::from_name(c.name()), Some(c));
+        // ALL is the declaration order: a variant inserted anywhere shifts this.
+        assert_eq!(c as usize, i, "{c} is out of place in Corruption::ALL");
+        assert_eq!(Corruption::NAMES[i], c.name());
     }
+    let unique: std::collections::BTreeSet<&str> = Corruption::NAMES.into_iter().collect();
+    assert_eq!(unique.len(), 15, "every name once");
     assert_eq!(Corruption::from_name("speckle_noise"), None);
 }
 
