@@ -5,7 +5,7 @@
 use deeprepair_pipeline::{ParamSpec, ParamType, StageCtx};
 use deeprepair_train::trainer::Monitor;
 use deeprepair_train::trainer::{
-    train_rank, train_with_collectives, BatchSource, Replica, TrainData, TrainObserver,
+    train_rank, train_with_collectives, BatchSource, Replica, TrainData, TrainJob, TrainObserver,
     TrainOutcome,
 };
 use deeprepair_train::{EpochStats, TrainConfig};
@@ -210,6 +210,13 @@ fn train_ranks(
     if resume.is_some() {
         ctx.log("resuming from the last epoch checkpoint");
     }
+    let job = TrainJob {
+        data,
+        validation,
+        source,
+        config,
+        resume: resume.as_deref(),
+    };
     if let Some(gang) = ctx.gang() {
         let [(_, _, device)] = ranks else {
             anyhow::bail!("a gang member runs one rank, not {}", ranks.len());
@@ -237,11 +244,7 @@ fn train_ranks(
             replica,
             gradients,
             batch_norm,
-            data,
-            validation,
-            source,
-            config,
-            resume.as_deref(),
+            job,
             (rank == 0).then_some(&mut observer as &mut dyn TrainObserver),
         );
     }
@@ -256,17 +259,7 @@ fn train_ranks(
     let replicas: Vec<Replica> = ranks.iter().map(replica).collect();
     let mut observer = StageObserver { ctx };
     if replicas.len() == 1 {
-        deeprepair_train::train(
-            replicas[0].model,
-            replicas[0].varmap,
-            data,
-            validation,
-            source,
-            config,
-            replicas[0].device,
-            resume.as_deref(),
-            &mut observer,
-        )
+        deeprepair_train::train(replicas[0], job, &mut observer)
     } else {
         let devices: Vec<candle_core::Device> = ranks.iter().map(|r| r.2.clone()).collect();
         let gradients = rank_group(&devices)?;
@@ -280,17 +273,7 @@ fn train_ranks(
             "threads through host memory",
             batch_norm.is_some(),
         ));
-        train_with_collectives(
-            &replicas,
-            gradients,
-            batch_norm,
-            data,
-            validation,
-            source,
-            config,
-            resume.as_deref(),
-            &mut observer,
-        )
+        train_with_collectives(&replicas, gradients, batch_norm, job, &mut observer)
     }
 }
 

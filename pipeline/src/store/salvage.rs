@@ -325,44 +325,7 @@ fn copy_readable(source: &Store, target: &Store, report: &mut SalvageReport) -> 
     let path = source.path.clone();
     let txn = catch_store_panic(&path, || source.begin_read())?;
 
-    // Chunks whose bytes match their digest.
-    let mut good_chunks = BTreeSet::new();
-    let mut pending: Vec<(Digest, Vec<u8>)> = vec![];
-    let mut write_error = None;
-    let flush = |pending: &mut Vec<(Digest, Vec<u8>)>| -> StoreResult<()> {
-        let w = target.begin_write()?;
-        {
-            let mut t = w.open_table(CHUNKS).in_store(&target.path)?;
-            for (d, bytes) in pending.drain(..) {
-                t.insert(&d.0, bytes.as_slice()).in_store(&target.path)?;
-            }
-        }
-        w.commit().in_store(&target.path)
-    };
-    let chunks_walk = walk(&path, &txn, CHUNKS, digest_key, &mut |d, bytes| {
-        if write_error.is_some() {
-            return;
-        }
-        if Digest::of(bytes) != d {
-            report
-                .lost
-                .push(format!("chunk {d}: bytes do not match its digest"));
-            return;
-        }
-        good_chunks.insert(d);
-        pending.push((d, bytes.to_vec()));
-        if pending.len() >= CHUNKS_PER_COMMIT {
-            if let Err(e) = flush(&mut pending) {
-                write_error = Some(e);
-            }
-        }
-    });
-    if let Some(e) = write_error {
-        return Err(e);
-    }
-    flush(&mut pending)?;
-    report.chunks = good_chunks.len();
-    report.lost.extend(chunks_walk);
+    let good_chunks = copy_chunks(&path, &txn, target, report)?;
 
     // Artifact records that decode and whose bytes (from the salvaged chunks) verify.
     let mut records: Vec<ArtifactRecord> = vec![];
@@ -479,7 +442,68 @@ fn copy_readable(source: &Store, target: &Store, report: &mut SalvageReport) -> 
     });
     report.lost.extend(w);
     drop(txn);
-    for key in checkpoint_keys {
+    copy_checkpoints(source, target, checkpoint_keys, report)?;
+    report.lost_stages.sort();
+    report.lost_stages.dedup();
+    Ok(())
+}
+
+/// Copies the chunks whose bytes match their digest; returns their digests.
+fn copy_chunks(
+    path: &Path,
+    txn: &ReadTransaction,
+    target: &Store,
+    report: &mut SalvageReport,
+) -> StoreResult<BTreeSet<Digest>> {
+    let mut good_chunks = BTreeSet::new();
+    let mut pending: Vec<(Digest, Vec<u8>)> = vec![];
+    let mut write_error = None;
+    let flush = |pending: &mut Vec<(Digest, Vec<u8>)>| -> StoreResult<()> {
+        let w = target.begin_write()?;
+        {
+            let mut t = w.open_table(CHUNKS).in_store(&target.path)?;
+            for (d, bytes) in pending.drain(..) {
+                t.insert(&d.0, bytes.as_slice()).in_store(&target.path)?;
+            }
+        }
+        w.commit().in_store(&target.path)
+    };
+    let chunks_walk = walk(path, txn, CHUNKS, digest_key, &mut |d, bytes| {
+        if write_error.is_some() {
+            return;
+        }
+        if Digest::of(bytes) != d {
+            report
+                .lost
+                .push(format!("chunk {d}: bytes do not match its digest"));
+            return;
+        }
+        good_chunks.insert(d);
+        pending.push((d, bytes.to_vec()));
+        if pending.len() >= CHUNKS_PER_COMMIT {
+            if let Err(e) = flush(&mut pending) {
+                write_error = Some(e);
+            }
+        }
+    });
+    if let Some(e) = write_error {
+        return Err(e);
+    }
+    flush(&mut pending)?;
+    report.chunks = good_chunks.len();
+    report.lost.extend(chunks_walk);
+
+    Ok(good_chunks)
+}
+
+/// Copies the checkpoints that verify (a lost one only means its stage starts from epoch 0).
+fn copy_checkpoints(
+    source: &Store,
+    target: &Store,
+    keys: Vec<Digest>,
+    report: &mut SalvageReport,
+) -> StoreResult<()> {
+    for key in keys {
         match source.load_checkpoint(&key) {
             Ok(Some(bytes)) => {
                 target.save_checkpoint(&key, &bytes)?;
@@ -492,7 +516,5 @@ fn copy_readable(source: &Store, target: &Store, report: &mut SalvageReport) -> 
             )),
         }
     }
-    report.lost_stages.sort();
-    report.lost_stages.dedup();
     Ok(())
 }

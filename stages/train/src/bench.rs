@@ -9,7 +9,7 @@ use crate::init::seeded_var_builder;
 use crate::optim::{Sgd, SgdConfig};
 use crate::trainer::{
     train, train_data_parallel, BatchSeed, BatchSource, Replica, Scorer, TrainConfig, TrainData,
-    TrainObserver,
+    TrainJob, TrainObserver,
 };
 use crate::{input::unit_to_tensor, loss};
 use anyhow::Context;
@@ -225,9 +225,12 @@ pub fn bench_train_loop(
     };
     if models.len() == 1 {
         let (varmap, model) = &models[0];
-        train(
-            &**model, varmap, &data, None, source, &config, device, None, &mut clock,
-        )?;
+        let replica = Replica {
+            model: &**model,
+            varmap,
+            device,
+        };
+        train(replica, TrainJob::new(&data, source, &config), &mut clock)?;
     } else {
         let replicas: Vec<Replica> = models
             .iter()
@@ -237,7 +240,7 @@ pub fn bench_train_loop(
                 device,
             })
             .collect();
-        train_data_parallel(&replicas, &data, None, source, &config, None, &mut clock)?;
+        train_data_parallel(&replicas, TrainJob::new(&data, source, &config), &mut clock)?;
     }
     let t = &clock.times;
     anyhow::ensure!(

@@ -11,7 +11,7 @@ use common::{data, synthetic, tiny_cnn, weights};
 use deeprepair_nn::Classifier;
 use deeprepair_train::trainer::{
     train_data_parallel, BatchSeed, BatchSource, Replica, Scorer, StandardAugment, Targets,
-    TrainBatch, TrainObserver, TrainOutcome,
+    TrainBatch, TrainJob, TrainObserver, TrainOutcome,
 };
 use deeprepair_train::{seeded_var_builder, train, EpochStats, TrainConfig, TrainData};
 use std::sync::mpsc;
@@ -95,7 +95,22 @@ fn train_one_rank(
     d: &TrainData,
     cfg: &TrainConfig,
 ) -> TrainOutcome {
-    train(model, vm, d, None, &Plain, cfg, &Device::Cpu, None, &mut ()).unwrap()
+    train(
+        Replica {
+            model,
+            varmap: vm,
+            device: &Device::Cpu,
+        },
+        TrainJob {
+            data: d,
+            validation: None,
+            source: &Plain,
+            config: cfg,
+            resume: None,
+        },
+        &mut (),
+    )
+    .unwrap()
 }
 
 fn replicas(models: &Models) -> Vec<Replica<'_>> {
@@ -142,8 +157,18 @@ fn ranks_with_shards_match_one_rank_with_the_whole_batch() {
     for world in [2, 4] {
         // Ranks other than 0 start from other weights: broadcast must fix that.
         let models: Models = (0..world).map(|r| small(4 + r as u64 * 100)).collect();
-        let outcome =
-            train_data_parallel(&replicas(&models), &d, None, &Plain, &cfg, None, &mut ()).unwrap();
+        let outcome = train_data_parallel(
+            &replicas(&models),
+            TrainJob {
+                data: &d,
+                validation: None,
+                source: &Plain,
+                config: &cfg,
+                resume: None,
+            },
+            &mut (),
+        )
+        .unwrap();
         let w0 = weights(&models[0].0);
         let diff = max_diff(&single_w, &w0);
         assert!(diff < 1e-5, "{world} ranks differ from one rank by {diff}");
@@ -183,11 +208,13 @@ fn batchnorm_ranks_end_with_the_same_weights_and_learn() {
     let models: Models = (0..2).map(|_| tiny_cnn(0)).collect();
     let outcome = train_data_parallel(
         &replicas(&models),
-        &d,
-        Some(&v),
-        &StandardAugment,
-        &cfg,
-        None,
+        TrainJob {
+            data: &d,
+            validation: Some(&v),
+            source: &StandardAugment,
+            config: &cfg,
+            resume: None,
+        },
         &mut (),
     )
     .unwrap();
@@ -238,7 +265,18 @@ fn synchronized_batchnorm_ranks_match_one_rank_with_the_whole_batch() {
             sync_batch_norm,
             ..cfg.clone()
         };
-        train_data_parallel(&replicas(&models), &d, None, &Plain, &cfg, None, &mut ()).unwrap();
+        train_data_parallel(
+            &replicas(&models),
+            TrainJob {
+                data: &d,
+                validation: None,
+                source: &Plain,
+                config: &cfg,
+                resume: None,
+            },
+            &mut (),
+        )
+        .unwrap();
         models.iter().map(|(vm, _)| weights(vm)).collect::<Vec<_>>()
     };
     for world in [2, 4] {
@@ -352,11 +390,13 @@ fn group_error(
         let models = models();
         let result = train_data_parallel(
             &replicas(&models),
-            &d,
-            None,
-            &source,
-            &cfg,
-            None,
+            TrainJob {
+                data: &d,
+                validation: None,
+                source: &source,
+                config: &cfg,
+                resume: None,
+            },
             &mut observer,
         );
         let _ = tx.send(result.map(|_| ()).map_err(|e| format!("{e:#}")));
@@ -402,8 +442,18 @@ fn a_batch_too_small_for_the_ranks_is_refused() {
         batch_size: 6,
         ..config(1)
     };
-    let err =
-        train_data_parallel(&replicas(&models), &d, None, &Plain, &cfg, None, &mut ()).unwrap_err();
+    let err = train_data_parallel(
+        &replicas(&models),
+        TrainJob {
+            data: &d,
+            validation: None,
+            source: &Plain,
+            config: &cfg,
+            resume: None,
+        },
+        &mut (),
+    )
+    .unwrap_err();
     assert!(format!("{err:#}").contains("4 ranks"), "{err:#}");
 }
 
@@ -432,16 +482,33 @@ fn synchronized_batchnorm_on_a_gpu_matches_one_rank() {
         (varmap, model)
     };
     let (vm, model) = on_gpu();
-    train(&*model, &vm, &d, None, &Plain, &cfg, &gpu, None, &mut ()).unwrap();
+    train(
+        Replica {
+            model: &*model,
+            varmap: &vm,
+            device: &gpu,
+        },
+        TrainJob {
+            data: &d,
+            validation: None,
+            source: &Plain,
+            config: &cfg,
+            resume: None,
+        },
+        &mut (),
+    )
+    .unwrap();
     let single = weights(&vm);
     let models: Models = (0..2).map(|_| on_gpu()).collect();
     train_data_parallel(
         &replicas_on(&models, &gpu),
-        &d,
-        None,
-        &Plain,
-        &cfg,
-        None,
+        TrainJob {
+            data: &d,
+            validation: None,
+            source: &Plain,
+            config: &cfg,
+            resume: None,
+        },
         &mut (),
     )
     .unwrap();

@@ -5,7 +5,8 @@ mod common;
 
 use common::{data, synthetic, tiny_cnn, weights};
 use deeprepair_train::trainer::{
-    cropped_views, to_unit, BatchSeed, BatchSource, Scorer, StandardAugment, TrainBatch,
+    cropped_views, to_unit, BatchSeed, BatchSource, Replica, Scorer, StandardAugment, TrainBatch,
+    TrainJob,
 };
 use deeprepair_train::{train, TrainConfig, TrainData};
 use rand::Rng;
@@ -48,14 +49,18 @@ fn run(source: &dyn BatchSource, prefetch: usize) -> anyhow::Result<Vec<(String,
     let (images, labels) = synthetic(44, 5);
     let (varmap, model) = tiny_cnn(1);
     train(
-        &*model,
-        &varmap,
-        &data(&images, &labels),
-        None,
-        source,
-        &config(prefetch),
-        &candle_core::Device::Cpu,
-        None,
+        Replica {
+            model: &*model,
+            varmap: &varmap,
+            device: &candle_core::Device::Cpu,
+        },
+        TrainJob {
+            data: &data(&images, &labels),
+            validation: None,
+            source,
+            config: &config(prefetch),
+            resume: None,
+        },
         &mut (),
     )?;
     Ok(weights(&varmap))

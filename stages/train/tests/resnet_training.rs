@@ -8,7 +8,7 @@ use candle_nn::VarMap;
 use common::{data, synthetic, weights};
 use deeprepair_nn::{build, is_running_stat, Arch};
 use deeprepair_train::seeded_var_builder;
-use deeprepair_train::trainer::{train, StandardAugment, TrainConfig};
+use deeprepair_train::trainer::{train, Replica, StandardAugment, TrainConfig, TrainJob};
 
 #[test]
 fn resnet18_fine_tunes() {
@@ -27,14 +27,18 @@ fn resnet18_fine_tunes() {
         ..TrainConfig::default()
     };
     let outcome = train(
-        model.as_ref(),
-        &varmap,
-        &data(&images, &labels),
-        None,
-        &StandardAugment,
-        &config,
-        &Device::Cpu,
-        None,
+        Replica {
+            model: model.as_ref(),
+            varmap: &varmap,
+            device: &Device::Cpu,
+        },
+        TrainJob {
+            data: &data(&images, &labels),
+            validation: None,
+            source: &StandardAugment,
+            config: &config,
+            resume: None,
+        },
         &mut (),
     )
     .unwrap();

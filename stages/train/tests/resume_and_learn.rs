@@ -8,7 +8,7 @@ use common::{data, synthetic, weights};
 use deeprepair_nn::{build, Arch};
 use deeprepair_train::trainer::{
     train_data_parallel, BatchSeed, BatchSource, Monitor, Replica, Scorer, StandardAugment,
-    Targets, TrainBatch, TrainObserver,
+    Targets, TrainBatch, TrainJob, TrainObserver,
 };
 use deeprepair_train::{evaluate, seeded_var_builder, train, EpochStats, TrainConfig, TrainData};
 
@@ -77,14 +77,18 @@ fn learns_and_resumes_to_identical_weights() {
     let init = weights(&vm_a);
     let mut rec_a = Recorder::default();
     train(
-        &*model_a,
-        &vm_a,
-        &data,
-        None,
-        &StandardAugment,
-        &config(4),
-        &Device::Cpu,
-        None,
+        Replica {
+            model: &*model_a,
+            varmap: &vm_a,
+            device: &Device::Cpu,
+        },
+        TrainJob {
+            data: &data,
+            validation: None,
+            source: &StandardAugment,
+            config: &config(4),
+            resume: None,
+        },
         &mut rec_a,
     )
     .unwrap();
@@ -114,28 +118,36 @@ fn learns_and_resumes_to_identical_weights() {
         ..Recorder::default()
     };
     let err = train(
-        &*model_b,
-        &vm_b,
-        &data,
-        None,
-        &StandardAugment,
-        &config(4),
-        &Device::Cpu,
-        None,
+        Replica {
+            model: &*model_b,
+            varmap: &vm_b,
+            device: &Device::Cpu,
+        },
+        TrainJob {
+            data: &data,
+            validation: None,
+            source: &StandardAugment,
+            config: &config(4),
+            resume: None,
+        },
         &mut rec_b,
     );
     assert!(err.is_err());
     let (vm_c, model_c) = fresh(99); // different init: everything must come from the checkpoint
     let mut rec_c = Recorder::default();
     let outcome = train(
-        &*model_c,
-        &vm_c,
-        &data,
-        None,
-        &StandardAugment,
-        &config(4),
-        &Device::Cpu,
-        Some(&rec_b.checkpoints[1]),
+        Replica {
+            model: &*model_c,
+            varmap: &vm_c,
+            device: &Device::Cpu,
+        },
+        TrainJob {
+            data: &data,
+            validation: None,
+            source: &StandardAugment,
+            config: &config(4),
+            resume: Some(&rec_b.checkpoints[1]),
+        },
         &mut rec_c,
     )
     .unwrap();
@@ -172,14 +184,18 @@ fn early_stopping_restores_the_best_epoch() {
     };
     let mut rec = Recorder::default();
     let outcome = train(
-        &*model,
-        &vm,
-        &data,
-        Some(&val),
-        &StandardAugment,
-        &cfg,
-        &Device::Cpu,
-        None,
+        Replica {
+            model: &*model,
+            varmap: &vm,
+            device: &Device::Cpu,
+        },
+        TrainJob {
+            data: &data,
+            validation: Some(&val),
+            source: &StandardAugment,
+            config: &cfg,
+            resume: None,
+        },
         &mut rec,
     )
     .unwrap();
@@ -226,14 +242,18 @@ fn keep_best_by_accuracy_runs_the_whole_schedule() {
         ..config(6)
     };
     let outcome = train(
-        &*model,
-        &vm,
-        &data,
-        Some(&val),
-        &StandardAugment,
-        &cfg,
-        &Device::Cpu,
-        None,
+        Replica {
+            model: &*model,
+            varmap: &vm,
+            device: &Device::Cpu,
+        },
+        TrainJob {
+            data: &data,
+            validation: Some(&val),
+            source: &StandardAugment,
+            config: &cfg,
+            resume: None,
+        },
         &mut Recorder::default(),
     )
     .unwrap();
@@ -346,10 +366,32 @@ fn a_sources_state_resumes_with_the_checkpoint() {
             let result = if world == 1 {
                 let r = &replicas[0];
                 train(
-                    r.model, r.varmap, &data, None, source, &cfg, r.device, resume, recorder,
+                    Replica {
+                        model: r.model,
+                        varmap: r.varmap,
+                        device: r.device,
+                    },
+                    TrainJob {
+                        data: &data,
+                        validation: None,
+                        source,
+                        config: &cfg,
+                        resume,
+                    },
+                    recorder,
                 )
             } else {
-                train_data_parallel(&replicas, &data, None, source, &cfg, resume, recorder)
+                train_data_parallel(
+                    &replicas,
+                    TrainJob {
+                        data: &data,
+                        validation: None,
+                        source,
+                        config: &cfg,
+                        resume,
+                    },
+                    recorder,
+                )
             };
             (result.map(|_| ()), weights(&models[0].0))
         };

@@ -21,38 +21,48 @@ pub struct Replica<'a> {
     pub device: &'a Device,
 }
 
-/// Trains `model` (whose variables live in `varmap`) on `data` with `source`'s batches.
-/// `resume`: the bytes of the last checkpoint an observer received, to continue a killed run.
-#[allow(clippy::too_many_arguments)]
+/// One training run, apart from the model: the data, the validation set, the batches, the
+/// schedule, and the checkpoint it resumes from.
+#[derive(Clone, Copy)]
+pub struct TrainJob<'a> {
+    pub data: &'a TrainData<'a>,
+    pub validation: Option<&'a TrainData<'a>>,
+    pub source: &'a dyn BatchSource,
+    pub config: &'a TrainConfig,
+    /// The bytes of the last checkpoint an observer received, to continue a killed run.
+    pub resume: Option<&'a [u8]>,
+}
+
+impl<'a> TrainJob<'a> {
+    /// A fresh run (no validation, nothing to resume).
+    pub fn new(
+        data: &'a TrainData<'a>,
+        source: &'a dyn BatchSource,
+        config: &'a TrainConfig,
+    ) -> Self {
+        TrainJob {
+            data,
+            validation: None,
+            source,
+            config,
+            resume: None,
+        }
+    }
+
+    fn check(&self, world: usize) -> anyhow::Result<()> {
+        check_inputs(self.data, self.validation, self.config, world)?;
+        restore_source_state(self.source, self.resume)
+    }
+}
+
+/// Trains `replica`'s model (whose variables live in its `varmap`) on `job`.
 pub fn train(
-    model: &dyn Classifier,
-    varmap: &VarMap,
-    data: &TrainData,
-    validation: Option<&TrainData>,
-    source: &dyn BatchSource,
-    config: &TrainConfig,
-    device: &Device,
-    resume: Option<&[u8]>,
+    replica: Replica,
+    job: TrainJob,
     observer: &mut dyn TrainObserver,
 ) -> anyhow::Result<TrainOutcome> {
-    check_inputs(data, validation, config, 1)?;
-    restore_source_state(source, resume)?;
-    let replica = Replica {
-        model,
-        varmap,
-        device,
-    };
-    run_rank(
-        replica,
-        data,
-        validation,
-        source,
-        config,
-        resume,
-        Some(observer),
-        None,
-        None,
-    )
+    job.check(1)?;
+    run_rank(replica, job, Some(observer), None, None)
 }
 
 /// [`train`] with `replicas.len()` data-parallel ranks, one thread each, joined by a
@@ -64,28 +74,19 @@ pub fn train(
 /// batch on every rank); rank 0's `varmap` holds the result. Only rank 0 reports to
 /// `observer` (its checkpoints resume a data-parallel run with the same number of ranks).
 /// A rank that fails fails the whole call (the others are released, not left waiting).
-#[allow(clippy::too_many_arguments)]
 pub fn train_data_parallel(
     replicas: &[Replica],
-    data: &TrainData,
-    validation: Option<&TrainData>,
-    source: &dyn BatchSource,
-    config: &TrainConfig,
-    resume: Option<&[u8]>,
+    job: TrainJob,
     observer: &mut dyn TrainObserver,
 ) -> anyhow::Result<TrainOutcome> {
     let world = replicas.len();
     let batch_norm =
-        (config.sync_batch_norm && world > 1).then(|| ThreadCollective::boxed_group(world));
+        (job.config.sync_batch_norm && world > 1).then(|| ThreadCollective::boxed_group(world));
     train_with_collectives(
         replicas,
         ThreadCollective::boxed_group(world),
         batch_norm,
-        data,
-        validation,
-        source,
-        config,
-        resume,
+        job,
         observer,
     )
 }
@@ -94,18 +95,14 @@ pub fn train_data_parallel(
 /// (e.g. NCCL communicators, one per GPU). With [`TrainConfig::sync_batch_norm`] on several
 /// ranks, `batch_norm_collectives` is a second group of the same ranks: BatchNorm reduces
 /// inside the forward and backward passes, so it gets a group of its own.
-#[allow(clippy::too_many_arguments)]
 pub fn train_with_collectives(
     replicas: &[Replica],
     collectives: Vec<Box<dyn Collective>>,
     batch_norm_collectives: Option<Vec<Box<dyn Collective>>>,
-    data: &TrainData,
-    validation: Option<&TrainData>,
-    source: &dyn BatchSource,
-    config: &TrainConfig,
-    resume: Option<&[u8]>,
+    job: TrainJob,
     observer: &mut dyn TrainObserver,
 ) -> anyhow::Result<TrainOutcome> {
+    let config = job.config;
     let world = replicas.len();
     if world == 0 {
         bail!("data-parallel training needs at least one rank");
@@ -140,32 +137,17 @@ pub fn train_with_collectives(
                 .collect()
         }
     };
-    check_inputs(data, validation, config, world)?;
-    restore_source_state(source, resume)?;
+    job.check(world)?;
     let mut ranks = collectives.into_iter().zip(batch_norm_groups);
     let (mut first, first_bn) = ranks.next().expect("world ≥ 1");
     std::thread::scope(|scope| {
         let others: Vec<_> = ranks
             .zip(&replicas[1..])
             .map(|((mut c, bn), &replica)| {
-                scope.spawn(move || {
-                    run_guarded_rank(
-                        replica, &mut *c, bn, data, validation, source, config, resume, None,
-                    )
-                })
+                scope.spawn(move || run_guarded_rank(replica, &mut *c, bn, job, None))
             })
             .collect();
-        let mine = run_guarded_rank(
-            replicas[0],
-            &mut *first,
-            first_bn,
-            data,
-            validation,
-            source,
-            config,
-            resume,
-            Some(observer),
-        );
+        let mine = run_guarded_rank(replicas[0], &mut *first, first_bn, job, Some(observer));
         let mut errors: Vec<anyhow::Error> = Vec::new();
         let mut outcome = None;
         match mine {
@@ -195,18 +177,14 @@ pub fn train_with_collectives(
 /// this with its own handles, e.g. [`deeprepair_workers::socket_collective::SocketCollective`]
 /// or NCCL communicators joined through the dispatcher). Rank 0 reports and checkpoints
 /// through `observer`; the others pass `None`. Same steps as [`train_with_collectives`].
-#[allow(clippy::too_many_arguments)]
 pub fn train_rank(
     replica: Replica,
     mut collective: Box<dyn Collective>,
     batch_norm_collective: Option<Box<dyn Collective>>,
-    data: &TrainData,
-    validation: Option<&TrainData>,
-    source: &dyn BatchSource,
-    config: &TrainConfig,
-    resume: Option<&[u8]>,
+    job: TrainJob,
     observer: Option<&mut dyn TrainObserver>,
 ) -> anyhow::Result<TrainOutcome> {
+    let config = job.config;
     let (rank, world) = (collective.rank(), collective.world_size());
     if observer.is_some() != (rank == 0) {
         bail!("rank 0, and only rank 0, reports and checkpoints (rank {rank} of {world})");
@@ -221,44 +199,24 @@ pub fn train_rank(
         ),
         Some(c) => Some(Arc::new(BatchNormGroup::new(c, world))),
     };
-    check_inputs(data, validation, config, world)?;
-    restore_source_state(source, resume)?;
-    run_guarded_rank(
-        replica,
-        &mut *collective,
-        batch_norm,
-        data,
-        validation,
-        source,
-        config,
-        resume,
-        observer,
-    )
+    job.check(world)?;
+    run_guarded_rank(replica, &mut *collective, batch_norm, job, observer)
 }
 
 /// [`run_rank`] holding the abort guards: a rank that fails (or unwinds) releases the ranks
 /// waiting for it in either group.
-#[allow(clippy::too_many_arguments)]
 pub(super) fn run_guarded_rank(
     replica: Replica,
     collective: &mut dyn Collective,
     batch_norm: Option<Arc<BatchNormGroup>>,
-    data: &TrainData,
-    validation: Option<&TrainData>,
-    source: &dyn BatchSource,
-    config: &TrainConfig,
-    resume: Option<&[u8]>,
+    job: TrainJob,
     observer: Option<&mut dyn TrainObserver>,
 ) -> anyhow::Result<TrainOutcome> {
     let mut guard = AbortOnDrop::new(collective);
     let bn_guard = AbortBatchNormOnDrop(batch_norm.clone());
     let result = run_rank(
         replica,
-        data,
-        validation,
-        source,
-        config,
-        resume,
+        job,
         observer,
         Some(guard.get()),
         batch_norm.clone(),

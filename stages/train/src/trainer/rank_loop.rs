@@ -9,6 +9,7 @@ use crate::optim::Sgd;
 use crate::schedule::cosine_lr;
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor, Var, D};
+use candle_nn::VarMap;
 use deeprepair_nn::sync_bn::{self, BatchStatsReducer};
 use deeprepair_nn::Classifier;
 use deeprepair_workers::data_parallel::{
@@ -117,18 +118,20 @@ pub(super) fn shard_range(len: usize, rank: usize, world: usize) -> std::ops::Ra
 
 /// The training loop of one rank (`collective`: `None` on a single rank). Only the rank that
 /// gets an `observer` reports and checkpoints.
-#[allow(clippy::too_many_arguments)]
 pub(super) fn run_rank(
     replica: Replica,
-    data: &TrainData,
-    validation: Option<&TrainData>,
-    source: &dyn BatchSource,
-    config: &TrainConfig,
-    resume: Option<&[u8]>,
+    job: TrainJob,
     mut observer: Option<&mut dyn TrainObserver>,
     mut collective: Option<&mut dyn Collective>,
     batch_norm: Option<Arc<BatchNormGroup>>,
 ) -> anyhow::Result<TrainOutcome> {
+    let TrainJob {
+        data,
+        validation,
+        source,
+        config,
+        resume,
+    } = job;
     // Training-mode BatchNorm on this thread reduces over the group (validation and the
     // scorer run in eval mode and stay local).
     let _sync_batch_norm = batch_norm.map(|g| sync_bn::scope(g as Arc<dyn BatchStatsReducer>));
@@ -140,76 +143,51 @@ pub(super) fn run_rank(
     let (rank, world) = collective
         .as_ref()
         .map_or((0, 1), |c| (c.rank(), c.world_size()));
-    let mut opt = Sgd::new(varmap, config.sgd);
-    let mut progress = Progress::default();
-    let mut best: Option<HashMap<String, Tensor>> = None;
-    if let Some(bytes) = resume {
-        let (weights, buffers, best_weights, p) =
-            decode_checkpoint(bytes, device).context("reading the training checkpoint")?;
-        restore(varmap, &weights)?;
-        opt.load_buffers(buffers);
-        best = best_weights;
-        progress = p;
-    }
+    let mut state = RankState::start(varmap, config, resume, device)?;
     let all_vars = sorted_vars(varmap);
     // Before the broadcast below, so no rank has made a batch yet.
     let stateful = source.save_state()?.is_some();
     if let Some(c) = collective.as_deref_mut() {
         broadcast_weights(c, &all_vars).context("broadcasting rank 0's weights")?;
     }
-    let (h, w) = (data.height, data.width);
-    let steps_per_epoch = data.n.div_ceil(config.batch_size);
-    let total_steps = steps_per_epoch * config.epochs;
     let scorer = ModelScorer {
         model,
-        height: h,
-        width: w,
+        height: data.height,
+        width: data.width,
         device,
     };
     let prefetch = config.prefetch > 0 && !source.uses_model() && !stateful;
+    let step = StepContext {
+        model,
+        device,
+        data,
+        config,
+        all_vars: &all_vars,
+        world,
+    };
     std::thread::scope(|scope| -> anyhow::Result<()> {
-        // Batches built ahead: one message per step of every remaining epoch, in loop order;
-        // `depth - 1` queued plus the one being built or waiting to be queued.
-        let first_epoch = progress.next_epoch;
-        let batches: Option<Receiver<anyhow::Result<TrainBatch>>> = prefetch.then(|| {
-            let (tx, rx) = sync_channel(config.prefetch - 1);
-            scope.spawn(move || {
-                for epoch in first_epoch..config.epochs {
-                    for (s, chunk) in epoch_batches(data.n, config, epoch, world) {
-                        let range = shard_range(chunk.len(), rank, world);
-                        let seed = BatchSeed {
-                            seed: mix_seed(&[config.seed, epoch as u64, s as u64]),
-                            offset: range.start,
-                        };
-                        let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                            source.make_batch(data, &chunk[range.clone()], seed, &NoScorer)
-                        }))
-                        .unwrap_or_else(|_| Err(anyhow::anyhow!("the batch source panicked")));
-                        let failed = built.is_err();
-                        if tx.send(built).is_err() || failed {
-                            return; // the loop stopped early, or this batch failed
-                        }
-                    }
-                }
-            });
-            rx
-        });
-        while progress.next_epoch < config.epochs && !progress.stopped_early {
-            let epoch = progress.next_epoch;
+        let batches = prefetch
+            .then(|| spawn_batch_producer(scope, job, rank, world, state.progress.next_epoch));
+        while state.progress.next_epoch < config.epochs && !state.progress.stopped_early {
+            let epoch = state.progress.next_epoch;
             let started = std::time::Instant::now();
-            let (mut loss_sum, mut correct, mut seen) = (0f64, 0usize, 0usize);
+            let mut sums = EpochSums::default();
             let mut lr = config.sgd.lr;
             for (s, chunk) in epoch_batches(data.n, config, epoch, world) {
-                let step = epoch * steps_per_epoch + s;
-                lr = cosine_lr(step, total_steps, config.sgd.lr, config.min_lr);
-                opt.set_lr(lr);
+                let global_step = epoch * step.steps_per_epoch() + s;
+                lr = cosine_lr(
+                    global_step,
+                    step.total_steps(),
+                    config.sgd.lr,
+                    config.min_lr,
+                );
+                state.opt.set_lr(lr);
                 let range = shard_range(chunk.len(), rank, world);
-                let shard = &chunk[range.clone()];
                 let batch = match &batches {
                     Some(rx) => rx.recv().context("the batch producer thread stopped")??,
                     None => source.make_batch(
                         data,
-                        shard,
+                        &chunk[range.clone()],
                         BatchSeed {
                             seed: mix_seed(&[config.seed, epoch as u64, s as u64]),
                             offset: range.start,
@@ -217,79 +195,21 @@ pub(super) fn run_rank(
                         &scorer,
                     )?,
                 };
-                let b = batch.batch;
-                if b != shard.len() {
-                    bail!(
-                        "the batch source returned {b} images for a batch of {}",
-                        shard.len()
-                    );
-                }
-                let x = unit_to_tensor(&batch.pixels, batch.views * b, h, w, device)?;
-                let logits = model.forward_t(&x, true)?;
-                let first = logits.narrow(0, 0, b)?;
-                let (mut loss, labels_for_acc) = match &batch.targets {
-                    Targets::Hard(labels) => {
-                        let y = Tensor::from_slice(labels, b, device)?;
-                        (cross_entropy(&first, &y)?, labels.clone())
-                    }
-                    Targets::Soft(t) => {
-                        let y = Tensor::from_slice(t, (b, data.num_classes), device)?;
-                        let argmax: Vec<u32> = y.argmax(D::Minus1)?.to_vec1()?;
-                        (soft_cross_entropy(&first, &y)?, argmax)
-                    }
-                };
-                if batch.views == 3 {
-                    let a1 = logits.narrow(0, b, b)?;
-                    let a2 = logits.narrow(0, 2 * b, b)?;
-                    loss = (loss + jensen_shannon(&first, &a1, &a2, config.jsd_lambda)?)?;
-                } else if batch.views != 1 {
-                    bail!("batch sources give 1 or 3 views, not {}", batch.views);
-                }
-                let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-                if !loss_value.is_finite() {
-                    bail!("training diverged at epoch {epoch}, step {s}: loss {loss_value} (lower the learning rate)");
-                }
-                let grads = match collective.as_deref_mut() {
-                    None => loss.backward()?,
-                    Some(c) => {
-                        // The mean over ranks of shard means is the global batch mean when
-                        // the shards are equal; weight unequal shards by their size.
-                        let weight = (b * world) as f64 / chunk.len() as f64;
-                        let mut grads = if weight == 1.0 {
-                            loss.backward()?
-                        } else {
-                            (loss * weight)?.backward()?
-                        };
-                        let trained: Vec<Var> = all_vars
-                            .iter()
-                            .filter(|v| grads.get(v.as_tensor()).is_some())
-                            .cloned()
-                            .collect();
-                        all_reduce_gradients(c, &trained, &mut grads, DEFAULT_BUCKET_BYTES)?;
-                        grads
-                    }
-                };
-                opt.step(&grads)?;
-                let preds: Vec<u32> = first.argmax(D::Minus1)?.to_vec1()?;
-                correct += preds
-                    .iter()
-                    .zip(&labels_for_acc)
-                    .filter(|(p, y)| p == y)
-                    .count();
-                loss_sum += loss_value * b as f64;
-                seen += b;
+                let done = step.train(
+                    batch,
+                    range.len(),
+                    chunk.len(),
+                    (epoch, s),
+                    &mut state.opt,
+                    collective.as_deref_mut(),
+                )?;
+                sums.add(done);
                 if let Some(o) = observer.as_deref_mut() {
-                    o.step(step + 1, total_steps)?;
+                    o.step(global_step + 1, step.total_steps())?;
                 }
             }
             if let Some(c) = collective.as_deref_mut() {
-                // Epoch statistics over the whole global batch.
-                let mut sums = [loss_sum as f32, correct as f32, seen as f32];
-                c.all_reduce_mean(&mut sums)?;
-                let world = world as f64;
-                loss_sum = sums[0] as f64 * world;
-                correct = (sums[1] as f64 * world).round() as usize;
-                seen = (sums[2] as f64 * world).round() as usize;
+                sums.reduce(c, world)?;
             }
             // Every rank has made its last batch of the epoch (the reduction above waited for
             // them); the one that checkpoints takes the source's state before any rank makes
@@ -301,98 +221,355 @@ pub(super) fn run_rank(
             if let (Some(c), true) = (collective.as_deref_mut(), stateful) {
                 c.all_reduce_mean(&mut [0.0])?;
             }
-            let (mut val_loss, mut val_accuracy) = (None, None);
-            if let (Some(v), 0) = (validation, rank) {
-                let scored = predict(
-                    model,
-                    v.images,
-                    v.labels,
-                    (v.n, v.height, v.width),
-                    256,
-                    device,
-                )?;
-                let loss = scored.iter().map(|s| s.1 as f64).sum::<f64>() / v.n.max(1) as f64;
-                let acc = scored
-                    .iter()
-                    .zip(v.labels)
-                    .filter(|(s, &y)| s.0 == y)
-                    .count() as f64
-                    / v.n.max(1) as f64;
-                (val_loss, val_accuracy) = (Some(loss), Some(acc));
-            }
-            // Early stopping, decided by rank 0.
-            let (mut improved, mut stop) = (false, false);
-            let tracks_best = config.patience.is_some() || config.keep_best;
-            if let (true, Some(vl), Some(va)) = (tracks_best, val_loss, val_accuracy) {
-                let score = config.monitor.score(vl, va);
-                improved = progress.best_score.is_none_or(|b| score < b);
-                stop = config
-                    .patience
-                    .is_some_and(|p| !improved && progress.epochs_since_best + 1 >= p);
-            }
-            if let (Some(c), Some(_)) = (collective.as_deref_mut(), validation) {
-                let mut decision = [
-                    val_loss.unwrap_or(0.0) as f32,
-                    val_accuracy.unwrap_or(0.0) as f32,
-                    f32::from(u8::from(improved)),
-                    f32::from(u8::from(stop)),
-                ];
-                c.broadcast(&mut decision, 0)?;
-                if rank != 0 {
-                    val_loss = Some(decision[0] as f64);
-                    val_accuracy = Some(decision[1] as f64);
-                    improved = decision[2] != 0.0;
-                    stop = decision[3] != 0.0;
-                }
-            }
+            let validated = match (validation, rank) {
+                (Some(v), 0) => Some(validate(model, v, device)?),
+                _ => None,
+            };
+            let verdict = state.judge(
+                config,
+                validated,
+                validation.is_some(),
+                collective.as_deref_mut(),
+            )?;
             let stats = EpochStats {
                 epoch,
-                train_loss: loss_sum / seen.max(1) as f64,
-                train_accuracy: correct as f64 / seen.max(1) as f64,
-                val_loss,
-                val_accuracy,
+                train_loss: sums.loss_sum / sums.seen.max(1) as f64,
+                train_accuracy: sums.correct as f64 / sums.seen.max(1) as f64,
+                val_loss: verdict.val_loss,
+                val_accuracy: verdict.val_accuracy,
                 lr,
-                images_per_second: seen as f64 / started.elapsed().as_secs_f64().max(1e-9),
+                images_per_second: sums.seen as f64 / started.elapsed().as_secs_f64().max(1e-9),
             };
-            if tracks_best && val_loss.is_some() {
-                if improved {
-                    progress.best_score = val_loss
-                        .zip(val_accuracy)
-                        .map(|(l, a)| config.monitor.score(l, a));
-                    progress.best_epoch = Some(epoch);
-                    progress.epochs_since_best = 0;
-                    best = Some(snapshot(varmap));
-                } else {
-                    progress.epochs_since_best += 1;
-                    progress.stopped_early = stop;
-                }
-            }
-            progress.history.push(stats.clone());
-            progress.next_epoch = epoch + 1;
+            state.record(config, &stats, &verdict, varmap);
             if let Some(o) = observer.as_deref_mut() {
-                let checkpoint =
-                    encode_checkpoint(varmap, &opt, best.as_ref(), &progress, source_state)?;
+                let checkpoint = encode_checkpoint(
+                    varmap,
+                    &state.opt,
+                    state.best.as_ref(),
+                    &state.progress,
+                    source_state,
+                )?;
                 o.epoch(&stats, &checkpoint)?;
             }
         }
         Ok(())
     })?;
-    if let Some(best) = &best {
+    if let Some(best) = &state.best {
         restore(varmap, best)?;
     }
     if let Some(c) = collective {
         check_ranks_agree(c, varmap)?;
     }
-    let stopped_early_at_lr = progress
-        .stopped_early
-        .then(|| progress.history.last().map(|s| s.lr))
-        .flatten();
-    Ok(TrainOutcome {
-        history: progress.history,
-        planned_epochs: config.epochs,
-        stopped_early: progress.stopped_early,
-        stopped_early_at_lr,
-        monitor: best.as_ref().map(|_| config.monitor),
-        best_epoch: best.as_ref().and(progress.best_epoch),
-    })
+    Ok(state.outcome(config))
+}
+
+/// A rank between epochs: its optimizer, progress and the best weights so far.
+struct RankState {
+    opt: Sgd,
+    progress: Progress,
+    best: Option<HashMap<String, Tensor>>,
+}
+
+/// The epoch's validation, and what rank 0 decided from it (every rank gets the same).
+struct Verdict {
+    val_loss: Option<f64>,
+    val_accuracy: Option<f64>,
+    improved: bool,
+    stop: bool,
+}
+
+impl RankState {
+    /// A fresh run, or the one `resume` checkpointed.
+    fn start(
+        varmap: &VarMap,
+        config: &TrainConfig,
+        resume: Option<&[u8]>,
+        device: &Device,
+    ) -> anyhow::Result<RankState> {
+        let mut state = RankState {
+            opt: Sgd::new(varmap, config.sgd),
+            progress: Progress::default(),
+            best: None,
+        };
+        if let Some(bytes) = resume {
+            let (weights, buffers, best_weights, progress) =
+                decode_checkpoint(bytes, device).context("reading the training checkpoint")?;
+            restore(varmap, &weights)?;
+            state.opt.load_buffers(buffers);
+            state.best = best_weights;
+            state.progress = progress;
+        }
+        Ok(state)
+    }
+
+    /// Early stopping, decided by rank 0 from its validation and broadcast to the others.
+    fn judge(
+        &self,
+        config: &TrainConfig,
+        validated: Option<(f64, f64)>,
+        has_validation: bool,
+        collective: Option<&mut (dyn Collective + '_)>,
+    ) -> anyhow::Result<Verdict> {
+        let mut verdict = Verdict {
+            val_loss: validated.map(|v| v.0),
+            val_accuracy: validated.map(|v| v.1),
+            improved: false,
+            stop: false,
+        };
+        let tracks_best = config.patience.is_some() || config.keep_best;
+        if let (true, Some((vl, va))) = (tracks_best, validated) {
+            let score = config.monitor.score(vl, va);
+            verdict.improved = self.progress.best_score.is_none_or(|b| score < b);
+            verdict.stop = config
+                .patience
+                .is_some_and(|p| !verdict.improved && self.progress.epochs_since_best + 1 >= p);
+        }
+        if let (Some(c), true) = (collective, has_validation) {
+            let mut decision = [
+                verdict.val_loss.unwrap_or(0.0) as f32,
+                verdict.val_accuracy.unwrap_or(0.0) as f32,
+                f32::from(u8::from(verdict.improved)),
+                f32::from(u8::from(verdict.stop)),
+            ];
+            c.broadcast(&mut decision, 0)?;
+            if c.rank() != 0 {
+                verdict.val_loss = Some(decision[0] as f64);
+                verdict.val_accuracy = Some(decision[1] as f64);
+                verdict.improved = decision[2] != 0.0;
+                verdict.stop = decision[3] != 0.0;
+            }
+        }
+        Ok(verdict)
+    }
+
+    /// The epoch done: the best weights kept or the patience counted, the history extended.
+    fn record(
+        &mut self,
+        config: &TrainConfig,
+        stats: &EpochStats,
+        verdict: &Verdict,
+        varmap: &VarMap,
+    ) {
+        let tracks_best = config.patience.is_some() || config.keep_best;
+        if tracks_best && verdict.val_loss.is_some() {
+            if verdict.improved {
+                self.progress.best_score = verdict
+                    .val_loss
+                    .zip(verdict.val_accuracy)
+                    .map(|(l, a)| config.monitor.score(l, a));
+                self.progress.best_epoch = Some(stats.epoch);
+                self.progress.epochs_since_best = 0;
+                self.best = Some(snapshot(varmap));
+            } else {
+                self.progress.epochs_since_best += 1;
+                self.progress.stopped_early = verdict.stop;
+            }
+        }
+        self.progress.history.push(stats.clone());
+        self.progress.next_epoch = stats.epoch + 1;
+    }
+
+    fn outcome(self, config: &TrainConfig) -> TrainOutcome {
+        let progress = self.progress;
+        let stopped_early_at_lr = progress
+            .stopped_early
+            .then(|| progress.history.last().map(|s| s.lr))
+            .flatten();
+        TrainOutcome {
+            history: progress.history,
+            planned_epochs: config.epochs,
+            stopped_early: progress.stopped_early,
+            stopped_early_at_lr,
+            monitor: self.best.as_ref().map(|_| config.monitor),
+            best_epoch: self.best.as_ref().and(progress.best_epoch),
+        }
+    }
+}
+
+/// Batches built ahead on a producer thread: one message per step of every remaining epoch,
+/// in loop order; `depth - 1` queued plus the one being built or waiting to be queued.
+fn spawn_batch_producer<'scope>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    job: TrainJob<'scope>,
+    rank: usize,
+    world: usize,
+    first_epoch: usize,
+) -> Receiver<anyhow::Result<TrainBatch>> {
+    let TrainJob {
+        data,
+        source,
+        config,
+        ..
+    } = job;
+    let (tx, rx) = sync_channel(config.prefetch - 1);
+    scope.spawn(move || {
+        for epoch in first_epoch..config.epochs {
+            for (s, chunk) in epoch_batches(data.n, config, epoch, world) {
+                let range = shard_range(chunk.len(), rank, world);
+                let seed = BatchSeed {
+                    seed: mix_seed(&[config.seed, epoch as u64, s as u64]),
+                    offset: range.start,
+                };
+                let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    source.make_batch(data, &chunk[range.clone()], seed, &NoScorer)
+                }))
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("the batch source panicked")));
+                let failed = built.is_err();
+                if tx.send(built).is_err() || failed {
+                    return; // the loop stopped early, or this batch failed
+                }
+            }
+        }
+    });
+    rx
+}
+
+/// Loss, correct predictions and images over an epoch's steps (this rank's, then the group's).
+#[derive(Default)]
+struct EpochSums {
+    loss_sum: f64,
+    correct: usize,
+    seen: usize,
+}
+
+impl EpochSums {
+    fn add(&mut self, step: StepDone) {
+        self.loss_sum += step.loss * step.images as f64;
+        self.correct += step.correct;
+        self.seen += step.images;
+    }
+
+    /// The sums over the whole global batch.
+    fn reduce(&mut self, c: &mut dyn Collective, world: usize) -> anyhow::Result<()> {
+        let mut sums = [self.loss_sum as f32, self.correct as f32, self.seen as f32];
+        c.all_reduce_mean(&mut sums)?;
+        let world = world as f64;
+        self.loss_sum = sums[0] as f64 * world;
+        self.correct = (sums[1] as f64 * world).round() as usize;
+        self.seen = (sums[2] as f64 * world).round() as usize;
+        Ok(())
+    }
+}
+
+/// What one step did.
+struct StepDone {
+    loss: f64,
+    correct: usize,
+    images: usize,
+}
+
+/// What every step of a rank shares.
+struct StepContext<'a> {
+    model: &'a dyn Classifier,
+    device: &'a Device,
+    data: &'a TrainData<'a>,
+    config: &'a TrainConfig,
+    all_vars: &'a [Var],
+    world: usize,
+}
+
+impl StepContext<'_> {
+    fn steps_per_epoch(&self) -> usize {
+        self.data.n.div_ceil(self.config.batch_size)
+    }
+
+    fn total_steps(&self) -> usize {
+        self.steps_per_epoch() * self.config.epochs
+    }
+
+    /// One optimizer step on this rank's shard (`shard` of a global batch of `global`): one
+    /// forward pass over every view, CE (+ λ·JSD), gradients averaged over the ranks, SGD.
+    fn train(
+        &self,
+        batch: TrainBatch,
+        shard: usize,
+        global: usize,
+        (epoch, s): (usize, usize),
+        opt: &mut Sgd,
+        collective: Option<&mut (dyn Collective + '_)>,
+    ) -> anyhow::Result<StepDone> {
+        let (h, w, device) = (self.data.height, self.data.width, self.device);
+        let b = batch.batch;
+        if b != shard {
+            bail!("the batch source returned {b} images for a batch of {shard}");
+        }
+        let x = unit_to_tensor(&batch.pixels, batch.views * b, h, w, device)?;
+        let logits = self.model.forward_t(&x, true)?;
+        let first = logits.narrow(0, 0, b)?;
+        let (mut loss, labels_for_acc) = match &batch.targets {
+            Targets::Hard(labels) => {
+                let y = Tensor::from_slice(labels, b, device)?;
+                (cross_entropy(&first, &y)?, labels.clone())
+            }
+            Targets::Soft(t) => {
+                let y = Tensor::from_slice(t, (b, self.data.num_classes), device)?;
+                let argmax: Vec<u32> = y.argmax(D::Minus1)?.to_vec1()?;
+                (soft_cross_entropy(&first, &y)?, argmax)
+            }
+        };
+        if batch.views == 3 {
+            let a1 = logits.narrow(0, b, b)?;
+            let a2 = logits.narrow(0, 2 * b, b)?;
+            loss = (loss + jensen_shannon(&first, &a1, &a2, self.config.jsd_lambda)?)?;
+        } else if batch.views != 1 {
+            bail!("batch sources give 1 or 3 views, not {}", batch.views);
+        }
+        let loss_value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if !loss_value.is_finite() {
+            bail!("training diverged at epoch {epoch}, step {s}: loss {loss_value} (lower the learning rate)");
+        }
+        let grads = match collective {
+            None => loss.backward()?,
+            Some(c) => {
+                // The mean over ranks of shard means is the global batch mean when the shards
+                // are equal; weight unequal shards by their size.
+                let weight = (b * self.world) as f64 / global as f64;
+                let mut grads = if weight == 1.0 {
+                    loss.backward()?
+                } else {
+                    (loss * weight)?.backward()?
+                };
+                let trained: Vec<Var> = self
+                    .all_vars
+                    .iter()
+                    .filter(|v| grads.get(v.as_tensor()).is_some())
+                    .cloned()
+                    .collect();
+                all_reduce_gradients(c, &trained, &mut grads, DEFAULT_BUCKET_BYTES)?;
+                grads
+            }
+        };
+        opt.step(&grads)?;
+        let preds: Vec<u32> = first.argmax(D::Minus1)?.to_vec1()?;
+        let correct = preds
+            .iter()
+            .zip(&labels_for_acc)
+            .filter(|(p, y)| p == y)
+            .count();
+        Ok(StepDone {
+            loss: loss_value,
+            correct,
+            images: b,
+        })
+    }
+}
+
+/// Validation loss and accuracy (eval mode, this rank only).
+fn validate(model: &dyn Classifier, v: &TrainData, device: &Device) -> anyhow::Result<(f64, f64)> {
+    let scored = predict(
+        model,
+        v.images,
+        v.labels,
+        (v.n, v.height, v.width),
+        256,
+        device,
+    )?;
+    let loss = scored.iter().map(|s| s.1 as f64).sum::<f64>() / v.n.max(1) as f64;
+    let acc = scored
+        .iter()
+        .zip(v.labels)
+        .filter(|(s, &y)| s.0 == y)
+        .count() as f64
+        / v.n.max(1) as f64;
+    Ok((loss, acc))
 }
