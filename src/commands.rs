@@ -134,6 +134,14 @@ pub struct RunArgs {
     /// Do not ask Slurm for GPUs (`--gres`) even for stages that declare them.
     #[arg(long, requires = "slurm")]
     slurm_cpu_only: bool,
+    /// At most this many Slurm jobs of the run submitted and not ended at once. Slurm stages
+    /// take none of this machine's CPU or memory budget (`--jobs`).
+    #[arg(long, requires = "slurm", default_value_t = 256,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    max_jobs: u64,
+    /// At most this many `sbatch` calls per second.
+    #[arg(long, requires = "slurm", default_value_t = 10.0)]
+    submit_rate: f64,
     /// Address the coordinator listens on for workers (default: 127.0.0.1, or 0.0.0.0 with
     /// `--slurm`; port 0 picks a free one).
     #[arg(long)]
@@ -208,12 +216,10 @@ impl RemoteSetup {
             Some(mut slurm) => {
                 std::fs::create_dir_all(&slurm.log_dir)?;
                 slurm.log_dir = slurm.log_dir.canonicalize()?;
-                // Every stage becomes a job; the local slots only bound how many are queued.
-                options.jobs = options.jobs.max(64);
-                Arc::new(deeprepair_workers::slurm::SlurmDispatcher {
+                Arc::new(deeprepair_workers::slurm::SlurmDispatcher::new(
                     coordinator,
-                    options: slurm,
-                })
+                    slurm,
+                ))
             }
             None => {
                 let mut specs: Vec<WorkerSpec> = self
@@ -308,6 +314,14 @@ pub fn run(args: RunArgs, registry: &Registry) -> anyhow::Result<ExitCode> {
     if let Some(j) = args.jobs {
         options.jobs = j.max(1);
     }
+    if !(args.submit_rate > 0.0 && args.submit_rate.is_finite()) {
+        return Err(crate::ml_commands::UsageError(format!(
+            "--submit-rate {}: expected a positive number of submissions per second",
+            args.submit_rate
+        ))
+        .into());
+    }
+    let submit_interval = std::time::Duration::from_secs_f64(1.0 / args.submit_rate);
     let remote = RemoteSetup {
         gpus: if args.in_process { vec![] } else { gpus },
         cpu_workers: args.workers,
@@ -321,6 +335,8 @@ pub fn run(args: RunArgs, registry: &Registry) -> anyhow::Result<ExitCode> {
             extra_args: args.sbatch_args,
             request_gpus: !args.slurm_cpu_only,
             poll: std::time::Duration::from_secs(2),
+            max_jobs: args.max_jobs as usize,
+            submit_interval,
         }),
         listen: args.listen,
         advertise: args.advertise,

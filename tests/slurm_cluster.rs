@@ -58,9 +58,13 @@ impl Cluster {
         }
         let dir = tempfile::tempdir().unwrap().keep();
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/slurm/start-cluster.sh");
+        // Declared bigger than the machine (SlurmdParameters=config_overrides), so that more
+        // jobs run at once than this machine has cores or memory for the head's budget.
         let out = Command::new("bash")
             .arg(&script)
             .arg(&dir)
+            .env("SLURM_TEST_CPUS", "8")
+            .env("SLURM_TEST_MEM_MB", "64000")
             .output()
             .unwrap();
         assert!(
@@ -191,7 +195,85 @@ fn stages_run_as_slurm_jobs_and_survive_a_cancelled_job() {
         "a completed job with gres gpu:1:\n{jobs}"
     );
 
+    slurm_stages_take_none_of_the_heads_budget(&cluster);
     data_parallel_stage_is_one_job_of_a_task_per_rank(&cluster);
+}
+
+/// The most stages of a run that were in flight at once, from their records' start and end.
+fn peak_in_flight(rows: &[serde_json::Value]) -> usize {
+    let mut edges: Vec<(u64, i32)> = vec![];
+    for r in rows {
+        if let (Some(a), Some(b)) = (r["started_ms"].as_u64(), r["ended_ms"].as_u64()) {
+            edges.push((a, 1));
+            edges.push((b, -1));
+        }
+    }
+    // An end and a start in the same millisecond: the end first.
+    edges.sort();
+    let (mut now, mut peak) = (0i32, 0i32);
+    for (_, d) in edges {
+        now += d;
+        peak = peak.max(now);
+    }
+    peak as usize
+}
+
+/// Stages that run as Slurm jobs take none of the head's CPU or memory budget: four stages
+/// of 20 GB each (more than this machine's memory for two) run three at a time under
+/// `--max-jobs 3` with `--jobs 1`, and never four.
+fn slurm_stages_take_none_of_the_heads_budget(cluster: &Cluster) {
+    let manifest = r#"
+grid:
+  seed: [1, 2, 3, 4]
+stages:
+  big:
+    kind: util.work
+    over: [seed]
+    params: {steps: 40, step_ms: 100}
+    resources: {cpus: 1, mem_mb: 20000}
+"#;
+    let s = Scratch::new();
+    let m = s.write("big.yaml", manifest);
+    let mut run = bin()
+        .env("SLURM_CONF", cluster.conf())
+        .args([
+            "run",
+            "--plain",
+            "--slurm",
+            "--jobs",
+            "1",
+            "--max-jobs",
+            "3",
+        ])
+        .arg(&m)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut peak_running = 0;
+    while run.try_wait().unwrap().is_none() {
+        let running = cluster.squeue(&["-h", "-t", "RUNNING", "-o", "%i"]);
+        peak_running = peak_running.max(running.lines().count());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = run.wait_with_output().unwrap();
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "slurm run failed:\n{log}");
+    let rows = status_rows(&m);
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    assert_eq!(
+        peak_in_flight(&rows),
+        3,
+        "--max-jobs 3 bounds the jobs in flight, the head's budget does not: {rows:?}"
+    );
+    assert!(
+        peak_running >= 3,
+        "Slurm ran three 20 GB stages at once (saw {peak_running})"
+    );
 }
 
 /// Two ranks as the two tasks of one Slurm job (`srun` starts a worker per task; they meet

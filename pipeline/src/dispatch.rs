@@ -32,6 +32,13 @@ pub trait Dispatcher: Send + Sync {
     /// Whether this dispatcher takes a stage with this assignment; the executor runs the
     /// others in-process.
     fn accepts(&self, assignment: &Assignment) -> bool;
+    /// `Some(n)`: the stages this dispatcher accepts run on resources this process does not
+    /// hold (a cluster's nodes), so they take none of the run's CPU, memory or GPU slots, and
+    /// at most `n` of them are in flight (submitted and not ended) at once. `None` (local
+    /// worker processes, which share this machine): the run's slots bound them.
+    fn remote_capacity(&self) -> Option<usize> {
+        None
+    }
     /// Runs `task` somewhere and blocks until it ends. A lost worker is
     /// [`StageError::Transient`], so the executor retries it (from its last checkpoint).
     /// Output digests are verified before returning.

@@ -17,6 +17,9 @@
 #   SLURM_TEST_PROCTRACK       proctrack plugin (default proctrack/pgid; proctrack/linuxproc
 #                              also works without cgroups but leaks orphans, see README)
 #   SLURM_TEST_TIMEOUT         seconds to wait for the node to become idle (60)
+#   SLURM_TEST_CPUS / SLURM_TEST_MEM_MB  declare the node with this many CPUs / MB instead of
+#                              what `slurmd -C` sees (SlurmdParameters=config_overrides), so
+#                              that more jobs run at once than the machine has cores
 # The last line on stdout is the client environment:  export SLURM_CONF=DIR/slurm.conf
 set -euo pipefail
 
@@ -137,6 +140,17 @@ REALMEM="$(hw RealMemory)"
 DEFMEM=$(( REALMEM / CPUS ))
 [ "$DEFMEM" -gt 1024 ] && DEFMEM=1024
 
+NODE_HW="CPUs=$CPUS Boards=1 SocketsPerBoard=$SOCKETS CoresPerSocket=$CORES ThreadsPerCore=$THREADS RealMemory=$REALMEM"
+OVERRIDES=""
+if [ -n "${SLURM_TEST_CPUS:-}" ] || [ -n "${SLURM_TEST_MEM_MB:-}" ]; then
+    CPUS="${SLURM_TEST_CPUS:-$CPUS}"
+    REALMEM="${SLURM_TEST_MEM_MB:-$REALMEM}"
+    NODE_HW="CPUs=$CPUS RealMemory=$REALMEM"
+    OVERRIDES="SlurmdParameters=config_overrides"
+    DEFMEM=$(( REALMEM / CPUS ))
+    [ "$DEFMEM" -gt 1024 ] && DEFMEM=1024
+fi
+
 NODE_GRES=""
 GRES_TYPES=""
 if [ "$NGPU" -gt 0 ]; then
@@ -207,8 +221,14 @@ SlurmdLogFile=$DIR/log/slurmd.log
 SlurmctldDebug=info
 SlurmdDebug=info
 $GRES_TYPES
-NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$CPUS Boards=1 SocketsPerBoard=$SOCKETS CoresPerSocket=$CORES ThreadsPerCore=$THREADS RealMemory=$REALMEM $NODE_GRES State=UNKNOWN
+$OVERRIDES
+# Jobs over a partition's limits are accepted and wait (Reason=PartitionTimeLimit) rather
+# than refused at submission, as on many sites.
+EnforcePartLimits=NO
+NodeName=$HOST NodeAddr=127.0.0.1 $NODE_HW $NODE_GRES Features=testfeat State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+# A partition with a 1-minute limit: a job asking for more never starts there.
+PartitionName=tiny Nodes=ALL MaxTime=1 State=UP
 CONF
 
 export SLURM_CONF="$DIR/slurm.conf"

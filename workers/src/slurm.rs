@@ -20,7 +20,7 @@ use deeprepair_pipeline::{Assignment, Dispatcher, RemoteOutcome};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug)]
@@ -36,11 +36,17 @@ pub struct SlurmOptions {
     pub request_gpus: bool,
     /// How often to ask Slurm about a job's state.
     pub poll: Duration,
+    /// At most this many of the run's jobs are submitted and not ended at once.
+    pub max_jobs: usize,
+    /// At least this long between two `sbatch` calls (zero: no limit).
+    pub submit_interval: Duration,
 }
 
 pub struct SlurmDispatcher {
-    pub coordinator: Arc<Coordinator>,
-    pub options: SlurmOptions,
+    coordinator: Arc<Coordinator>,
+    options: SlurmOptions,
+    /// When the next `sbatch` may run (the submission rate).
+    next_submit: Mutex<Instant>,
 }
 
 /// A Slurm job's state as `squeue` reports it (`None`: Slurm no longer lists it).
@@ -62,9 +68,30 @@ fn job_state(job: &str) -> anyhow::Result<Option<String>> {
 }
 
 impl SlurmDispatcher {
+    pub fn new(coordinator: Arc<Coordinator>, options: SlurmOptions) -> SlurmDispatcher {
+        SlurmDispatcher {
+            coordinator,
+            options,
+            next_submit: Mutex::new(Instant::now()),
+        }
+    }
+
+    /// Waits for this submission's turn under `submit_interval`.
+    fn pace_submission(&self) {
+        let wait = {
+            let mut next = self.next_submit.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            let at = (*next).max(now);
+            *next = at + self.options.submit_interval;
+            at - now
+        };
+        std::thread::sleep(wait);
+    }
+
     /// Submits the job: one task, or `ranks` tasks of a gang, each with its share of the
     /// stage's CPUs and GPUs.
     fn sbatch(&self, task: &Task, assignment: &Assignment, ranks: u32) -> anyhow::Result<String> {
+        self.pace_submission();
         let o = &self.options;
         let mut cmd = Command::new("sbatch");
         cmd.arg("--parsable")
@@ -131,6 +158,10 @@ impl SlurmDispatcher {
 impl Dispatcher for SlurmDispatcher {
     fn accepts(&self, _assignment: &Assignment) -> bool {
         true
+    }
+
+    fn remote_capacity(&self) -> Option<usize> {
+        Some(self.options.max_jobs.max(1))
     }
 
     fn execute(
