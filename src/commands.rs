@@ -139,6 +139,9 @@ pub struct RunArgs {
     #[arg(long, requires = "slurm", default_value_t = 256,
           value_parser = clap::value_parser!(u64).range(1..=100_000))]
     max_jobs: u64,
+    /// Seconds between two looks at the run's Slurm jobs (one `squeue` for all of them).
+    #[arg(long, requires = "slurm", default_value_t = 10.0)]
+    slurm_poll: f64,
     /// At most this many `sbatch` calls per second.
     #[arg(long, requires = "slurm", default_value_t = 10.0)]
     submit_rate: f64,
@@ -322,6 +325,13 @@ pub fn run(args: RunArgs, registry: &Registry) -> anyhow::Result<ExitCode> {
         .into());
     }
     let submit_interval = std::time::Duration::from_secs_f64(1.0 / args.submit_rate);
+    if !(args.slurm_poll >= 0.05 && args.slurm_poll <= 3600.0) {
+        return Err(crate::ml_commands::UsageError(format!(
+            "--slurm-poll {}: expected seconds between 0.05 and 3600",
+            args.slurm_poll
+        ))
+        .into());
+    }
     let remote = RemoteSetup {
         gpus: if args.in_process { vec![] } else { gpus },
         cpu_workers: args.workers,
@@ -334,8 +344,9 @@ pub fn run(args: RunArgs, registry: &Registry) -> anyhow::Result<ExitCode> {
             partition: args.slurm_partition,
             extra_args: args.sbatch_args,
             request_gpus: !args.slurm_cpu_only,
-            poll: std::time::Duration::from_secs(2),
+            poll: std::time::Duration::from_secs_f64(args.slurm_poll),
             max_jobs: args.max_jobs as usize,
+            store_tag: store_tag(&path),
             submit_interval,
         }),
         listen: args.listen,
@@ -390,6 +401,17 @@ pub fn run(args: RunArgs, registry: &Registry) -> anyhow::Result<ExitCode> {
         RunState::Cancelled => ExitCode::from(130),
         _ => ExitCode::FAILURE,
     })
+}
+
+/// A short tag naming a store's Slurm jobs: the hash of its absolute path (the store itself
+/// may not exist yet when this is asked, its folder does).
+fn store_tag(path: &Path) -> String {
+    let absolute = path
+        .parent()
+        .and_then(|p| p.canonicalize().ok())
+        .map(|p| p.join(path.file_name().unwrap_or_default()))
+        .unwrap_or_else(|| path.to_path_buf());
+    Digest::of(absolute.to_string_lossy().as_bytes()).hex()[..8].to_string()
 }
 
 #[derive(Args)]

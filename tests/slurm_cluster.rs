@@ -107,10 +107,15 @@ fn stages_run_as_slurm_jobs_and_survive_a_cancelled_job() {
     let s = Scratch::new();
     let m = s.write("p.yaml", PIPELINE);
     let started = Instant::now();
+    // Every squeue the run makes is logged: one per poll for all of its jobs.
+    let calls = s.path().join("squeue-calls.log");
+    let wrappers = squeue_logging_to(&s, &calls);
     let run = bin()
         .env("SLURM_CONF", cluster.conf())
         .env("DEEPREPAIR_LOG", "info")
+        .env("PATH", path_with(&wrappers))
         .args(["run", "--plain", "--slurm", "--lease-timeout", "10"])
+        .args(["--slurm-poll", "1"])
         .arg(&m)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -144,6 +149,7 @@ fn stages_run_as_slurm_jobs_and_survive_a_cancelled_job() {
     assert!(cancelled.success());
 
     let out = run.wait_with_output().unwrap();
+    let seconds = started.elapsed().as_secs_f64();
     let log = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
@@ -151,6 +157,18 @@ fn stages_run_as_slurm_jobs_and_survive_a_cancelled_job() {
     );
     assert!(out.status.success(), "slurm run failed:\n{log}");
     assert_eq!(outputs(&m), expected, "same artifacts as an in-process run");
+    // Five jobs, at times four at once, but one squeue per second (and one at the start for
+    // jobs of earlier runs), not one per job.
+    let calls = std::fs::read_to_string(&calls).unwrap_or_default();
+    let polls = calls.lines().count();
+    assert!(
+        polls >= 2 && polls as f64 <= seconds + 2.0,
+        "{polls} squeue calls in {seconds:.1} s with --slurm-poll 1:\n{calls}"
+    );
+    assert!(
+        calls.lines().skip(1).all(|l| l.contains("--name")),
+        "each poll asks for the run's jobs by name:\n{calls}"
+    );
 
     let rows = status_rows(&m);
     for row in &rows {
@@ -196,7 +214,39 @@ fn stages_run_as_slurm_jobs_and_survive_a_cancelled_job() {
     );
 
     slurm_stages_take_none_of_the_heads_budget(&cluster);
+    orphans_are_cancelled_and_sigterm_leaves_no_job(&cluster);
     data_parallel_stage_is_one_job_of_a_task_per_rank(&cluster);
+}
+
+/// A folder with an `squeue` that appends its arguments to `log` and runs the real one.
+fn squeue_logging_to(s: &Scratch, log: &Path) -> PathBuf {
+    let real = Command::new("sh")
+        .args(["-c", "command -v squeue"])
+        .output()
+        .unwrap();
+    let real = String::from_utf8_lossy(&real.stdout).trim().to_string();
+    let dir = s.path().join("bin");
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("squeue");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\necho \"$*\" >> '{}'\nexec '{real}' \"$@\"\n",
+            log.display()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    dir
+}
+
+fn path_with(dir: &Path) -> String {
+    format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
 }
 
 /// The most stages of a run that were in flight at once, from their records' start and end.
@@ -337,5 +387,112 @@ stages:
     assert!(
         worker.starts_with("slurm:") && worker.contains(" + "),
         "{worker}"
+    );
+}
+
+/// This store's jobs still queued or running: (id, name).
+fn live_jobs(cluster: &Cluster) -> Vec<(String, String)> {
+    cluster
+        .squeue(&["-h", "-t", "PENDING,RUNNING", "-o", "%i|%j"])
+        .lines()
+        .filter_map(|l| {
+            let (id, name) = l.trim().split_once('|')?;
+            name.starts_with("dr-")
+                .then(|| (id.to_string(), name.to_string()))
+        })
+        .collect()
+}
+
+fn wait_until(what: &str, limit: Duration, mut ok: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !ok() {
+        assert!(started.elapsed() < limit, "timed out waiting: {what}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A `run` killed with SIGKILL leaves its jobs running; the next `run` of the same store
+/// cancels them and says so. SIGTERM to a `run` cancels its jobs like Ctrl-C: none is left.
+fn orphans_are_cancelled_and_sigterm_leaves_no_job(cluster: &Cluster) {
+    let manifest = r#"
+grid:
+  seed: [1, 2]
+stages:
+  long:
+    kind: util.work
+    over: [seed]
+    params: {steps: 600, step_ms: 100, checkpoint_every: 10}
+    resources: {cpus: 1, mem_mb: 256}
+"#;
+    let s = Scratch::new();
+    let m = s.write("long.yaml", manifest);
+    let start = |log: &str| {
+        let log = std::fs::File::create(s.path().join(log)).unwrap();
+        bin()
+            .env("SLURM_CONF", cluster.conf())
+            .args(["run", "--plain", "--slurm", "--slurm-poll", "0.5"])
+            .arg(&m)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap()
+    };
+    let running = |n: usize| {
+        move || {
+            cluster
+                .squeue(&["-h", "-t", "RUNNING", "-o", "%j"])
+                .lines()
+                .filter(|l| l.starts_with("dr-"))
+                .count()
+                >= n
+        }
+    };
+    assert!(live_jobs(cluster).is_empty(), "{:?}", live_jobs(cluster));
+
+    let mut first = start("first.log");
+    wait_until(
+        "the first run's jobs run",
+        Duration::from_secs(60),
+        running(2),
+    );
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let orphans = live_jobs(cluster);
+    assert_eq!(
+        orphans.len(),
+        2,
+        "SIGKILL leaves the jobs behind: {orphans:?}"
+    );
+
+    let second = start("second.log");
+    let log = || std::fs::read_to_string(s.path().join("second.log")).unwrap_or_default();
+    wait_until(
+        "the second run cancels the orphans",
+        Duration::from_secs(30),
+        || log().contains("cancelled 2 Slurm job(s) left by earlier run(s) r1 of this store"),
+    );
+    for (id, _) in &orphans {
+        assert!(log().contains(id.as_str()), "names job {id}: {}", log());
+    }
+    wait_until("the second run's jobs run", Duration::from_secs(60), || {
+        let live = live_jobs(cluster);
+        live.len() == 2
+            && live
+                .iter()
+                .all(|(id, _)| !orphans.iter().any(|(o, _)| o == id))
+    });
+
+    let term = Command::new("kill")
+        .args(["-TERM", &second.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let out = second.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{}", log());
+    assert!(log().contains("SIGTERM: no new stages"), "{}", log());
+    wait_until(
+        "no job of the store is left",
+        Duration::from_secs(30),
+        || live_jobs(cluster).is_empty(),
     );
 }

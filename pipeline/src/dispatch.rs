@@ -39,6 +39,12 @@ pub trait Dispatcher: Send + Sync {
     fn remote_capacity(&self) -> Option<usize> {
         None
     }
+    /// Called once the run has its id (the store's run record), before any stage runs.
+    fn begin_run(&self, _run: u64) -> anyhow::Result<()> {
+        Ok(())
+    }
+    /// The run exits now (a second interrupt): stop whatever still runs elsewhere, at once.
+    fn abandon(&self) {}
     /// Runs `task` somewhere and blocks until it ends. A lost worker is
     /// [`StageError::Transient`], so the executor retries it (from its last checkpoint).
     /// Output digests are verified before returning.

@@ -369,15 +369,25 @@ impl<'a> Executor<'a> {
 
     async fn run(mut self) -> anyhow::Result<RunSummary> {
         let started = Instant::now();
+        if let Some(d) = &self.options.dispatcher {
+            d.begin_run(self.run.id)?;
+        }
         if self.options.handle_ctrl_c {
             let cancel = self.cancel.clone();
+            let dispatcher = self.options.dispatcher.clone();
+            let mut signals = Signals::new()?;
             tokio::spawn(async move {
-                while tokio::signal::ctrl_c().await.is_ok() {
+                while let Some(name) = signals.next().await {
                     if cancel.swap(true, Ordering::SeqCst) {
-                        eprintln!("interrupted again: exiting now (committed stages are kept)");
+                        eprintln!(
+                            "{name} again: exiting now (committed stages are kept; jobs elsewhere are cancelled)"
+                        );
+                        if let Some(d) = &dispatcher {
+                            d.abandon();
+                        }
                         std::process::exit(130);
                     }
-                    eprintln!("interrupt: no new stages; running ones stop at their next checkpoint (Ctrl-C again to exit now)");
+                    eprintln!("{name}: no new stages; running ones stop at their next checkpoint (Ctrl-C again to exit now)");
                 }
             });
         }
@@ -787,6 +797,45 @@ impl<'a> Executor<'a> {
                 Next::Nothing
             }
         }
+    }
+}
+
+/// The signals that stop a run: Ctrl-C (SIGINT), SIGTERM (`kill`, a batch system's time
+/// limit) and SIGHUP (the terminal went away). All mean the same: stop launching, let running
+/// stages stop at a safe point and cancel their jobs; the second one exits at once.
+struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Signals {
+                term: signal(SignalKind::terminate())?,
+                hup: signal(SignalKind::hangup())?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Signals {})
+    }
+
+    /// The next signal's name; `None` when signals can no longer be received.
+    async fn next(&mut self) -> Option<&'static str> {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => r.ok().map(|_| "interrupt"),
+                s = self.term.recv() => s.map(|_| "SIGTERM"),
+                s = self.hup.recv() => s.map(|_| "SIGHUP"),
+            }
+        }
+        #[cfg(not(unix))]
+        tokio::signal::ctrl_c().await.ok().map(|_| "interrupt")
     }
 }
 

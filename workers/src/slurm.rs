@@ -8,19 +8,25 @@
 //! job of N tasks (`--ntasks=N`, `srun` starting a worker per task): Slurm starts them
 //! together, possibly on several nodes, and the workers claim the gang's N rank jobs.
 //!
-//! A job that ends without reporting (node failure, `scancel`, time limit, OOM kill) is
-//! noticed by polling `squeue`, and the stage fails as transient: the executor resubmits it,
-//! and it resumes from the checkpoint the last job committed.
+//! Every job of a run has the run's name, `dr-<store tag>-r<run>` (the store tag: a hash of
+//! the store's path), and says its stage and key in its comment. One poller thread asks
+//! `squeue --name=<that name>` about all of the run's jobs at once every `poll` (and only
+//! while any is in flight), whatever their number. A job that ends without reporting (node
+//! failure, `scancel`, time limit, OOM kill) is noticed there, and the stage fails as
+//! transient: the executor resubmits it, and it resumes from the checkpoint the last job
+//! committed. When a run begins it cancels the jobs earlier runs of the same store left in the
+//! queue (a `run` killed with SIGKILL cannot cancel its own), and says so.
 
 use crate::coordinator::{Coordinator, Route};
 use crate::protocol::TOKEN_ENV;
 use anyhow::{bail, Context};
 use deeprepair_pipeline::kind::{ProgressSink, StageError, Task};
 use deeprepair_pipeline::{Assignment, Dispatcher, RemoteOutcome};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug)]
@@ -34,8 +40,11 @@ pub struct SlurmOptions {
     pub extra_args: Vec<String>,
     /// Ask Slurm for `--gres=gpu:N` for stages that declare GPUs (off on CPU-only clusters).
     pub request_gpus: bool,
-    /// How often to ask Slurm about a job's state.
+    /// How often to ask Slurm about the run's jobs (one `squeue` for all of them).
     pub poll: Duration,
+    /// Names this store's jobs (`dr-<tag>-r<run>`), so that a run finds the jobs that earlier
+    /// runs of the same store left behind: a short hash of the store's path.
+    pub store_tag: String,
     /// At most this many of the run's jobs are submitted and not ended at once.
     pub max_jobs: usize,
     /// At least this long between two `sbatch` calls (zero: no limit).
@@ -47,24 +56,108 @@ pub struct SlurmDispatcher {
     options: SlurmOptions,
     /// When the next `sbatch` may run (the submission rate).
     next_submit: Mutex<Instant>,
+    /// The name of every job of this run, set when the run begins.
+    job_name: OnceLock<String>,
+    board: Arc<Board>,
+    poller: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
 
-/// A Slurm job's state as `squeue` reports it (`None`: Slurm no longer lists it).
-fn job_state(job: &str) -> anyhow::Result<Option<String>> {
+/// A job as `squeue` lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JobStatus {
+    /// `PENDING`, `RUNNING`, `COMPLETED`, `OUT_OF_MEMORY`, …
+    pub state: String,
+    /// Why it waits or ended (`Resources`, `PartitionTimeLimit`, `NonZeroExitCode`, …).
+    pub reason: String,
+}
+
+/// What the poller last saw, shared with the threads waiting on jobs.
+struct Board {
+    state: Mutex<BoardState>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct BoardState {
+    /// Jobs submitted and not yet ended, as far as this run knows.
+    in_flight: usize,
+    /// When the last successful poll began, and the run's jobs it saw.
+    seen: Option<(Instant, HashMap<String, JobStatus>)>,
+    /// `squeue` calls made.
+    polls: u64,
+    stop: bool,
+}
+
+impl Board {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BoardState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Parses `squeue -o "%i|%T|%r"` lines (a job array's or a het job's pieces keep their
+/// `_`/`+` suffix, which our single jobs never have).
+pub fn parse_squeue(text: &str) -> HashMap<String, JobStatus> {
+    text.lines()
+        .filter_map(|line| {
+            let mut f = line.trim().splitn(3, '|');
+            let id = f.next()?.trim();
+            let state = f.next()?.trim();
+            let reason = f.next().unwrap_or("").trim();
+            (!id.is_empty() && !state.is_empty()).then(|| {
+                (
+                    id.to_string(),
+                    JobStatus {
+                        state: state.to_string(),
+                        reason: reason.to_string(),
+                    },
+                )
+            })
+        })
+        .collect()
+}
+
+/// One `squeue` for every job named `name`, finished ones included (while Slurm keeps them,
+/// `MinJobAge`).
+fn query_jobs(name: &str) -> anyhow::Result<HashMap<String, JobStatus>> {
     let out = Command::new("squeue")
-        .args(["-h", "-t", "all", "-j", job, "-o", "%T"])
+        .args(["-h", "-t", "all", "--name", name, "-o", "%i|%T|%r"])
         .output()
         .context("running squeue")?;
-    let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
     if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        // squeue exits non-zero for a job id it has already forgotten.
-        if err.contains("Invalid job id") {
-            return Ok(None);
-        }
-        bail!("squeue -j {job}: {}", err.trim());
+        bail!(
+            "squeue --name {name}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
-    Ok((!text.is_empty()).then_some(text))
+    Ok(parse_squeue(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// The poller: while any job is in flight, one `squeue` for all of the run's jobs every
+/// `poll`.
+fn poll_loop(board: Arc<Board>, name: String, poll: Duration) {
+    let mut state = board.lock();
+    loop {
+        state = board
+            .wake
+            .wait_timeout(state, poll)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+        if state.stop {
+            return;
+        }
+        if state.in_flight == 0 {
+            continue;
+        }
+        state.polls += 1;
+        drop(state);
+        let began = Instant::now();
+        let result = query_jobs(&name);
+        state = board.lock();
+        match result {
+            Ok(jobs) => state.seen = Some((began, jobs)),
+            Err(e) => tracing::warn!("{e:#}"),
+        }
+    }
 }
 
 impl SlurmDispatcher {
@@ -73,7 +166,35 @@ impl SlurmDispatcher {
             coordinator,
             options,
             next_submit: Mutex::new(Instant::now()),
+            job_name: OnceLock::new(),
+            board: Arc::new(Board {
+                state: Mutex::new(BoardState::default()),
+                wake: Condvar::new(),
+            }),
+            poller: Mutex::new(None),
         }
+    }
+
+    /// `squeue` calls made so far by the poller.
+    pub fn polls(&self) -> u64 {
+        self.board.lock().polls
+    }
+
+    /// The prefix of every job name of this store's runs.
+    fn store_prefix(&self) -> String {
+        format!("dr-{}-r", self.options.store_tag)
+    }
+
+    fn job_name(&self) -> &str {
+        self.job_name.get().map(String::as_str).unwrap_or("dr")
+    }
+
+    /// What the last poll that began after `since` saw of `job`: `None` when no poll has
+    /// begun since; `Some(None)` when Slurm no longer lists the job.
+    fn seen_since(&self, job: &str, since: Instant) -> Option<Option<JobStatus>> {
+        let state = self.board.lock();
+        let (at, jobs) = state.seen.as_ref()?;
+        (*at >= since).then(|| jobs.get(job).cloned())
     }
 
     /// Waits for this submission's turn under `submit_interval`.
@@ -95,7 +216,12 @@ impl SlurmDispatcher {
         let o = &self.options;
         let mut cmd = Command::new("sbatch");
         cmd.arg("--parsable")
-            .arg(format!("--job-name=dr-{}", task.key.short()))
+            .arg(format!("--job-name={}", self.job_name()))
+            .arg(format!(
+                "--comment=deeprepair stage={} key={}",
+                task.stage.replace(char::is_whitespace, "_"),
+                task.key.short()
+            ))
             .arg(format!(
                 "--cpus-per-task={}",
                 (assignment.resources.cpus / ranks).max(1)
@@ -164,6 +290,30 @@ impl Dispatcher for SlurmDispatcher {
         Some(self.options.max_jobs.max(1))
     }
 
+    /// Names this run's jobs, cancels those earlier runs of the store left queued or
+    /// running, and starts the poller.
+    fn begin_run(&self, run: u64) -> anyhow::Result<()> {
+        let name = format!("{}{run}", self.store_prefix());
+        let _ = self.job_name.set(name.clone());
+        self.cancel_orphans(&name)?;
+        let (board, poll) = (self.board.clone(), self.options.poll);
+        let handle = std::thread::Builder::new()
+            .name("slurm-poller".into())
+            .spawn(move || poll_loop(board, name, poll))?;
+        *self.poller.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
+        Ok(())
+    }
+
+    /// Cancels every job of this run at once (`scancel --name`), for a run that exits now.
+    fn abandon(&self) {
+        if let Some(name) = self.job_name.get() {
+            let _ = Command::new("scancel")
+                .args(["--name", name])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+
     fn execute(
         &self,
         task: &Task,
@@ -197,23 +347,14 @@ impl Dispatcher for SlurmDispatcher {
                 n => format!("submitted as Slurm job {job} of {n} tasks, one per rank"),
             },
         );
-        let mut last_poll = Instant::now();
+        let submitted = Instant::now();
+        self.board.lock().in_flight += 1;
         let mut ended_at: Option<(Instant, String)> = None;
         let result = self
             .coordinator
             .wait_gang(tickets, progress, cancel, |_rank, _leased| {
-                if last_poll.elapsed() < self.options.poll {
-                    return None;
-                }
-                last_poll = Instant::now();
-                let state = match job_state(&job) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::warn!("{e:#}");
-                        return None;
-                    }
-                };
-                let finished = match state.as_deref() {
+                let status = self.seen_since(&job, submitted)?;
+                let finished = match status.as_ref().map(|s| s.state.as_str()) {
                     None => Some("gone from the queue".to_string()),
                     Some("PENDING" | "RUNNING" | "CONFIGURING" | "COMPLETING" | "SUSPENDED") => {
                         None
@@ -236,6 +377,7 @@ impl Dispatcher for SlurmDispatcher {
                     _ => None,
                 }
             });
+        self.board.lock().in_flight -= 1;
         if result.is_err() {
             // Cancelled, or a rank of a gang failed while the job's other tasks may still
             // run (or wait for a peer that is gone): end the job. Harmless if it has ended.
@@ -248,6 +390,73 @@ impl Dispatcher for SlurmDispatcher {
     }
 }
 
+impl SlurmDispatcher {
+    /// Cancels the queued or running jobs of this store's earlier runs: their `run` is gone
+    /// (this one holds the store's only writer lock), so nobody will take their results.
+    fn cancel_orphans(&self, ours: &str) -> anyhow::Result<()> {
+        let out = Command::new("squeue")
+            .args(["--me", "-h", "-o", "%i|%j|%T"])
+            .output()
+            .context("running squeue (is Slurm installed and SLURM_CONF set?)")?;
+        if !out.status.success() {
+            bail!(
+                "squeue --me: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let prefix = self.store_prefix();
+        let mut ids = vec![];
+        let mut runs = std::collections::BTreeSet::new();
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let f: Vec<&str> = line.trim().splitn(3, '|').collect();
+            let [id, name, state] = f[..] else { continue };
+            let Some(run) = name.strip_prefix(&prefix) else {
+                continue;
+            };
+            if name == ours || !run.chars().all(|c| c.is_ascii_digit()) {
+                continue;
+            }
+            if matches!(
+                state,
+                "PENDING" | "RUNNING" | "CONFIGURING" | "SUSPENDED" | "REQUEUED"
+            ) {
+                ids.push(id.to_string());
+                runs.insert(format!("r{run}"));
+            }
+        }
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let status = Command::new("scancel")
+            .args(&ids)
+            .status()
+            .context("running scancel")?;
+        let runs: Vec<String> = runs.into_iter().collect();
+        let message = format!(
+            "cancelled {} Slurm job(s) left by earlier run(s) {} of this store: {}",
+            ids.len(),
+            runs.join(", "),
+            ids.join(" ")
+        );
+        if !status.success() {
+            bail!("scancel {} failed ({status})", ids.join(" "));
+        }
+        eprintln!("{message}");
+        tracing::warn!("{message}");
+        Ok(())
+    }
+}
+
+impl Drop for SlurmDispatcher {
+    fn drop(&mut self) {
+        self.board.lock().stop = true;
+        self.board.wake.notify_all();
+        if let Some(h) = self.poller.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = h.join();
+        }
+    }
+}
+
 fn shell_quote(s: &str) -> String {
     if s.chars()
         .all(|c| c.is_ascii_alphanumeric() || "/._-+:@".contains(c))
@@ -255,5 +464,21 @@ fn shell_quote(s: &str) -> String {
         s.to_string()
     } else {
         format!("'{}'", s.replace('\'', r"'\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn squeue_lines_become_job_states() {
+        let jobs = parse_squeue(
+            "12|RUNNING|None\n13|PENDING|PartitionTimeLimit\n14|OUT_OF_MEMORY|OutOfMemory\n\n",
+        );
+        assert_eq!(jobs.len(), 3);
+        assert_eq!(jobs["13"].state, "PENDING");
+        assert_eq!(jobs["13"].reason, "PartitionTimeLimit");
+        assert_eq!(jobs["14"].state, "OUT_OF_MEMORY");
     }
 }
