@@ -3,7 +3,7 @@
 //! commits its outputs; a [`Dispatcher`] decides *where* it runs and brings the outputs back.
 
 use crate::artifact::Artifact;
-use crate::kind::{ProgressSink, Resources, StageError, Task};
+use crate::kind::{ClusterRequest, ProgressSink, Resources, StageError, Task};
 use std::sync::atomic::AtomicBool;
 
 /// What the executor gave a stage from its slots.
@@ -16,6 +16,8 @@ pub struct Assignment {
     pub gpus: Vec<u32>,
     /// What the stage declared.
     pub resources: Resources,
+    /// What it asks of a batch system (time limit, partition, …).
+    pub cluster: ClusterRequest,
 }
 
 /// A stage that ran elsewhere: its outputs in declaration order and where it ran.

@@ -458,6 +458,7 @@ impl<'a> Executor<'a> {
                         mem_mb: stage.resources.mem_mb,
                         gpus: vec![],
                         resources: stage.resources,
+                        cluster: stage.cluster.clone(),
                     };
                     let accepted = self
                         .options
@@ -522,6 +523,7 @@ impl<'a> Executor<'a> {
                     mem_mb: want_mem,
                     gpus,
                     resources: stage.resources,
+                    cluster: stage.cluster.clone(),
                 };
                 self.launch(i, task, assignment, worker, tx.clone());
             }
