@@ -1,7 +1,11 @@
 //! `run --slurm` against a real single-node Slurm cluster (munged, slurmctld, slurmd started
 //! by tests/slurm/start-cluster.sh): every stage becomes an `sbatch` job whose worker talks to
 //! this run's coordinator over HTTP; a job cancelled mid-stage is resubmitted and resumes from
-//! its checkpoint; GPU stages ask Slurm for `--gres=gpu:N`.
+//! its checkpoint; GPU stages ask Slurm for `--gres=gpu:N`. Then, on the same cluster: one
+//! `squeue` per poll for all jobs; Slurm stages take none of the head's CPU/memory budget and
+//! `--max-jobs` bounds them; a SIGKILLed run's jobs are cancelled by the next run, SIGTERM
+//! leaves no job; per-kind and per-stage resources reach each job; a job that can never
+//! start is reported. Beside it, on a cluster of its own: a TIMEOUT is retried with more time.
 //!
 //! Needs root and the Slurm packages (`tests/slurm/install.sh`; `.ci/run` installs them and
 //! sets DEEPREPAIR_REQUIRE_SLURM=1, so CI fails rather than skips when Slurm is missing).
@@ -215,6 +219,8 @@ fn stages_run_as_slurm_jobs_and_survive_a_cancelled_job() {
 
     slurm_stages_take_none_of_the_heads_budget(&cluster);
     orphans_are_cancelled_and_sigterm_leaves_no_job(&cluster);
+    stage_resources_become_the_jobs_requests(&cluster);
+    a_job_that_can_never_start_is_reported(&cluster);
     data_parallel_stage_is_one_job_of_a_task_per_rank(&cluster);
 }
 
@@ -495,4 +501,133 @@ stages:
         Duration::from_secs(30),
         || live_jobs(cluster).is_empty(),
     );
+}
+
+/// Per-kind and per-stage `resources:` (time, partition, constraint, extra sbatch options)
+/// reach each stage's own job: Slurm shows them.
+fn stage_resources_become_the_jobs_requests(cluster: &Cluster) {
+    let manifest = r#"
+resources:
+  util.work: {time: "10", constraint: testfeat}
+stages:
+  quick:
+    kind: util.work
+    params: {steps: 3, step_ms: 100, label: quick}
+    resources: {partition: debug, sbatch_args: ["--nice=7"]}
+  longer:
+    kind: util.work
+    params: {steps: 3, step_ms: 100, label: longer}
+    resources: {time: "0:02:00"}
+"#;
+    let s = Scratch::new();
+    let m = s.write("res.yaml", manifest);
+    let out = bin()
+        .env("SLURM_CONF", cluster.conf())
+        .args(["run", "--plain", "--slurm", "--slurm-poll", "0.5"])
+        .args(["--sbatch-arg=--time=3:00:00", "--sbatch-arg=--nice=1"])
+        .arg(&m)
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{log}");
+    // comment | time limit | features | partition | nice
+    let jobs = cluster.squeue(&["-h", "-t", "all", "-o", "%k|%l|%f|%P|%y"]);
+    let job = |stage: &str| {
+        jobs.lines()
+            .find(|l| l.starts_with(&format!("deeprepair stage={stage} ")))
+            .unwrap_or_else(|| panic!("no job of {stage} in:\n{jobs}"))
+            .split('|')
+            .skip(1)
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    // The kind's time wins over the run's --sbatch-arg, the stage's over the kind's.
+    assert_eq!(job("quick"), ["10:00", "testfeat", "debug", "7"], "{jobs}");
+    assert_eq!(job("longer"), ["2:00", "testfeat", "debug", "1"], "{jobs}");
+}
+
+/// A job that waits for what its partition never grants one job (here 5 minutes in a
+/// partition of 1) fails its stage with Slurm's reason instead of waiting forever, and is
+/// cancelled.
+fn a_job_that_can_never_start_is_reported(cluster: &Cluster) {
+    let manifest = r#"
+stages:
+  stuck:
+    kind: util.work
+    params: {steps: 1}
+    resources: {partition: tiny, time: "5"}
+"#;
+    let s = Scratch::new();
+    let m = s.write("stuck.yaml", manifest);
+    let started = Instant::now();
+    let mut run = bin()
+        .env("SLURM_CONF", cluster.conf())
+        .args(["run", "--plain", "--slurm", "--slurm-poll", "0.5"])
+        .arg(&m)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    while run.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(60) {
+            run.kill().unwrap();
+            panic!("the run waited over a minute on a job that can never start");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = run.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{log}");
+    assert!(
+        log.contains("can never start (pending: PartitionTimeLimit); cancelled"),
+        "{log}"
+    );
+    wait_until(
+        "the stuck job is cancelled",
+        Duration::from_secs(30),
+        || live_jobs(cluster).is_empty(),
+    );
+}
+
+/// A job that runs out of its time limit is retried with twice the time, and the retry
+/// resumes from the last checkpoint. Its own cluster, beside the other test: Slurm's limits
+/// are whole minutes, so this takes two or three.
+#[test]
+fn a_timed_out_job_is_retried_with_more_time() {
+    let Some(cluster) = Cluster::start() else {
+        return;
+    };
+    // 150 s of work in a 1-minute limit (Slurm ends it 60-90 s in), then in 2 minutes.
+    let manifest = r#"
+stages:
+  slow:
+    kind: util.work
+    params: {steps: 150, step_ms: 1000, checkpoint_every: 5}
+    resources: {time: "1", mem_mb: 256}
+"#;
+    let s = Scratch::new();
+    let m = s.write("slow.yaml", manifest);
+    let out = bin()
+        .env("SLURM_CONF", cluster.conf())
+        .env("DEEPREPAIR_LOG", "info")
+        .args(["run", "--plain", "--slurm", "--slurm-poll", "1"])
+        .arg(&m)
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains(
+            "(TIMEOUT) without reporting; it ran out of time: the next job asks for 0-00:02:00"
+        ),
+        "{log}"
+    );
+    assert!(log.contains("with 256 MB, time 0-00:02:00"), "{log}");
+    let store = s.path().join(".deeprepair/store.redb");
+    let inspect = run_ok(&["inspect", "slow", "--store", store.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&inspect.stdout);
+    assert!(text.contains("resumed from checkpoint at step"), "{text}");
+    let jobs = cluster.squeue(&["-h", "-t", "all", "-o", "%l|%T"]);
+    assert!(jobs.lines().any(|l| l == "1:00|TIMEOUT"), "{jobs}");
+    assert!(jobs.lines().any(|l| l == "2:00|COMPLETED"), "{jobs}");
 }
