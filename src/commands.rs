@@ -156,6 +156,10 @@ pub struct RunArgs {
     /// Seconds without a heartbeat after which a worker's stage is given to another worker.
     #[arg(long, default_value_t = 30)]
     lease_timeout: u64,
+    /// Seconds a stage in a worker process or Slurm job may go without progress (no training
+    /// step, no progress update) before it counts as hung and is retried (default: never).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    stall_timeout: Option<u64>,
     /// Keep running independent stages after a failure.
     #[arg(long)]
     keep_going: bool,
@@ -181,6 +185,7 @@ struct RemoteSetup {
     listen: Option<std::net::SocketAddr>,
     advertise: Option<String>,
     lease_timeout: std::time::Duration,
+    stall_timeout: Option<std::time::Duration>,
     log_dir: PathBuf,
 }
 
@@ -214,6 +219,7 @@ impl RemoteSetup {
         });
         let coordinator =
             Coordinator::start(store, listen, advertise.as_deref(), self.lease_timeout)?;
+        coordinator.set_stall_timeout(self.stall_timeout);
         tracing::info!("coordinator listening at {}", coordinator.url());
         let dispatcher: Arc<dyn deeprepair_pipeline::Dispatcher> = match self.slurm {
             Some(mut slurm) => {
@@ -352,6 +358,7 @@ pub fn run(args: RunArgs, registry: &Registry) -> anyhow::Result<ExitCode> {
         listen: args.listen,
         advertise: args.advertise,
         lease_timeout: std::time::Duration::from_secs(args.lease_timeout.max(1)),
+        stall_timeout: args.stall_timeout.map(std::time::Duration::from_secs),
         log_dir: path
             .parent()
             .map(|p| p.join("workers"))

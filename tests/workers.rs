@@ -343,3 +343,43 @@ fn sigterm_stops_a_run_like_ctrl_c() {
     assert!(text.contains("SIGTERM: no new stages"), "{text}");
     assert!(text.contains("Cancelled"), "{text}");
 }
+
+/// A stage that makes no progress for `--stall-timeout` counts as hung (e.g. every rank of
+/// a gang stuck in a collective while their threads still heartbeat): its lease is revoked
+/// and it fails as transient. The same stage with a longer limit succeeds.
+#[test]
+fn a_stage_without_progress_is_revoked_as_hung() {
+    // A progress update every 2.5 s.
+    let manifest = r#"
+stages:
+  slow:
+    kind: util.work
+    params: {steps: 2, step_ms: 2500}
+"#;
+    let s = Scratch::new();
+    let m = s.write("p.yaml", manifest);
+    let run = |stall: &str| {
+        bin()
+            .args([
+                "run",
+                "--plain",
+                "-j",
+                "1",
+                "--workers",
+                "1",
+                "--retries",
+                "0",
+            ])
+            .args(["--stall-timeout", stall])
+            .arg(&m)
+            .output()
+            .unwrap()
+    };
+    let out = run("1");
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("hung: no progress for"), "{text}");
+    let out = run("10");
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{text}");
+}

@@ -61,6 +61,8 @@ struct Lease {
     last_beat: Instant,
     lines: Vec<String>,
     progress: Option<(u64, u64, String)>,
+    /// When the stage last reported progress that differs from before (or was leased).
+    progressed: Instant,
     cancel: bool,
 }
 
@@ -89,6 +91,9 @@ struct Hub {
     store: Arc<Store>,
     token: String,
     lease_timeout: Duration,
+    /// A leased stage whose progress has not moved for this long is hung: its lease is
+    /// revoked (transient). `None`: no watchdog.
+    stall_timeout: Mutex<Option<Duration>>,
 }
 
 impl Hub {
@@ -140,6 +145,7 @@ impl Coordinator {
             store,
             token: crate::unguessable_hex(),
             lease_timeout,
+            stall_timeout: Mutex::new(None),
         });
         let app = Router::new()
             .route("/v1/claim", post(claim))
@@ -432,12 +438,50 @@ impl Coordinator {
                 ))));
             }
         }
+        let stall = *self
+            .hub
+            .stall_timeout
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let (Some(limit), Some(id)) = (stall, lease_id) {
+            let still = state.leases[&id].progressed.elapsed();
+            if still > limit {
+                let lease = state.leases.remove(&id).expect("found above");
+                drop(state);
+                // A hung worker keeps its GPU: the local pool kills it (and restarts it).
+                let hook = self.stuck_rank.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(hook) = hook.as_ref() {
+                    hook(&lease.worker);
+                }
+                return Some(Err(StageError::Transient(anyhow::anyhow!(
+                    "worker {}{} hung: no progress for {:.0}s (--stall-timeout); its lease \
+                     was revoked",
+                    lease.worker.label(),
+                    if gang {
+                        format!(" (rank {rank})")
+                    } else {
+                        String::new()
+                    },
+                    still.as_secs_f64()
+                ))));
+            }
+        }
         drop(state);
         if let Some(e) = check(rank, leased) {
             self.revoke(ticket.id);
             return Some(Err(e));
         }
         None
+    }
+
+    /// Revoke (as transient) a leased stage whose progress has not moved for `limit`: a hang
+    /// (e.g. every rank of a gang waiting in a collective, heartbeating from its threads).
+    pub fn set_stall_timeout(&self, limit: Option<Duration>) {
+        *self
+            .hub
+            .stall_timeout
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = limit;
     }
 
     /// A rank of the gang failed: refuse its exchanges and cancel the other ranks.
@@ -609,6 +653,7 @@ async fn claim(
                         last_beat: Instant::now(),
                         lines: vec![],
                         progress: None,
+                        progressed: Instant::now(),
                         cancel: false,
                     },
                 );
@@ -640,6 +685,9 @@ async fn heartbeat(
     lease.last_beat = Instant::now();
     lease.lines.extend(beat.lines);
     if beat.progress.is_some() {
+        if beat.progress != lease.progress {
+            lease.progressed = Instant::now();
+        }
         lease.progress = beat.progress;
     }
     Json(HeartbeatReply {
