@@ -383,3 +383,43 @@ stages:
     let text = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{text}");
 }
+
+/// A stage's `time` is its wall-clock limit in a worker process too: past it the lease is
+/// revoked and the stage fails as transient. The same stage with more time succeeds.
+#[test]
+fn a_stage_past_its_time_limit_is_revoked() {
+    let s = Scratch::new();
+    let manifest = |time: &str| {
+        format!(
+            "stages:\n  slow:\n    kind: util.work\n    params: {{steps: 4, step_ms: 1000}}\n    \
+             resources: {{time: \"{time}\"}}\n"
+        )
+    };
+    let run = |time: &str| {
+        let m = s.write("p.yaml", &manifest(time));
+        bin()
+            .args([
+                "run",
+                "--plain",
+                "-j",
+                "1",
+                "--workers",
+                "1",
+                "--retries",
+                "0",
+            ])
+            .arg(&m)
+            .output()
+            .unwrap()
+    };
+    let out = run("0:02");
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("ran past the stage's time limit (2s)"),
+        "{text}"
+    );
+    let out = run("0:20");
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{text}");
+}

@@ -63,6 +63,7 @@ struct Lease {
     progress: Option<(u64, u64, String)>,
     /// When the stage last reported progress that differs from before (or was leased).
     progressed: Instant,
+    leased_at: Instant,
     cancel: bool,
 }
 
@@ -80,6 +81,8 @@ struct HubState {
     exchanges: HashMap<(u64, String), Vec<Option<Vec<u8>>>>,
     /// Gangs one of whose ranks failed: their exchanges are refused.
     abandoned: HashSet<u64>,
+    /// Wall-clock limits of jobs (from when they are leased), by job id.
+    limits: HashMap<u64, Duration>,
 }
 
 struct Hub {
@@ -368,6 +371,12 @@ impl Coordinator {
         if gang {
             self.forget_gang(&ids);
         }
+        {
+            let mut state = self.hub.lock();
+            for id in &ids {
+                state.limits.remove(id);
+            }
+        }
         let mut ends: Vec<Result<RemoteOutcome, StageError>> = ends
             .into_iter()
             .map(|e| e.expect("every rank ended"))
@@ -443,6 +452,29 @@ impl Coordinator {
             .stall_timeout
             .lock()
             .unwrap_or_else(|p| p.into_inner());
+        if let (Some(&limit), Some(id)) = (state.limits.get(&ticket.id), lease_id) {
+            let ran = state.leases[&id].leased_at.elapsed();
+            if ran > limit {
+                let lease = state.leases.remove(&id).expect("found above");
+                drop(state);
+                // Its worker may not stop on its own (a hang): the local pool kills it.
+                let hook = self.stuck_rank.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(hook) = hook.as_ref() {
+                    hook(&lease.worker);
+                }
+                return Some(Err(StageError::Transient(anyhow::anyhow!(
+                    "worker {}{} ran past the stage's time limit ({:.0}s); its lease was \
+                     revoked",
+                    lease.worker.label(),
+                    if gang {
+                        format!(" (rank {rank})")
+                    } else {
+                        String::new()
+                    },
+                    limit.as_secs_f64()
+                ))));
+            }
+        }
         if let (Some(limit), Some(id)) = (stall, lease_id) {
             let still = state.leases[&id].progressed.elapsed();
             if still > limit {
@@ -472,6 +504,15 @@ impl Coordinator {
             return Some(Err(e));
         }
         None
+    }
+
+    /// Gives the jobs of these tickets a wall-clock limit, counted from when each is leased:
+    /// past it the lease is revoked (transient) and a local worker still on it is killed.
+    pub fn limit_time(&self, tickets: &[Ticket], limit: Duration) {
+        let mut state = self.hub.lock();
+        for t in tickets {
+            state.limits.insert(t.id, limit);
+        }
     }
 
     /// Revoke (as transient) a leased stage whose progress has not moved for `limit`: a hang
@@ -654,6 +695,7 @@ async fn claim(
                         lines: vec![],
                         progress: None,
                         progressed: Instant::now(),
+                        leased_at: Instant::now(),
                         cancel: false,
                     },
                 );

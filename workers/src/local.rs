@@ -305,6 +305,11 @@ impl Dispatcher for LocalDispatcher {
             let routes: Vec<Route> = ranks.iter().map(|(r, _)| r.clone()).collect();
             let threads = (assignment.cpus / world).max(1);
             let tickets = self.pool.coordinator.submit_gang(task, ranks, threads);
+            if let Some(t) = assignment.cluster.time_s {
+                self.pool
+                    .coordinator
+                    .limit_time(&tickets, Duration::from_secs(t));
+            }
             return self
                 .pool
                 .coordinator
@@ -329,6 +334,11 @@ impl Dispatcher for LocalDispatcher {
             .pool
             .coordinator
             .submit(task, route.clone(), assignment.cpus, gpus);
+        if let Some(t) = assignment.cluster.time_s {
+            self.pool
+                .coordinator
+                .limit_time(std::slice::from_ref(&ticket), Duration::from_secs(t));
+        }
         self.pool
             .coordinator
             .wait(ticket, progress, cancel, |leased| {
