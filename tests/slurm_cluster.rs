@@ -5,7 +5,9 @@
 //! `squeue` per poll for all jobs; Slurm stages take none of the head's CPU/memory budget and
 //! `--max-jobs` bounds them; a SIGKILLed run's jobs are cancelled by the next run, SIGTERM
 //! leaves no job; per-kind and per-stage resources reach each job; a job that can never
-//! start is reported. Beside it, on a cluster of its own: a TIMEOUT is retried with more time.
+//! start is reported. Beside it, on clusters of their own: a TIMEOUT is retried with more time;
+//! two nodes in network namespaces share stages, run a gang across them and survive a node's
+//! death (NODE_FAIL, resubmitted uncounted, resumed on the other node).
 //!
 //! Needs root and the Slurm packages (`tests/slurm/install.sh`; `.ci/run` installs them and
 //! sets DEEPREPAIR_REQUIRE_SLURM=1, so CI fails rather than skips when Slurm is missing).
@@ -46,6 +48,12 @@ struct Cluster {
 impl Cluster {
     /// `None` (the test is skipped) when Slurm is not installed and not required.
     fn start() -> Option<Cluster> {
+        // Declared bigger than the machine (SlurmdParameters=config_overrides), so that more
+        // jobs run at once than this machine has cores or memory for the head's budget.
+        Cluster::start_with(&[("SLURM_TEST_CPUS", "8"), ("SLURM_TEST_MEM_MB", "64000")])
+    }
+
+    fn start_with(env: &[(&str, &str)]) -> Option<Cluster> {
         let have = Command::new("sh")
             .args(["-c", "command -v sbatch && command -v slurmctld"])
             .stdout(Stdio::null())
@@ -62,13 +70,10 @@ impl Cluster {
         }
         let dir = tempfile::tempdir().unwrap().keep();
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/slurm/start-cluster.sh");
-        // Declared bigger than the machine (SlurmdParameters=config_overrides), so that more
-        // jobs run at once than this machine has cores or memory for the head's budget.
         let out = Command::new("bash")
             .arg(&script)
             .arg(&dir)
-            .env("SLURM_TEST_CPUS", "8")
-            .env("SLURM_TEST_MEM_MB", "64000")
+            .envs(env.iter().copied())
             .output()
             .unwrap();
         assert!(
@@ -82,6 +87,23 @@ impl Cluster {
 
     fn conf(&self) -> PathBuf {
         self.dir.join("slurm.conf")
+    }
+
+    /// The address compute nodes reach this machine at.
+    fn head_address(&self) -> String {
+        std::fs::read_to_string(self.dir.join("ctld-addr"))
+            .unwrap()
+            .trim()
+            .to_string()
+    }
+
+    fn scontrol(&self, args: &[&str]) {
+        let status = Command::new("scontrol")
+            .env("SLURM_CONF", self.conf())
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(status.success(), "scontrol {args:?}");
     }
 
     fn squeue(&self, args: &[&str]) -> String {
@@ -630,4 +652,181 @@ stages:
     let jobs = cluster.squeue(&["-h", "-t", "all", "-o", "%l|%T"]);
     assert!(jobs.lines().any(|l| l == "1:00|TIMEOUT"), "{jobs}");
     assert!(jobs.lines().any(|l| l == "2:00|COMPLETED"), "{jobs}");
+}
+
+/// Two compute nodes on this machine, each `slurmd` in a network namespace of its own with
+/// its own address, `run` reaching them over a bridge: stages spread over both; a node that
+/// dies mid-stage (every process in its namespace killed, the node marked down as slurmctld
+/// would after SlurmdTimeout) ends its job NODE_FAIL, and the stage is submitted again, not
+/// counted as a retry, runs on the other node and resumes from its checkpoint; a 2-rank gang
+/// asked to spread over 2 nodes runs a rank on each (TCP between them) and gives the bytes
+/// two ranks as threads give.
+#[test]
+fn two_nodes_share_the_stages_and_survive_a_node_failure() {
+    let Some(cluster) = Cluster::start_with(&[("SLURM_TEST_NODES", "2"), ("SLURM_TEST_GPUS", "0")])
+    else {
+        return;
+    };
+    let head = cluster.head_address();
+    let run = |m: &Path, extra: &[&str]| {
+        bin()
+            .env("SLURM_CONF", cluster.conf())
+            .env("DEEPREPAIR_LOG", "info")
+            .args([
+                "run",
+                "--plain",
+                "--slurm",
+                "--slurm-poll",
+                "0.5",
+                "--advertise",
+            ])
+            .arg(&head)
+            .args(extra)
+            .arg(m)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let finish = |child: std::process::Child| {
+        let out = child.wait_with_output().unwrap();
+        let log = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "run failed:\n{log}");
+        log
+    };
+
+    // Four stages of 2 CPUs on two nodes of 2 CPUs (as slurmd sees this machine): both nodes.
+    let s = Scratch::new();
+    let m = s.write(
+        "spread.yaml",
+        r#"
+grid:
+  seed: [1, 2, 3, 4]
+stages:
+  w:
+    kind: util.work
+    over: [seed]
+    params: {steps: 20, step_ms: 100}
+    resources: {cpus: 2, mem_mb: 256}
+"#,
+    );
+    finish(run(&m, &[]));
+    let nodes = cluster.squeue(&["-h", "-t", "all", "-o", "%N"]);
+    for node in ["n1", "n2"] {
+        assert!(nodes.lines().any(|l| l.trim() == node), "{node}:\n{nodes}");
+    }
+
+    // A 2-rank gang over both nodes: a rank on each, TCP between them across the bridge.
+    if let Some(data) = data_dir() {
+        let manifest = r#"
+name: slurm-gang
+vars:
+  data: UNSET
+stages:
+  train-data: {kind: dataset, params: {path: "${data}", split: train, per_class: 20}}
+  base:
+    kind: pretrain
+    params: {arch: tiny-cnn, epochs: 2, batch: 16, lr: 0.05, ranks: 2}
+    inputs: {train: train-data}
+    resources: {cpus: 2, nodes: 2}
+"#;
+        let data = data.to_str().unwrap();
+        let threads = in_process_outputs_with(manifest, &["--data", data]);
+        let s = Scratch::new();
+        let m = s.write("gang.yaml", manifest);
+        let log = finish(run(&m, &["--data", data, "--slurm-cpu-only"]));
+        assert!(log.contains("of 2 tasks, one per rank"), "{log}");
+        assert_eq!(
+            outputs(&m)["base.model"],
+            threads["base.model"],
+            "ranks on two nodes differ from ranks as threads"
+        );
+        // (The job may still be ending: its workers report before they exit.)
+        let jobs = cluster.squeue(&["-h", "-t", "all", "-o", "%D|%N"]);
+        assert!(
+            jobs.lines().any(|l| l == "2|n[1-2]"),
+            "a job over both nodes:\n{jobs}"
+        );
+    } else {
+        eprintln!("SKIPPED the two-node gang: no ../shared/data/cifar10-lossless-subset");
+    }
+
+    // A node dies under a running stage.
+    let s = Scratch::new();
+    let m = s.write(
+        "long.yaml",
+        r#"
+stages:
+  long:
+    kind: util.work
+    params: {steps: 100, step_ms: 100, checkpoint_every: 5}
+    resources: {cpus: 2, mem_mb: 256}
+"#,
+    );
+    let child = run(&m, &[]);
+    let mut victim = None;
+    wait_until("the stage runs 3 s", Duration::from_secs(60), || {
+        let running = cluster.squeue(&["-h", "-t", "RUNNING", "-o", "%i %N %M %k"]);
+        victim = running.lines().find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // (The gang's job may still be ending.)
+            if f.get(4) != Some(&"stage=long") {
+                return None;
+            }
+            let (min, sec) = f.get(2)?.split_once(':')?;
+            let secs = min.parse::<u64>().ok()? * 60 + sec.parse::<u64>().ok()?;
+            (secs >= 3).then(|| (f[0].to_string(), f[1].to_string()))
+        });
+        victim.is_some()
+    });
+    let (job, node) = victim.unwrap();
+    let port = std::fs::read_to_string(cluster.conf())
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("SlurmctldPort=").map(str::to_string))
+        .unwrap();
+    let netns = format!("dr{port}-{node}");
+    let pids = Command::new("ip")
+        .args(["netns", "pids", &netns])
+        .output()
+        .unwrap();
+    for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+        let _ = Command::new("kill").args(["-9", pid]).status();
+    }
+    cluster.scontrol(&[
+        "update",
+        &format!("nodename={node}"),
+        "state=down",
+        "reason=killed by the test",
+    ]);
+    let log = finish(child);
+    assert!(
+        log.contains(&format!("Slurm job {job} ended (NODE_FAIL)"))
+            && log.contains("not counted as a retry"),
+        "{log}"
+    );
+    let rows = status_rows(&m);
+    assert_eq!(
+        rows[0]["attempt"].as_u64(),
+        Some(0),
+        "not counted: {rows:?}"
+    );
+    let store = s.path().join(".deeprepair/store.redb");
+    let inspect = run_ok(&["inspect", "long", "--store", store.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&inspect.stdout);
+    assert!(
+        text.contains("resumed from checkpoint at step"),
+        "{text}\n{log}"
+    );
+    let other = if node == "n1" { "n2" } else { "n1" };
+    let jobs = cluster.squeue(&["-h", "-t", "all", "-o", "%i %N %T"]);
+    assert!(
+        jobs.lines()
+            .any(|l| l.ends_with(&format!("{other} COMPLETED")) && !l.starts_with(&job)),
+        "the stage ended on {other}:\n{jobs}"
+    );
 }

@@ -237,6 +237,10 @@ impl SlurmDispatcher {
             ))
             .arg(format!("--mem={}M", grown_memory(assignment, growth)))
             .arg(format!("--output={}/slurm-%j.log", o.log_dir.display()))
+            // Retries are ours (from the last checkpoint, with more memory or time when
+            // that was short): a job Slurm would requeue after a node failure or preemption
+            // ends NODE_FAIL/PREEMPTED instead, and `execute` submits it again.
+            .arg("--no-requeue")
             // The token reaches the job through its environment, not its command line.
             .arg(format!("--export=ALL,{TOKEN_ENV}"))
             .env(TOKEN_ENV, self.coordinator.token());
