@@ -16,6 +16,12 @@
 //! transient: the executor resubmits it, and it resumes from the checkpoint the last job
 //! committed. When a run begins it cancels the jobs earlier runs of the same store left in the
 //! queue (a `run` killed with SIGKILL cannot cancel its own), and says so.
+//!
+//! How a job ended decides what comes next ([`classify`]): out of memory or time, the stage's
+//! next job asks for more (its `mem_mb` or `time` × (1 + such failures)); preempted or on a
+//! failed node (jobs are submitted `--no-requeue`, so Slurm does not requeue them itself), it
+//! is submitted again without counting as a retry; pending for a reason waiting cannot clear
+//! (e.g. more time than its partition allows), the stage fails with that reason.
 
 use crate::coordinator::{Coordinator, Route};
 use crate::protocol::TOKEN_ENV;
@@ -331,7 +337,11 @@ impl Dispatcher for SlurmDispatcher {
     fn begin_run(&self, run: u64) -> anyhow::Result<()> {
         let name = format!("{}{run}", self.store_prefix());
         let _ = self.job_name.set(name.clone());
-        self.cancel_orphans(&name)?;
+        // Not fatal: if Slurm cannot be asked, the first sbatch says why.
+        if let Err(e) = self.cancel_orphans(&name) {
+            eprintln!("could not look for Slurm jobs left by earlier runs of this store: {e:#}");
+            tracing::warn!("looking for jobs of earlier runs: {e:#}");
+        }
         let (board, poll) = (self.board.clone(), self.options.poll);
         let handle = std::thread::Builder::new()
             .name("slurm-poller".into())
