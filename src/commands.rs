@@ -136,6 +136,17 @@ pub struct RunArgs {
     /// Do not ask Slurm for GPUs (`--gres`) even for stages that declare them.
     #[arg(long, requires = "slurm")]
     slurm_cpu_only: bool,
+    /// At most this many Slurm jobs of the run submitted and not ended at once. Slurm stages
+    /// take none of this machine's CPU or memory budget (`--jobs`).
+    #[arg(long, requires = "slurm", default_value_t = 256,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    max_jobs: u64,
+    /// Seconds between two looks at the run's Slurm jobs (one `squeue` for all of them).
+    #[arg(long, requires = "slurm", default_value_t = 10.0)]
+    slurm_poll: f64,
+    /// At most this many `sbatch` calls per second.
+    #[arg(long, requires = "slurm", default_value_t = 10.0)]
+    submit_rate: f64,
     /// Address the coordinator listens on for workers (default: 127.0.0.1, or 0.0.0.0 with
     /// `--slurm`; port 0 picks a free one).
     #[arg(long)]
@@ -147,6 +158,10 @@ pub struct RunArgs {
     /// Seconds without a heartbeat after which a worker's stage is given to another worker.
     #[arg(long, default_value_t = 30)]
     lease_timeout: u64,
+    /// Seconds a stage in a worker process or Slurm job may go without progress (no training
+    /// step, no progress update) before it counts as hung and is retried (default: never).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    stall_timeout: Option<u64>,
     /// Keep running independent stages after a failure.
     #[arg(long)]
     keep_going: bool,
@@ -172,6 +187,7 @@ struct RemoteSetup {
     listen: Option<std::net::SocketAddr>,
     advertise: Option<String>,
     lease_timeout: std::time::Duration,
+    stall_timeout: Option<std::time::Duration>,
     log_dir: PathBuf,
 }
 
@@ -205,17 +221,16 @@ impl RemoteSetup {
         });
         let coordinator =
             Coordinator::start(store, listen, advertise.as_deref(), self.lease_timeout)?;
+        coordinator.set_stall_timeout(self.stall_timeout);
         tracing::info!("coordinator listening at {}", coordinator.url());
         let dispatcher: Arc<dyn deeprepair_pipeline::Dispatcher> = match self.slurm {
             Some(mut slurm) => {
                 std::fs::create_dir_all(&slurm.log_dir)?;
                 slurm.log_dir = slurm.log_dir.canonicalize()?;
-                // Every stage becomes a job; the local slots only bound how many are queued.
-                options.jobs = options.jobs.max(64);
-                Arc::new(deeprepair_workers::slurm::SlurmDispatcher {
+                Arc::new(deeprepair_workers::slurm::SlurmDispatcher::new(
                     coordinator,
-                    options: slurm,
-                })
+                    slurm,
+                ))
             }
             None => {
                 let mut specs: Vec<WorkerSpec> = self
@@ -310,6 +325,21 @@ pub fn run(args: RunArgs, registry: &Registry) -> anyhow::Result<ExitCode> {
     if let Some(j) = args.jobs {
         options.jobs = j.max(1);
     }
+    if !(args.submit_rate > 0.0 && args.submit_rate.is_finite()) {
+        return Err(crate::ml_commands::UsageError(format!(
+            "--submit-rate {}: expected a positive number of submissions per second",
+            args.submit_rate
+        ))
+        .into());
+    }
+    let submit_interval = std::time::Duration::from_secs_f64(1.0 / args.submit_rate);
+    if !(args.slurm_poll >= 0.05 && args.slurm_poll <= 3600.0) {
+        return Err(crate::ml_commands::UsageError(format!(
+            "--slurm-poll {}: expected seconds between 0.05 and 3600",
+            args.slurm_poll
+        ))
+        .into());
+    }
     let remote = RemoteSetup {
         gpus: if args.in_process { vec![] } else { gpus },
         cpu_workers: args.workers,
@@ -322,11 +352,15 @@ pub fn run(args: RunArgs, registry: &Registry) -> anyhow::Result<ExitCode> {
             partition: args.slurm_partition,
             extra_args: args.sbatch_args,
             request_gpus: !args.slurm_cpu_only,
-            poll: std::time::Duration::from_secs(2),
+            poll: std::time::Duration::from_secs_f64(args.slurm_poll),
+            max_jobs: args.max_jobs as usize,
+            store_tag: store_tag(&path),
+            submit_interval,
         }),
         listen: args.listen,
         advertise: args.advertise,
         lease_timeout: std::time::Duration::from_secs(args.lease_timeout.max(1)),
+        stall_timeout: args.stall_timeout.map(std::time::Duration::from_secs),
         log_dir: path
             .parent()
             .map(|p| p.join("workers"))
@@ -376,6 +410,17 @@ pub fn run(args: RunArgs, registry: &Registry) -> anyhow::Result<ExitCode> {
         RunState::Cancelled => ExitCode::from(130),
         _ => ExitCode::FAILURE,
     })
+}
+
+/// A short tag naming a store's Slurm jobs: the hash of its absolute path (the store itself
+/// may not exist yet when this is asked, its folder does).
+fn store_tag(path: &Path) -> String {
+    let absolute = path
+        .parent()
+        .and_then(|p| p.canonicalize().ok())
+        .map(|p| p.join(path.file_name().unwrap_or_default()))
+        .unwrap_or_else(|| path.to_path_buf());
+    Digest::of(absolute.to_string_lossy().as_bytes()).hex()[..8].to_string()
 }
 
 #[derive(Args)]

@@ -7,6 +7,62 @@ use common::*;
 /// (name, manifest text, expected line, expected column or 0 for "any", message fragments)
 const CASES: &[(&str, &str, u64, u64, &[&str])] = &[
     (
+        "bad time limit",
+        "stages:\n  a:\n    kind: util.work\n    resources: {time: \"1:2:3:4\"}\n",
+        4,
+        23,
+        &["time '1:2:3:4'", "Slurm time limit"],
+    ),
+    (
+        "resources for an unknown kind",
+        "resources:\n  util.wrk: {time: \"10\"}\nstages:\n  a:\n    kind: util.work\n",
+        2,
+        13,
+        &["resources for unknown stage kind 'util.wrk'", "did you mean 'util.work'?"],
+    ),
+    (
+        "sbatch arg a resources key says",
+        "stages:\n  a:\n    kind: util.work\n    resources:\n      sbatch_args: [\"--nice=3\", \"--time=5\"]\n",
+        5,
+        33,
+        &["--time is not allowed here", "`time`"],
+    ),
+    (
+        "sbatch arg deeprepair sets",
+        "stages:\n  a:\n    kind: util.work\n    resources: {sbatch_args: [\"--wrap=x\"]}\n",
+        4,
+        31,
+        &["--wrap is not allowed here", "deeprepair sets it"],
+    ),
+    (
+        "not an sbatch option",
+        "stages:\n  a:\n    kind: util.work\n    resources: {sbatch_args: [\"-t 5\"]}\n",
+        4,
+        31,
+        &["expected a long sbatch option"],
+    ),
+    (
+        "nodes that ranks do not fill",
+        "stages:\n  a:\n    kind: util.work\n    resources: {nodes: 2}\n",
+        4,
+        24,
+        &["runs 1 rank(s), which cannot spread evenly over 2 nodes"],
+    ),
+    (
+        "partition with a space",
+        "stages:\n  a:\n    kind: util.work\n    resources: {partition: \"gpu nodes\"}\n",
+        4,
+        28,
+        &["partition 'gpu nodes'", "expected a Slurm name"],
+    ),
+    (
+        "gpu type with a count",
+        "stages:\n  a:\n    kind: util.work\n    resources: {gpu_type: \"a100:2\"}\n",
+        4,
+        27,
+        &["gpu_type 'a100:2'", "the count is `gpus`"],
+    ),
+    (
         "syntax error",
         "stages:\n  a:\n    kind: util.text\n    params: {text: \"x\"\n",
         4,

@@ -269,3 +269,157 @@ fn gpu_slots_follow_gpu_share_and_cpu_runs_ignore_gpu_requests() {
         "{err}"
     );
 }
+
+/// Whether `pid` is a live process (not a zombie).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next());
+            state != Some("Z") && state != Some("X")
+        })
+        .unwrap_or(false)
+}
+
+/// Workers die with their `run`, however it dies (here SIGKILL, which it cannot handle): they
+/// get the parent-death signal instead of running on for the 30 s a worker waits for an
+/// unreachable coordinator.
+#[test]
+fn workers_die_with_a_killed_run() {
+    // 30 s stages that never checkpoint: nothing makes a worker call the coordinator (and
+    // notice it is gone) before they end.
+    let s = Scratch::new();
+    let m = s.write(
+        "p.yaml",
+        r#"
+grid:
+  seed: [1, 2]
+stages:
+  long:
+    kind: util.work
+    over: [seed]
+    params: {steps: 300, step_ms: 100, checkpoint_every: 0}
+"#,
+    );
+    let mut run = start_run(&m, &[]);
+    let workers = wait_for_workers(&run);
+    // Both are into their stage.
+    std::thread::sleep(Duration::from_millis(1500));
+    run.kill().unwrap();
+    run.wait().unwrap();
+    let started = Instant::now();
+    while workers.iter().any(|(pid, _)| alive(*pid)) {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "workers {workers:?} outlived their run"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// SIGTERM stops a run like Ctrl-C: no new stages, running ones stop at their next
+/// checkpoint, the run is recorded as cancelled (exit 130) rather than killed.
+#[test]
+fn sigterm_stops_a_run_like_ctrl_c() {
+    let s = Scratch::new();
+    let m = s.write("p.yaml", PIPELINE);
+    let run = start_run(&m, &[]);
+    wait_for_workers(&run);
+    std::thread::sleep(Duration::from_millis(500));
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &run.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = run.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(130), "{text}");
+    assert!(text.contains("SIGTERM: no new stages"), "{text}");
+    assert!(text.contains("Cancelled"), "{text}");
+}
+
+/// A stage that makes no progress for `--stall-timeout` counts as hung (e.g. every rank of
+/// a gang stuck in a collective while their threads still heartbeat): its lease is revoked
+/// and it fails as transient. The same stage with a longer limit succeeds.
+#[test]
+fn a_stage_without_progress_is_revoked_as_hung() {
+    // A progress update every 2.5 s.
+    let manifest = r#"
+stages:
+  slow:
+    kind: util.work
+    params: {steps: 2, step_ms: 2500}
+"#;
+    let s = Scratch::new();
+    let m = s.write("p.yaml", manifest);
+    let run = |stall: &str| {
+        bin()
+            .args([
+                "run",
+                "--plain",
+                "-j",
+                "1",
+                "--workers",
+                "1",
+                "--retries",
+                "0",
+            ])
+            .args(["--stall-timeout", stall])
+            .arg(&m)
+            .output()
+            .unwrap()
+    };
+    let out = run("1");
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("hung: no progress for"), "{text}");
+    let out = run("10");
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{text}");
+}
+
+/// A stage's `time` is its wall-clock limit in a worker process too: past it the lease is
+/// revoked and the stage fails as transient. The same stage with more time succeeds.
+#[test]
+fn a_stage_past_its_time_limit_is_revoked() {
+    let s = Scratch::new();
+    let manifest = |time: &str| {
+        format!(
+            "stages:\n  slow:\n    kind: util.work\n    params: {{steps: 4, step_ms: 1000}}\n    \
+             resources: {{time: \"{time}\"}}\n"
+        )
+    };
+    let run = |time: &str| {
+        let m = s.write("p.yaml", &manifest(time));
+        bin()
+            .args([
+                "run",
+                "--plain",
+                "-j",
+                "1",
+                "--workers",
+                "1",
+                "--retries",
+                "0",
+            ])
+            .arg(&m)
+            .output()
+            .unwrap()
+    };
+    let out = run("0:02");
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("ran past the stage's time limit (2s)"),
+        "{text}"
+    );
+    let out = run("0:20");
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{text}");
+}

@@ -131,6 +131,8 @@ struct Finished {
     cpus: usize,
     mem_mb: u64,
     gpus: Vec<u32>,
+    /// Ran on resources the run does not hold (counted against the dispatcher's capacity).
+    remote: bool,
     outputs: BTreeMap<String, Digest>,
     worker: String,
 }
@@ -144,11 +146,17 @@ pub fn run_plan(
     progress: Arc<dyn ProgressSink>,
     cancel: Arc<AtomicBool>,
 ) -> anyhow::Result<RunSummary> {
+    let remote = options
+        .dispatcher
+        .as_ref()
+        .and_then(|d| d.remote_capacity())
+        .unwrap_or(0);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .max_blocking_threads(
             options.jobs.max(1)
                 + options.gpus.len() * options.gpu_share.unwrap_or(plan.gpu_share).max(1) as usize
+                + remote
                 + 2,
         )
         .enable_all()
@@ -375,15 +383,25 @@ impl<'a> Executor<'a> {
 
     async fn run(mut self) -> anyhow::Result<RunSummary> {
         let started = Instant::now();
+        if let Some(d) = &self.options.dispatcher {
+            d.begin_run(self.run.id)?;
+        }
         if self.options.handle_ctrl_c {
             let cancel = self.cancel.clone();
+            let dispatcher = self.options.dispatcher.clone();
+            let mut signals = Signals::new()?;
             tokio::spawn(async move {
-                while tokio::signal::ctrl_c().await.is_ok() {
+                while let Some(name) = signals.next().await {
                     if cancel.swap(true, Ordering::SeqCst) {
-                        eprintln!("interrupted again: exiting now (committed stages are kept)");
+                        eprintln!(
+                            "{name} again: exiting now (committed stages are kept; jobs elsewhere are cancelled)"
+                        );
+                        if let Some(d) = &dispatcher {
+                            d.abandon();
+                        }
                         std::process::exit(130);
                     }
-                    eprintln!("interrupt: no new stages; running ones stop at their next checkpoint (Ctrl-C again to exit now)");
+                    eprintln!("{name}: no new stages; running ones stop at their next checkpoint (Ctrl-C again to exit now)");
                 }
             });
         }
@@ -396,6 +414,13 @@ impl<'a> Executor<'a> {
         let mut free_gpus: Vec<(u32, usize)> =
             self.options.gpus.iter().map(|&g| (g, share)).collect();
         let mut running = 0usize;
+        // Stages in flight on a dispatcher's own resources (Slurm jobs), and how many may be.
+        let remote_capacity = self
+            .options
+            .dispatcher
+            .as_ref()
+            .and_then(|d| d.remote_capacity());
+        let mut remote_running = 0usize;
         let mut last_flush = Instant::now();
 
         // Stages whose inputs are done, not yet looked up in the action cache.
@@ -439,6 +464,32 @@ impl<'a> Executor<'a> {
                 let Some((i, _)) = queued.front() else { break };
                 let i = *i;
                 let stage = &self.plan.stages[i];
+                // A stage that runs on the cluster's resources takes none of this machine's:
+                // only the dispatcher's capacity bounds it.
+                if let Some(capacity) = remote_capacity {
+                    let assignment = Assignment {
+                        cpus: stage.resources.cpus.max(1) as usize,
+                        mem_mb: stage.resources.mem_mb,
+                        gpus: vec![],
+                        resources: stage.resources,
+                        cluster: stage.cluster.clone(),
+                    };
+                    let accepted = self
+                        .options
+                        .dispatcher
+                        .as_ref()
+                        .is_some_and(|d| d.accepts(&assignment));
+                    if accepted {
+                        if remote_running >= capacity.max(1) {
+                            break;
+                        }
+                        let (i, task) = queued.pop_front().expect("front exists");
+                        remote_running += 1;
+                        running += 1;
+                        self.launch(i, task, assignment, "remote".into(), tx.clone());
+                        continue;
+                    }
+                }
                 let want_cpus =
                     (stage.resources.cpus.max(1) as usize).min(self.options.jobs.max(1));
                 // A run without GPUs runs GPU stages on the CPU (the default device); a run
@@ -479,21 +530,16 @@ impl<'a> Executor<'a> {
                         free_gpus[g].0
                     })
                     .collect();
-                self.slots[i] = Slot::Running;
                 running += 1;
-                let record = &mut self.records[i];
-                record.state = StageState::Running;
-                record.started_ms = Some(now_ms());
-                record.attempt = task.attempt;
-                record.worker = Some(worker_name(&gpus));
-                self.dirty.push(i);
+                let worker = worker_name(&gpus);
                 let assignment = Assignment {
                     cpus: want_cpus,
                     mem_mb: want_mem,
                     gpus,
                     resources: stage.resources,
+                    cluster: stage.cluster.clone(),
                 };
-                self.spawn(i, task, assignment, tx.clone());
+                self.launch(i, task, assignment, worker, tx.clone());
             }
             if now.duration_since(last_flush) > Duration::from_millis(250) {
                 self.flush()?;
@@ -510,6 +556,16 @@ impl<'a> Executor<'a> {
             };
             if let Some(f) = finished {
                 running -= 1;
+                if f.remote {
+                    remote_running -= 1;
+                    let i = f.index;
+                    match self.finish(f) {
+                        Next::Released(ds) => ready.extend(ds),
+                        Next::RetryAt(at) => delayed.push((at, i)),
+                        Next::Nothing => {}
+                    }
+                    continue;
+                }
                 free_cpus += f.cpus;
                 free_mem += f.mem_mb;
                 for g in &f.gpus {
@@ -559,6 +615,25 @@ impl<'a> Executor<'a> {
         Ok(self.summary)
     }
 
+    /// Marks `i` running and starts it.
+    fn launch(
+        &mut self,
+        i: usize,
+        task: Task,
+        assignment: Assignment,
+        worker: String,
+        tx: tokio::sync::mpsc::UnboundedSender<Finished>,
+    ) {
+        self.slots[i] = Slot::Running;
+        let record = &mut self.records[i];
+        record.state = StageState::Running;
+        record.started_ms = Some(now_ms());
+        record.attempt = task.attempt;
+        record.worker = Some(worker);
+        self.dirty.push(i);
+        self.spawn(i, task, assignment, tx);
+    }
+
     fn spawn(
         &self,
         i: usize,
@@ -582,6 +657,9 @@ impl<'a> Executor<'a> {
             .dispatcher
             .clone()
             .filter(|d| d.accepts(&assignment));
+        let remote = dispatcher
+            .as_ref()
+            .is_some_and(|d| d.remote_capacity().is_some());
         tokio::task::spawn_blocking(move || {
             let started_ms = now_ms();
             let (cpus, mem_mb, gpus) =
@@ -654,6 +732,7 @@ impl<'a> Executor<'a> {
                 cpus,
                 mem_mb,
                 gpus,
+                remote,
                 outputs,
                 worker,
             });
@@ -734,6 +813,45 @@ impl<'a> Executor<'a> {
                 Next::Nothing
             }
         }
+    }
+}
+
+/// The signals that stop a run: Ctrl-C (SIGINT), SIGTERM (`kill`, a batch system's time
+/// limit) and SIGHUP (the terminal went away). All mean the same: stop launching, let running
+/// stages stop at a safe point and cancel their jobs; the second one exits at once.
+struct Signals {
+    #[cfg(unix)]
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> std::io::Result<Signals> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Signals {
+                term: signal(SignalKind::terminate())?,
+                hup: signal(SignalKind::hangup())?,
+            })
+        }
+        #[cfg(not(unix))]
+        Ok(Signals {})
+    }
+
+    /// The next signal's name; `None` when signals can no longer be received.
+    async fn next(&mut self) -> Option<&'static str> {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                r = tokio::signal::ctrl_c() => r.ok().map(|_| "interrupt"),
+                s = self.term.recv() => s.map(|_| "SIGTERM"),
+                s = self.hup.recv() => s.map(|_| "SIGHUP"),
+            }
+        }
+        #[cfg(not(unix))]
+        tokio::signal::ctrl_c().await.ok().map(|_| "interrupt")
     }
 }
 

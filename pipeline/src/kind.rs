@@ -103,6 +103,75 @@ impl Default for Resources {
     }
 }
 
+/// What a stage asks of a batch system (Slurm) beyond CPUs, memory and GPUs: the manifest's
+/// `resources:` keys `time`, `partition`, `account`, `qos`, `constraint`, `gpu_type`, `nodes`,
+/// `sbatch_args`. Only a dispatcher that submits jobs reads it; it is not part of a stage's
+/// key (where a stage runs does not change what it computes).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterRequest {
+    /// Wall-clock limit in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_s: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub account: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qos: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub constraint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_type: Option<String>,
+    /// Nodes a gang's ranks spread over, evenly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<u32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sbatch_args: Vec<String>,
+}
+
+impl ClusterRequest {
+    pub fn is_empty(&self) -> bool {
+        *self == ClusterRequest::default()
+    }
+}
+
+/// Seconds in a Slurm time limit: `MM`, `MM:SS`, `HH:MM:SS`, `D-HH`, `D-HH:MM`,
+/// `D-HH:MM:SS`. `None` for anything else, and for zero.
+pub fn parse_slurm_time(text: &str) -> Option<u64> {
+    let text = text.trim();
+    let num = |s: &str| -> Option<u64> {
+        (!s.is_empty() && s.len() <= 9 && s.bytes().all(|b| b.is_ascii_digit()))
+            .then(|| s.parse().ok())
+            .flatten()
+    };
+    let (days, rest) = match text.split_once('-') {
+        Some((d, rest)) => (Some(num(d)?), rest),
+        None => (None, text),
+    };
+    let parts: Vec<u64> = rest.split(':').map(num).collect::<Option<_>>()?;
+    let seconds = match (days, parts.as_slice()) {
+        (None, [m]) => m * 60,
+        (None, [m, s]) => m * 60 + s,
+        (None, [h, m, s]) => h * 3600 + m * 60 + s,
+        (Some(d), [h]) => d * 86400 + h * 3600,
+        (Some(d), [h, m]) => d * 86400 + h * 3600 + m * 60,
+        (Some(d), [h, m, s]) => d * 86400 + h * 3600 + m * 60 + s,
+        _ => return None,
+    };
+    (seconds > 0).then_some(seconds)
+}
+
+/// `D-HH:MM:SS`, as `sbatch --time` takes it.
+pub fn format_slurm_time(seconds: u64) -> String {
+    let (d, rest) = (seconds / 86400, seconds % 86400);
+    format!(
+        "{d}-{:02}:{:02}:{:02}",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
+}
+
 /// How a stage failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StageError {
@@ -472,4 +541,27 @@ pub fn fingerprint_path(path: &std::path::Path) -> anyhow::Result<String> {
         hash_file_meta(path, path, &meta, &mut hasher);
     }
     Ok(hasher.finalize().to_hex().to_string())
+}
+
+#[cfg(test)]
+mod slurm_time_tests {
+    use super::*;
+
+    #[test]
+    fn slurm_time_formats() {
+        assert_eq!(parse_slurm_time("90"), Some(5400));
+        assert_eq!(parse_slurm_time("1:30"), Some(90));
+        assert_eq!(parse_slurm_time("2:00:00"), Some(7200));
+        assert_eq!(parse_slurm_time("1-12"), Some(129_600));
+        assert_eq!(parse_slurm_time("1-0:30"), Some(88_200));
+        assert_eq!(parse_slurm_time("0-0:0:5"), Some(5));
+        for bad in [
+            "", "0", "0:00", "1:2:3:4", "1h", "-5", "1-", "a:b", "1--2", " : ",
+        ] {
+            assert_eq!(parse_slurm_time(bad), None, "{bad:?}");
+        }
+        assert_eq!(format_slurm_time(129_600), "1-12:00:00");
+        assert_eq!(format_slurm_time(90), "0-00:01:30");
+        assert_eq!(parse_slurm_time(&format_slurm_time(88_205)), Some(88_205));
+    }
 }

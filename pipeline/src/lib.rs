@@ -19,7 +19,8 @@ pub use artifact::{Artifact, ArtifactHeader, ArtifactKind, Digest};
 pub use dispatch::{Assignment, Dispatcher, RemoteOutcome};
 pub use executor::{run_plan, RunOptions, RunSummary};
 pub use kind::{
-    Gang, InputSpec, ParamSpec, ParamType, Registry, Resources, StageCtx, StageError, StageKind,
+    ClusterRequest, Gang, InputSpec, ParamSpec, ParamType, Registry, Resources, StageCtx,
+    StageError, StageKind,
 };
 pub use manifest::ManifestError;
 pub use plan::{plan_file, plan_file_with_vars, plan_literal, Plan};

@@ -147,6 +147,9 @@ pub struct RawManifest {
     /// Stages that may share one GPU (slots per GPU); 1 = a GPU per stage.
     #[serde(default)]
     pub gpu_share: Option<Spanned<u32>>,
+    /// Resources for every stage of a kind: kind → resources (below a stage's own).
+    #[serde(default)]
+    pub resources: BTreeMap<String, Spanned<RawResources>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -164,12 +167,25 @@ pub struct RawStage {
     pub resources: Option<Spanned<RawResources>>,
 }
 
-#[derive(Debug, Deserialize, Clone, Copy)]
+#[derive(Debug, Deserialize, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct RawResources {
     pub cpus: Option<u32>,
     pub gpus: Option<u32>,
     pub mem_mb: Option<u64>,
+    /// What a batch system (Slurm) is asked for besides; see [`crate::kind::ClusterRequest`].
+    /// Wall-clock limit, in Slurm's formats (`MM`, `MM:SS`, `HH:MM:SS`, `D-HH[:MM[:SS]]`).
+    pub time: Option<Spanned<String>>,
+    pub partition: Option<Spanned<String>>,
+    pub account: Option<Spanned<String>>,
+    pub qos: Option<Spanned<String>>,
+    pub constraint: Option<Spanned<String>>,
+    /// The GPU model (`--gres=gpu:TYPE:N`).
+    pub gpu_type: Option<Spanned<String>>,
+    /// Nodes a gang spreads over (`--nodes`, ranks split evenly per node).
+    pub nodes: Option<Spanned<u32>>,
+    /// More `sbatch` options, each `--name=value`.
+    pub sbatch_args: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -5,7 +5,7 @@
 
 use crate::artifact::Digest;
 use crate::did_you_mean;
-use crate::kind::{check_param, Registry, Resources};
+use crate::kind::{check_param, parse_slurm_time, ClusterRequest, Registry, Resources};
 use crate::manifest::{self, ManifestError, RawManifest, RawResources, Source};
 use petgraph::graph::{DiGraph, NodeIndex};
 use serde::Serialize;
@@ -34,6 +34,9 @@ pub struct StageInstance {
     pub inputs: BTreeMap<String, Vec<Edge>>,
     pub outputs: Vec<String>,
     pub resources: Resources,
+    /// What it asks of a batch system (Slurm) besides.
+    #[serde(skip_serializing_if = "ClusterRequest::is_empty")]
+    pub cluster: ClusterRequest,
     pub estimate: f64,
     /// What the stage reads outside the store, summarized (see `StageKind::fingerprint`).
     pub fingerprint: Option<String>,
@@ -354,6 +357,18 @@ impl<'a> Expander<'a> {
                     &params.referenced,
                     format!(
                         "defaults for unknown stage kind '{kind}'{}",
+                        did_you_mean(kind, self.registry.names().into_iter())
+                    ),
+                ));
+            }
+        }
+
+        for (kind, resources) in &raw.resources {
+            if self.registry.get(kind).is_none() {
+                return Err(self.err(
+                    &resources.referenced,
+                    format!(
+                        "resources for unknown stage kind '{kind}'{}",
                         did_you_mean(kind, self.registry.names().into_iter())
                     ),
                 ));
@@ -690,13 +705,32 @@ impl<'a> Expander<'a> {
                         .unwrap_or(spanned_stage.referenced);
                     return Err(self.err(&loc, format!("param '{param}' of stage '{name}': {msg}")));
                 }
-                // The kind's resources for these params < the stage's < matching overrides.
+                // The kind's resources for these params < the manifest's for the kind < the
+                // stage's < matching overrides.
                 let mut res = kind.resources(&params);
-                if let Some(r) = &stage.resources {
-                    apply_resources(&mut res, &r.value);
+                let mut cluster = ClusterRequest::default();
+                let mut nodes_at = None;
+                let layers = raw
+                    .resources
+                    .get(kind_name)
+                    .into_iter()
+                    .chain(&stage.resources)
+                    .map(|r| &r.value)
+                    .chain(override_resources);
+                for r in layers {
+                    self.apply_resources(&mut res, &mut cluster, &mut nodes_at, r)?;
                 }
-                for r in override_resources {
-                    apply_resources(&mut res, r);
+                if let (Some(nodes), Some(loc)) = (cluster.nodes, nodes_at) {
+                    let ranks = res.ranks.max(1);
+                    if nodes > ranks || ranks % nodes != 0 {
+                        return Err(self.err(
+                            &loc,
+                            format!(
+                                "stage '{name}' runs {ranks} rank(s), which cannot spread evenly \
+                                 over {nodes} nodes"
+                            ),
+                        ));
+                    }
                 }
                 let estimate = kind.estimate(&params);
                 let fingerprint = kind.fingerprint(&params).map_err(|e| {
@@ -712,6 +746,7 @@ impl<'a> Expander<'a> {
                     inputs: BTreeMap::new(),
                     outputs: kind.outputs().iter().map(|s| s.to_string()).collect(),
                     resources: res,
+                    cluster,
                     estimate,
                     fingerprint,
                 });
@@ -837,14 +872,134 @@ impl<'a> Expander<'a> {
     }
 }
 
-fn apply_resources(r: &mut Resources, raw: &RawResources) {
-    if let Some(c) = raw.cpus {
-        r.cpus = c;
-    }
-    if let Some(g) = raw.gpus {
-        r.gpus = g;
-    }
-    if let Some(m) = raw.mem_mb {
-        r.mem_mb = m;
+/// `sbatch` options a stage may not set: deeprepair sets them to run and track its job, or a
+/// `resources:` key says them (named in the error).
+const RESERVED_SBATCH: &[(&str, &str)] = &[
+    ("--job-name", ""),
+    ("--comment", ""),
+    ("--output", ""),
+    ("--error", ""),
+    ("--wrap", ""),
+    ("--export", ""),
+    ("--parsable", ""),
+    ("--ntasks", ""),
+    ("--cpus-per-task", "cpus"),
+    ("--mem", "mem_mb"),
+    ("--gres", "gpus and gpu_type"),
+    ("--gpus", "gpus and gpu_type"),
+    ("--gpus-per-task", "gpus and gpu_type"),
+    ("--time", "time"),
+    ("--partition", "partition"),
+    ("--account", "account"),
+    ("--qos", "qos"),
+    ("--constraint", "constraint"),
+    ("--nodes", "nodes"),
+];
+
+impl Expander<'_> {
+    /// Layers `raw` over a stage's resources, checking each key where it is written.
+    fn apply_resources(
+        &self,
+        r: &mut Resources,
+        cluster: &mut ClusterRequest,
+        nodes_at: &mut Option<Location>,
+        raw: &RawResources,
+    ) -> Result<(), ManifestError> {
+        if let Some(c) = raw.cpus {
+            r.cpus = c;
+        }
+        if let Some(g) = raw.gpus {
+            r.gpus = g;
+        }
+        if let Some(m) = raw.mem_mb {
+            r.mem_mb = m;
+        }
+        if let Some(t) = &raw.time {
+            let seconds = parse_slurm_time(&t.value).ok_or_else(|| {
+                self.err(
+                    &t.referenced,
+                    format!(
+                        "time '{}': expected a positive Slurm time limit: MM, MM:SS, HH:MM:SS, \
+                         D-HH, D-HH:MM or D-HH:MM:SS",
+                        t.value
+                    ),
+                )
+            })?;
+            cluster.time_s = Some(seconds);
+        }
+        for (key, field, target) in [
+            ("partition", &raw.partition, &mut cluster.partition),
+            ("account", &raw.account, &mut cluster.account),
+            ("qos", &raw.qos, &mut cluster.qos),
+            ("constraint", &raw.constraint, &mut cluster.constraint),
+            ("gpu_type", &raw.gpu_type, &mut cluster.gpu_type),
+        ] {
+            if let Some(v) = field {
+                let text = v.value.trim();
+                if text.is_empty()
+                    || text.starts_with('-')
+                    || text
+                        .chars()
+                        .any(|c| c.is_whitespace() || c.is_control() || c == '\'')
+                {
+                    return Err(self.err(
+                        &v.referenced,
+                        format!(
+                            "{key} '{}': expected a Slurm name (no spaces or quotes, not \
+                             starting with '-')",
+                            v.value
+                        ),
+                    ));
+                }
+                if key == "gpu_type" && text.contains(':') {
+                    return Err(self.err(
+                        &v.referenced,
+                        format!(
+                            "gpu_type '{text}': the GPU model alone (e.g. a100); the count is \
+                             `gpus`"
+                        ),
+                    ));
+                }
+                *target = Some(text.to_string());
+            }
+        }
+        if let Some(n) = &raw.nodes {
+            if n.value == 0 {
+                return Err(self.err(&n.referenced, "nodes: at least 1"));
+            }
+            cluster.nodes = Some(n.value);
+            *nodes_at = Some(n.referenced);
+        }
+        if let Some(args) = &raw.sbatch_args {
+            let mut list = vec![];
+            for a in args {
+                let text = a.value.trim();
+                let name = text.split('=').next().unwrap_or(text);
+                if !name.starts_with("--") || name.len() < 3 || text.contains(['\n', '\r']) {
+                    return Err(self.err(
+                        &a.referenced,
+                        format!(
+                            "sbatch_args '{}': expected a long sbatch option, `--name` or \
+                             `--name=value`",
+                            a.value
+                        ),
+                    ));
+                }
+                if let Some((_, key)) = RESERVED_SBATCH.iter().find(|(opt, _)| *opt == name) {
+                    let why = if key.is_empty() {
+                        "deeprepair sets it to run and track the job".to_string()
+                    } else {
+                        format!("use the resources key `{key}`")
+                    };
+                    return Err(self.err(
+                        &a.referenced,
+                        format!("sbatch_args '{text}': {name} is not allowed here: {why}"),
+                    ));
+                }
+                list.push(text.to_string());
+            }
+            cluster.sbatch_args = list;
+        }
+        Ok(())
     }
 }

@@ -4,12 +4,13 @@
 #
 #   sudo tests/slurm/install.sh        # or as root
 #
-# Installs: munge slurmctld slurmd slurm-client (pulls slurm-wlm-basic-plugins).
+# Installs: munge slurmctld slurmd slurm-client (pulls slurm-wlm-basic-plugins), iproute2, util-linux.
 # The packages' own init scripts/systemd units are NOT used by the test
 # scripts; start-cluster.sh runs private daemons under a temp dir.
 set -euo pipefail
 
-PKGS=(munge slurmctld slurmd slurm-client)
+# iproute2 (ip) and util-linux (nsenter): the multi-node cluster (SLURM_TEST_NODES)
+PKGS=(munge slurmctld slurmd slurm-client iproute2 util-linux)
 
 missing=()
 for p in "${PKGS[@]}"; do

@@ -22,14 +22,16 @@ is_ours() {
 stop() {
     local name pidfile pid i pids=() names=()
     for name in "$@"; do
-        pidfile="$DIR/run/$name.pid"
-        [ -f "$pidfile" ] || continue
-        pid="$(tr -dc '0-9' <"$pidfile")"
-        if [ -n "$pid" ] && is_ours "$pid" "$name"; then
-            kill -TERM "$pid" 2>/dev/null || true
-            pids+=("$pid")
-            names+=("$name")
-        fi
+        # slurmd-<node>.pid: one slurmd per node of a multi-node cluster
+        for pidfile in "$DIR/run/$name.pid" "$DIR/run/$name"-*.pid; do
+            [ -f "$pidfile" ] || continue
+            pid="$(tr -dc '0-9' <"$pidfile")"
+            if [ -n "$pid" ] && is_ours "$pid" "$name"; then
+                kill -TERM "$pid" 2>/dev/null || true
+                pids+=("$pid")
+                names+=("$name")
+            fi
+        done
     done
     for i in $(seq 1 100); do
         local alive=0 k
@@ -44,7 +46,7 @@ stop() {
             kill -KILL "${pids[$k]}" 2>/dev/null || true
         fi
     done
-    for name in "$@"; do rm -f "$DIR/run/$name.pid"; done
+    for name in "$@"; do rm -f "$DIR/run/$name.pid" "$DIR/run/$name"-*.pid; done
 }
 
 # Jobs: slurmstepd and the job processes survive a slurmd shutdown (by
@@ -101,4 +103,16 @@ for _ in 1 2 3 4 5; do
 done
 # munge last: the daemons need it while shutting down
 stop munged
+# a multi-node cluster's network namespaces and bridge (their veth pairs go with them)
+if [ -f "$DIR/run/netns" ]; then
+    while read -r ns; do
+        for pid in $(ip netns pids "$ns" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
+        ip netns del "$ns" 2>/dev/null || true
+    done <"$DIR/run/netns"
+    rm -f "$DIR/run/netns"
+fi
+if [ -f "$DIR/run/bridge" ]; then
+    ip link del "$(cat "$DIR/run/bridge")" 2>/dev/null || true
+    rm -f "$DIR/run/bridge"
+fi
 exit 0

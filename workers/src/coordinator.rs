@@ -61,6 +61,9 @@ struct Lease {
     last_beat: Instant,
     lines: Vec<String>,
     progress: Option<(u64, u64, String)>,
+    /// When the stage last reported progress that differs from before (or was leased).
+    progressed: Instant,
+    leased_at: Instant,
     cancel: bool,
 }
 
@@ -78,6 +81,8 @@ struct HubState {
     exchanges: HashMap<(u64, String), Vec<Option<Vec<u8>>>>,
     /// Gangs one of whose ranks failed: their exchanges are refused.
     abandoned: HashSet<u64>,
+    /// Wall-clock limits of jobs (from when they are leased), by job id.
+    limits: HashMap<u64, Duration>,
 }
 
 struct Hub {
@@ -89,6 +94,9 @@ struct Hub {
     store: Arc<Store>,
     token: String,
     lease_timeout: Duration,
+    /// A leased stage whose progress has not moved for this long is hung: its lease is
+    /// revoked (transient). `None`: no watchdog.
+    stall_timeout: Mutex<Option<Duration>>,
 }
 
 impl Hub {
@@ -140,6 +148,7 @@ impl Coordinator {
             store,
             token: crate::unguessable_hex(),
             lease_timeout,
+            stall_timeout: Mutex::new(None),
         });
         let app = Router::new()
             .route("/v1/claim", post(claim))
@@ -362,6 +371,12 @@ impl Coordinator {
         if gang {
             self.forget_gang(&ids);
         }
+        {
+            let mut state = self.hub.lock();
+            for id in &ids {
+                state.limits.remove(id);
+            }
+        }
         let mut ends: Vec<Result<RemoteOutcome, StageError>> = ends
             .into_iter()
             .map(|e| e.expect("every rank ended"))
@@ -432,12 +447,82 @@ impl Coordinator {
                 ))));
             }
         }
+        let stall = *self
+            .hub
+            .stall_timeout
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let (Some(&limit), Some(id)) = (state.limits.get(&ticket.id), lease_id) {
+            let ran = state.leases[&id].leased_at.elapsed();
+            if ran > limit {
+                let lease = state.leases.remove(&id).expect("found above");
+                drop(state);
+                // Its worker may not stop on its own (a hang): the local pool kills it.
+                let hook = self.stuck_rank.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(hook) = hook.as_ref() {
+                    hook(&lease.worker);
+                }
+                return Some(Err(StageError::Transient(anyhow::anyhow!(
+                    "worker {}{} ran past the stage's time limit ({:.0}s); its lease was \
+                     revoked",
+                    lease.worker.label(),
+                    if gang {
+                        format!(" (rank {rank})")
+                    } else {
+                        String::new()
+                    },
+                    limit.as_secs_f64()
+                ))));
+            }
+        }
+        if let (Some(limit), Some(id)) = (stall, lease_id) {
+            let still = state.leases[&id].progressed.elapsed();
+            if still > limit {
+                let lease = state.leases.remove(&id).expect("found above");
+                drop(state);
+                // A hung worker keeps its GPU: the local pool kills it (and restarts it).
+                let hook = self.stuck_rank.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(hook) = hook.as_ref() {
+                    hook(&lease.worker);
+                }
+                return Some(Err(StageError::Transient(anyhow::anyhow!(
+                    "worker {}{} hung: no progress for {:.0}s (--stall-timeout); its lease \
+                     was revoked",
+                    lease.worker.label(),
+                    if gang {
+                        format!(" (rank {rank})")
+                    } else {
+                        String::new()
+                    },
+                    still.as_secs_f64()
+                ))));
+            }
+        }
         drop(state);
         if let Some(e) = check(rank, leased) {
             self.revoke(ticket.id);
             return Some(Err(e));
         }
         None
+    }
+
+    /// Gives the jobs of these tickets a wall-clock limit, counted from when each is leased:
+    /// past it the lease is revoked (transient) and a local worker still on it is killed.
+    pub fn limit_time(&self, tickets: &[Ticket], limit: Duration) {
+        let mut state = self.hub.lock();
+        for t in tickets {
+            state.limits.insert(t.id, limit);
+        }
+    }
+
+    /// Revoke (as transient) a leased stage whose progress has not moved for `limit`: a hang
+    /// (e.g. every rank of a gang waiting in a collective, heartbeating from its threads).
+    pub fn set_stall_timeout(&self, limit: Option<Duration>) {
+        *self
+            .hub
+            .stall_timeout
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = limit;
     }
 
     /// A rank of the gang failed: refuse its exchanges and cancel the other ranks.
@@ -609,6 +694,8 @@ async fn claim(
                         last_beat: Instant::now(),
                         lines: vec![],
                         progress: None,
+                        progressed: Instant::now(),
+                        leased_at: Instant::now(),
                         cancel: false,
                     },
                 );
@@ -640,6 +727,9 @@ async fn heartbeat(
     lease.last_beat = Instant::now();
     lease.lines.extend(beat.lines);
     if beat.progress.is_some() {
+        if beat.progress != lease.progress {
+            lease.progressed = Instant::now();
+        }
         lease.progress = beat.progress;
     }
     Json(HeartbeatReply {

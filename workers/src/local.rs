@@ -217,6 +217,7 @@ fn spawn(
         // The worker's process sees only its GPU, as ordinal 0.
         cmd.env("CUDA_VISIBLE_DEVICES", g.to_string());
     }
+    die_with_parent(&mut cmd);
     cmd.spawn().map_err(|e| {
         anyhow::anyhow!(
             "cannot start worker {} ({}): {e}",
@@ -225,6 +226,32 @@ fn spawn(
         )
     })
 }
+
+/// The worker gets SIGKILL when the thread that started it ends: the `run` process's main
+/// thread (or the pool's monitor thread, which lives as long as the pool), so a `run` killed
+/// by any signal, SIGKILL included, leaves no worker holding a GPU. (A worker never writes the
+/// store, so killing it loses nothing committed.)
+#[cfg(target_os = "linux")]
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id();
+    // SAFETY: prctl and getppid are async-signal-safe; the closure allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died before prctl: then nobody would send the signal.
+            if libc::getppid() as u32 != parent {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_parent(_cmd: &mut Command) {}
 
 /// Hands stages to the local worker processes: a stage given one GPU goes to that GPU's
 /// worker; a CPU stage goes to any CPU worker. A stage whose ranks may run as separate
@@ -278,6 +305,11 @@ impl Dispatcher for LocalDispatcher {
             let routes: Vec<Route> = ranks.iter().map(|(r, _)| r.clone()).collect();
             let threads = (assignment.cpus / world).max(1);
             let tickets = self.pool.coordinator.submit_gang(task, ranks, threads);
+            if let Some(t) = assignment.cluster.time_s {
+                self.pool
+                    .coordinator
+                    .limit_time(&tickets, Duration::from_secs(t));
+            }
             return self
                 .pool
                 .coordinator
@@ -302,6 +334,11 @@ impl Dispatcher for LocalDispatcher {
             .pool
             .coordinator
             .submit(task, route.clone(), assignment.cpus, gpus);
+        if let Some(t) = assignment.cluster.time_s {
+            self.pool
+                .coordinator
+                .limit_time(std::slice::from_ref(&ticket), Duration::from_secs(t));
+        }
         self.pool
             .coordinator
             .wait(ticket, progress, cancel, |leased| {
