@@ -5,14 +5,17 @@
 
 use crate::artifact::Digest;
 use crate::did_you_mean;
-use crate::kind::{check_param, parse_slurm_time, ClusterRequest, Registry, Resources};
-use crate::manifest::{self, ManifestError, RawManifest, RawResources, Source};
+use crate::kind::{
+    check_param, parse_slurm_time, ClusterRequest, InputSpec, Registry, Resources, StageKind,
+};
+use crate::manifest::{self, ManifestError, RawManifest, RawResources, RawStage, Source};
 use petgraph::graph::{DiGraph, NodeIndex};
 use serde::Serialize;
 use serde_json::{Map, Value};
 use serde_saphyr::{Location, Spanned};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 
 /// One upstream output feeding an input.
 #[derive(Clone, Debug, Serialize)]
@@ -244,6 +247,31 @@ fn value_label(v: &Value) -> String {
     }
 }
 
+/// Params with provenance: (value, location or None for a kind's default).
+type Provenanced = BTreeMap<String, (Value, Option<Location>)>;
+
+/// The manifest's stages as a graph of templates.
+struct Templates<'a> {
+    names: Vec<&'a String>,
+    /// Per template (in `names` order): input → its bindings.
+    bindings: Vec<BTreeMap<String, Vec<Binding>>>,
+    /// Template indices, each after the templates its inputs name.
+    order: Vec<usize>,
+}
+
+/// One stage template while its instances are made.
+struct Template<'a> {
+    name: &'a String,
+    spanned: &'a Spanned<RawStage>,
+    kind: Arc<dyn StageKind>,
+    /// The grid axes it is over, with their values.
+    axes: Vec<(&'a str, &'a Vec<Spanned<Value>>)>,
+    /// Kind defaults < manifest defaults < the stage's params.
+    base: Provenanced,
+    bindings: &'a BTreeMap<String, Vec<Binding>>,
+    input_specs: Vec<InputSpec>,
+}
+
 impl<'a> Expander<'a> {
     fn err(&self, loc: &Location, msg: impl Into<String>) -> ManifestError {
         self.source.error_at(loc, msg)
@@ -316,6 +344,40 @@ impl<'a> Expander<'a> {
     }
 
     fn expand(&self) -> Result<Plan, ManifestError> {
+        self.check_manifest()?;
+        let templates = self.templates()?;
+        let mut stages: Vec<StageInstance> = Vec::new();
+        // template → indices of its instances
+        let mut instances: HashMap<&str, Vec<usize>> = HashMap::new();
+        for &t in &templates.order {
+            let name = templates.names[t];
+            let template = self.template(name, &templates.bindings[t])?;
+            let mine = self.instantiate(&template, stages.len())?;
+            let first = stages.len();
+            stages.extend(mine);
+            let mine: Vec<usize> = (first..stages.len()).collect();
+            self.bind_inputs(&template, &mine, &instances, &mut stages)?;
+            instances.insert(name.as_str(), mine);
+        }
+        let raw = self.raw;
+        Ok(Plan {
+            manifest: self.source.path.display().to_string(),
+            manifest_digest: Digest::of(self.source.text.as_bytes()),
+            name: raw.name.clone().unwrap_or_else(|| {
+                self.source
+                    .path
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            }),
+            stages,
+            gpu_share: raw.gpu_share.as_ref().map_or(1, |g| g.value),
+        })
+    }
+
+    /// What can be checked before any stage is expanded: `gpu_share`, the grid's axes, the
+    /// kinds `defaults:` and `resources:` name, stage names, what overrides refer to.
+    fn check_manifest(&self) -> Result<(), ManifestError> {
         let raw = self.raw;
         if let Some(share) = &raw.gpu_share {
             if share.value == 0 {
@@ -405,7 +467,12 @@ impl<'a> Expander<'a> {
                 }
             }
         }
+        Ok(())
+    }
 
+    /// The template graph: each stage's parsed input bindings and a dependency order.
+    fn templates(&self) -> Result<Templates<'a>, ManifestError> {
+        let raw = self.raw;
         // Template graph: stage → the stages its inputs name.
         let names: Vec<&String> = raw.stages.keys().collect();
         let index: HashMap<&str, usize> = names
@@ -445,430 +512,479 @@ impl<'a> Expander<'a> {
                 format!("stage '{name}' is part of a cycle of inputs"),
             )
         })?;
+        Ok(Templates {
+            names,
+            bindings,
+            order: order.into_iter().map(|node| graph[node]).collect(),
+        })
+    }
 
-        let mut stages: Vec<StageInstance> = Vec::new();
-        // template → indices of its instances
-        let mut instances: HashMap<&str, Vec<usize>> = HashMap::new();
-        for node in order {
-            let t = graph[node];
-            let name = names[t];
-            let spanned_stage = &raw.stages[name];
-            let stage = &spanned_stage.value;
-            let kind_name = &stage.kind.value;
-            let kind = self.registry.get(kind_name).ok_or_else(|| {
-                self.err(
-                    &stage.kind.referenced,
-                    format!(
-                        "unknown stage kind '{kind_name}'{}; known kinds: {}",
-                        did_you_mean(kind_name, self.registry.names().into_iter()),
-                        self.registry.names().join(", ")
-                    ),
-                )
-            })?;
-            let specs = kind.params();
-            let spec_names: Vec<&str> = specs.iter().map(|s| s.name).collect();
+    /// One stage template: its kind, the axes it is over, its params before the grid and
+    /// overrides, its inputs checked against the kind's.
+    fn template(
+        &self,
+        name: &'a String,
+        bindings: &'a BTreeMap<String, Vec<Binding>>,
+    ) -> Result<Template<'a>, ManifestError> {
+        let raw = self.raw;
+        let spanned_stage = &raw.stages[name];
+        let stage = &spanned_stage.value;
+        let kind_name = &stage.kind.value;
+        let kind = self.registry.get(kind_name).ok_or_else(|| {
+            self.err(
+                &stage.kind.referenced,
+                format!(
+                    "unknown stage kind '{kind_name}'{}; known kinds: {}",
+                    did_you_mean(kind_name, self.registry.names().into_iter()),
+                    self.registry.names().join(", ")
+                ),
+            )
+        })?;
+        let specs = kind.params();
+        let spec_names: Vec<&str> = specs.iter().map(|s| s.name).collect();
 
-            // Axes this template varies over.
-            let mut axes: Vec<(&str, &Vec<Spanned<Value>>)> = Vec::new();
-            for axis in &stage.over {
-                if axes.iter().any(|(a, _)| *a == axis.value) {
-                    return Err(self.err(
-                        &axis.referenced,
-                        format!(
-                            "stage '{name}' lists grid axis '{}' twice in over:",
-                            axis.value
-                        ),
-                    ));
-                }
-                let Some(values) = raw.grid.get(&axis.value) else {
-                    return Err(self.err(
-                        &axis.referenced,
-                        format!(
-                            "stage '{name}' is over unknown grid axis '{}'{}",
-                            axis.value,
-                            did_you_mean(&axis.value, raw.grid.keys().map(|s| s.as_str()))
-                        ),
-                    ));
-                };
-                // An axis is a param of the kind, or flows in through an input whose stage is
-                // over it (e.g. evaluating each corruption's repaired model); anything else
-                // would make identical instances and is most likely a typo.
-                let flows_in = bindings[t].values().flatten().any(|b| {
-                    raw.stages
-                        .get(&b.stage)
-                        .is_some_and(|up| up.value.over.iter().any(|o| o.value == axis.value))
-                });
-                if !spec_names.contains(&axis.value.as_str()) && !flows_in {
-                    return Err(self.err(&axis.referenced, format!(
-                        "grid axis '{}' is not a param of stage kind '{kind_name}' (its params: {}) and no input of '{name}' varies over it",
-                        axis.value,
-                        spec_names.join(", ")
-                    )));
-                }
-                if stage.params.contains_key(&axis.value) {
-                    return Err(self.err(&stage.params[&axis.value].referenced, format!(
-                        "param '{}' of stage '{name}' is set by the grid axis it is over; remove it here",
-                        axis.value
-                    )));
-                }
-                axes.push((axis.value.as_str(), &values.value));
-            }
-
-            // Base params with provenance: (value, location or None for kind defaults).
-            let mut base: BTreeMap<String, (Value, Option<Location>)> = BTreeMap::new();
-            for spec in &specs {
-                if let Some(d) = &spec.default {
-                    base.insert(spec.name.into(), (d.clone(), None));
-                }
-            }
-            let layer = |params: &BTreeMap<String, Spanned<Value>>,
-                         base: &mut BTreeMap<String, (Value, Option<Location>)>|
-             -> Result<(), ManifestError> {
-                for (k, v) in params {
-                    if !spec_names.contains(&k.as_str()) {
-                        return Err(self.err(
-                            &v.referenced,
-                            format!(
-                            "unknown param '{k}' for stage kind '{kind_name}'{}; its params: {}",
-                            did_you_mean(k, spec_names.iter().copied()),
-                            spec_names.join(", ")
-                        ),
-                        ));
-                    }
-                    let value = match self.vars {
-                        Some(vars) => substitute(&v.value, vars).map_err(|msg| {
-                            self.err(&v.referenced, format!("param '{k}': {msg}"))
-                        })?,
-                        None => v.value.clone(),
-                    };
-                    base.insert(k.clone(), (value, Some(v.referenced)));
-                }
-                Ok(())
-            };
-            if let Some(d) = raw.defaults.get(kind_name) {
-                layer(&d.value, &mut base)?;
-            }
-            layer(&stage.params, &mut base)?;
-
-            // Inputs declared by the kind.
-            let input_specs = kind.inputs();
-            for (input, list) in &bindings[t] {
-                if !input_specs.iter().any(|s| s.name == input) {
-                    return Err(self.err(
-                        &list[0].loc,
-                        format!(
-                            "stage kind '{kind_name}' has no input '{input}'{}; its inputs: {}",
-                            did_you_mean(input, input_specs.iter().map(|s| s.name)),
-                            input_specs
-                                .iter()
-                                .map(|s| s.name)
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        ),
-                    ));
-                }
-            }
-            for spec in &input_specs {
-                if !spec.optional && !bindings[t].contains_key(spec.name) {
-                    return Err(self.err(
-                        &spanned_stage.referenced,
-                        format!(
-                        "stage '{name}' (kind '{kind_name}') is missing required input '{}' ({})",
-                        spec.name, spec.help
-                    ),
-                    ));
-                }
-            }
-
-            // Cartesian product of the axes, bounded before it is built.
-            let count = axes
-                .iter()
-                .try_fold(1usize, |n, (_, v)| n.checked_mul(v.len()))
-                .filter(|n| stages.len().saturating_add(*n) <= MAX_PLAN_STAGES);
-            let Some(_) = count else {
-                let sizes: Vec<String> = axes
-                    .iter()
-                    .map(|(a, v)| format!("{a}: {}", v.len()))
-                    .collect();
-                let n = axes.iter().fold(1f64, |n, (_, v)| n * v.len() as f64);
+        // Axes this template varies over.
+        let mut axes: Vec<(&str, &Vec<Spanned<Value>>)> = Vec::new();
+        for axis in &stage.over {
+            if axes.iter().any(|(a, _)| *a == axis.value) {
                 return Err(self.err(
-                    &spanned_stage.referenced,
+                    &axis.referenced,
                     format!(
-                        "stage '{name}' over the grid ({}) would make {n:.3e} stages, {} before \
-                         it; a plan holds at most {MAX_PLAN_STAGES}",
-                        sizes.join(" × "),
-                        stages.len()
+                        "stage '{name}' lists grid axis '{}' twice in over:",
+                        axis.value
+                    ),
+                ));
+            }
+            let Some(values) = raw.grid.get(&axis.value) else {
+                return Err(self.err(
+                    &axis.referenced,
+                    format!(
+                        "stage '{name}' is over unknown grid axis '{}'{}",
+                        axis.value,
+                        did_you_mean(&axis.value, raw.grid.keys().map(|s| s.as_str()))
                     ),
                 ));
             };
-            let mut points: Vec<Vec<&Spanned<Value>>> = vec![vec![]];
-            for (_, values) in &axes {
-                points = points
-                    .into_iter()
-                    .flat_map(|p| {
-                        values.iter().map(move |v| {
-                            let mut q = p.clone();
-                            q.push(v);
-                            q
-                        })
-                    })
-                    .collect();
+            // An axis is a param of the kind, or flows in through an input whose stage is
+            // over it (e.g. evaluating each corruption's repaired model); anything else
+            // would make identical instances and is most likely a typo.
+            let flows_in = bindings.values().flatten().any(|b| {
+                raw.stages
+                    .get(&b.stage)
+                    .is_some_and(|up| up.value.over.iter().any(|o| o.value == axis.value))
+            });
+            if !spec_names.contains(&axis.value.as_str()) && !flows_in {
+                return Err(self.err(&axis.referenced, format!(
+                    "grid axis '{}' is not a param of stage kind '{kind_name}' (its params: {}) and no input of '{name}' varies over it",
+                    axis.value,
+                    spec_names.join(", ")
+                )));
             }
+            if stage.params.contains_key(&axis.value) {
+                return Err(self.err(&stage.params[&axis.value].referenced, format!(
+                    "param '{}' of stage '{name}' is set by the grid axis it is over; remove it here",
+                    axis.value
+                )));
+            }
+            axes.push((axis.value.as_str(), &values.value));
+        }
 
-            let mut mine = Vec::with_capacity(points.len());
-            for point in points {
-                let axis_values: BTreeMap<String, Value> = axes
+        // Base params with provenance: (value, location or None for kind defaults).
+        let mut base: Provenanced = BTreeMap::new();
+        for spec in &specs {
+            if let Some(d) = &spec.default {
+                base.insert(spec.name.into(), (d.clone(), None));
+            }
+        }
+        if let Some(d) = raw.defaults.get(kind_name) {
+            self.layer(kind_name, &spec_names, &d.value, &mut base)?;
+        }
+        self.layer(kind_name, &spec_names, &stage.params, &mut base)?;
+
+        // Inputs declared by the kind.
+        let input_specs = kind.inputs();
+        for (input, list) in bindings {
+            if !input_specs.iter().any(|s| s.name == input) {
+                return Err(self.err(
+                    &list[0].loc,
+                    format!(
+                        "stage kind '{kind_name}' has no input '{input}'{}; its inputs: {}",
+                        did_you_mean(input, input_specs.iter().map(|s| s.name)),
+                        input_specs
+                            .iter()
+                            .map(|s| s.name)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                ));
+            }
+        }
+        for spec in &input_specs {
+            if !spec.optional && !bindings.contains_key(spec.name) {
+                return Err(self.err(
+                    &spanned_stage.referenced,
+                    format!(
+                        "stage '{name}' (kind '{kind_name}') is missing required input '{}' ({})",
+                        spec.name, spec.help
+                    ),
+                ));
+            }
+        }
+        Ok(Template {
+            name,
+            spanned: spanned_stage,
+            kind: kind.clone(),
+            axes,
+            base,
+            bindings,
+            input_specs,
+        })
+    }
+
+    /// `params` over `base`, each checked to be a param of the kind, variables substituted.
+    fn layer(
+        &self,
+        kind_name: &str,
+        spec_names: &[&str],
+        params: &BTreeMap<String, Spanned<Value>>,
+        base: &mut Provenanced,
+    ) -> Result<(), ManifestError> {
+        for (k, v) in params {
+            if !spec_names.contains(&k.as_str()) {
+                return Err(self.err(
+                    &v.referenced,
+                    format!(
+                        "unknown param '{k}' for stage kind '{kind_name}'{}; its params: {}",
+                        did_you_mean(k, spec_names.iter().copied()),
+                        spec_names.join(", ")
+                    ),
+                ));
+            }
+            let value = match self.vars {
+                Some(vars) => substitute(&v.value, vars)
+                    .map_err(|msg| self.err(&v.referenced, format!("param '{k}': {msg}")))?,
+                None => v.value.clone(),
+            };
+            base.insert(k.clone(), (value, Some(v.referenced)));
+        }
+        Ok(())
+    }
+
+    /// The template's instances, one per point of its axes' product (bounded: `before` stages
+    /// exist already), each with its params, resources and fingerprint; inputs not yet bound.
+    fn instantiate(
+        &self,
+        template: &Template<'a>,
+        before: usize,
+    ) -> Result<Vec<StageInstance>, ManifestError> {
+        let raw = self.raw;
+        let Template {
+            name,
+            spanned: spanned_stage,
+            kind,
+            axes,
+            base,
+            ..
+        } = template;
+        let stage = &spanned_stage.value;
+        let kind_name = &stage.kind.value;
+        let specs = kind.params();
+        let spec_names: Vec<&str> = specs.iter().map(|s| s.name).collect();
+        // Cartesian product of the axes, bounded before it is built.
+        let count = axes
+            .iter()
+            .try_fold(1usize, |n, (_, v)| n.checked_mul(v.len()))
+            .filter(|n| before.saturating_add(*n) <= MAX_PLAN_STAGES);
+        let Some(_) = count else {
+            let sizes: Vec<String> = axes
+                .iter()
+                .map(|(a, v)| format!("{a}: {}", v.len()))
+                .collect();
+            let n = axes.iter().fold(1f64, |n, (_, v)| n * v.len() as f64);
+            return Err(self.err(
+                &spanned_stage.referenced,
+                format!(
+                    "stage '{name}' over the grid ({}) would make {n:.3e} stages, {} before \
+                     it; a plan holds at most {MAX_PLAN_STAGES}",
+                    sizes.join(" × "),
+                    before
+                ),
+            ));
+        };
+        let mut points: Vec<Vec<&Spanned<Value>>> = vec![vec![]];
+        for (_, values) in axes {
+            points = points
+                .into_iter()
+                .flat_map(|p| {
+                    values.iter().map(move |v| {
+                        let mut q = p.clone();
+                        q.push(v);
+                        q
+                    })
+                })
+                .collect();
+        }
+
+        let mut mine = Vec::with_capacity(points.len());
+        for point in points {
+            let axis_values: BTreeMap<String, Value> = axes
+                .iter()
+                .zip(&point)
+                .map(|((a, _), v)| (a.to_string(), v.value.clone()))
+                .collect();
+            let path = if axes.is_empty() {
+                name.to_string()
+            } else {
+                let parts: Vec<String> = axes
                     .iter()
                     .zip(&point)
-                    .map(|((a, _), v)| (a.to_string(), v.value.clone()))
+                    .map(|((a, _), v)| format!("{a}={}", value_label(&v.value)))
                     .collect();
-                let path = if axes.is_empty() {
-                    name.to_string()
-                } else {
-                    let parts: Vec<String> = axes
+                format!("{name}[{}]", parts.join(","))
+            };
+            let mut params = base.clone();
+            // Resource layers of matching overrides, applied once the params are known.
+            let mut override_resources = vec![];
+            for ov in &raw.overrides {
+                let ov_v = &ov.value;
+                if let Some(s) = &ov_v.stage {
+                    if s.value != **name {
+                        continue;
+                    }
+                }
+                let applies = ov_v.when.iter().all(|(axis, want)| {
+                    axis_values
+                        .get(axis)
+                        .is_some_and(|have| *have == want.value)
+                });
+                if applies {
+                    if let Some((axis, v)) = ov_v
+                        .params
                         .iter()
-                        .zip(&point)
-                        .map(|((a, _), v)| format!("{a}={}", value_label(&v.value)))
-                        .collect();
-                    format!("{name}[{}]", parts.join(","))
-                };
-                let mut params = base.clone();
-                // Resource layers of matching overrides, applied once the params are known.
-                let mut override_resources = vec![];
-                for ov in &raw.overrides {
-                    let ov_v = &ov.value;
-                    if let Some(s) = &ov_v.stage {
-                        if s.value != *name {
-                            continue;
-                        }
-                    }
-                    let applies = ov_v.when.iter().all(|(axis, want)| {
-                        axis_values
-                            .get(axis)
-                            .is_some_and(|have| *have == want.value)
-                    });
-                    if applies {
-                        if let Some((axis, v)) = ov_v
-                            .params
-                            .iter()
-                            .find(|(k, _)| axes.iter().any(|(a, _)| a == k))
-                        {
-                            return Err(self.err(
-                                &v.referenced,
-                                format!(
-                                    "override sets param '{axis}' of stage '{name}', which is \
-                                     over grid axis '{axis}': its values come from the grid"
-                                ),
-                            ));
-                        }
-                        layer(&ov_v.params, &mut params)?;
-                        if let Some(r) = &ov_v.resources {
-                            override_resources.push(&r.value);
-                        }
-                    }
-                }
-                for ((axis, _), v) in axes.iter().zip(&point) {
-                    if spec_names.contains(axis) {
-                        params.insert(axis.to_string(), (v.value.clone(), Some(v.referenced)));
-                    }
-                }
-                // Type-check and fill.
-                let mut checked = Map::new();
-                for spec in &specs {
-                    match params.get(spec.name) {
-                        None => {
-                            return Err(self.err(
-                                &spanned_stage.referenced,
-                                format!(
-                                    "stage '{name}' (kind '{kind_name}') needs param '{}': {}",
-                                    spec.name, spec.help
-                                ),
-                            ))
-                        }
-                        Some((v, loc)) => {
-                            let v = check_param(&spec.ty, v).map_err(|msg| {
-                                let loc = loc.unwrap_or(spanned_stage.referenced);
-                                self.err(
-                                    &loc,
-                                    format!("param '{}' of stage '{name}': {msg}", spec.name),
-                                )
-                            })?;
-                            checked.insert(spec.name.to_string(), v);
-                        }
-                    }
-                }
-                let params = Value::Object(checked);
-                if let Err((param, msg)) = kind.validate(&params) {
-                    let loc = base
-                        .get(&param)
-                        .and_then(|(_, l)| *l)
-                        .unwrap_or(spanned_stage.referenced);
-                    return Err(self.err(&loc, format!("param '{param}' of stage '{name}': {msg}")));
-                }
-                // The kind's resources for these params < the manifest's for the kind < the
-                // stage's < matching overrides.
-                let mut res = kind.resources(&params);
-                let mut cluster = ClusterRequest::default();
-                let mut nodes_at = None;
-                let layers = raw
-                    .resources
-                    .get(kind_name)
-                    .into_iter()
-                    .chain(&stage.resources)
-                    .map(|r| &r.value)
-                    .chain(override_resources);
-                for r in layers {
-                    self.apply_resources(&mut res, &mut cluster, &mut nodes_at, r)?;
-                }
-                if let (Some(nodes), Some(loc)) = (cluster.nodes, nodes_at) {
-                    let ranks = res.ranks.max(1);
-                    if nodes > ranks || ranks % nodes != 0 {
+                        .find(|(k, _)| axes.iter().any(|(a, _)| a == k))
+                    {
                         return Err(self.err(
-                            &loc,
+                            &v.referenced,
                             format!(
-                                "stage '{name}' runs {ranks} rank(s), which cannot spread evenly \
-                                 over {nodes} nodes"
+                                "override sets param '{axis}' of stage '{name}', which is \
+                                 over grid axis '{axis}': its values come from the grid"
                             ),
                         ));
                     }
+                    self.layer(kind_name, &spec_names, &ov_v.params, &mut params)?;
+                    if let Some(r) = &ov_v.resources {
+                        override_resources.push(&r.value);
+                    }
                 }
-                let estimate = kind.estimate(&params);
-                let fingerprint = kind.fingerprint(&params).map_err(|e| {
-                    self.err(&spanned_stage.referenced, format!("stage '{name}': {e:#}"))
-                })?;
-                stages.push(StageInstance {
-                    path,
-                    template: name.to_string(),
-                    kind: kind_name.clone(),
-                    version: kind.version().to_string(),
-                    params,
-                    axes: axis_values,
-                    inputs: BTreeMap::new(),
-                    outputs: kind.outputs().iter().map(|s| s.to_string()).collect(),
-                    resources: res,
-                    cluster,
-                    estimate,
-                    fingerprint,
-                });
-                mine.push(stages.len() - 1);
             }
-
-            // Bind inputs: upstream instances that agree on the shared axes.
-            for (input, binding) in bindings[t]
-                .iter()
-                .flat_map(|(input, list)| list.iter().map(move |b| (input, b)))
-            {
-                let spec = input_specs
-                    .iter()
-                    .find(|s| s.name == input)
-                    .expect("checked above");
-                if bindings[t][input].len() > 1 && !spec.many {
+            for ((axis, _), v) in axes.iter().zip(&point) {
+                if spec_names.contains(axis) {
+                    params.insert(axis.to_string(), (v.value.clone(), Some(v.referenced)));
+                }
+            }
+            // Type-check and fill.
+            let mut checked = Map::new();
+            for spec in &specs {
+                match params.get(spec.name) {
+                    None => {
+                        return Err(self.err(
+                            &spanned_stage.referenced,
+                            format!(
+                                "stage '{name}' (kind '{kind_name}') needs param '{}': {}",
+                                spec.name, spec.help
+                            ),
+                        ))
+                    }
+                    Some((v, loc)) => {
+                        let v = check_param(&spec.ty, v).map_err(|msg| {
+                            let loc = loc.unwrap_or(spanned_stage.referenced);
+                            self.err(
+                                &loc,
+                                format!("param '{}' of stage '{name}': {msg}", spec.name),
+                            )
+                        })?;
+                        checked.insert(spec.name.to_string(), v);
+                    }
+                }
+            }
+            let params = Value::Object(checked);
+            if let Err((param, msg)) = kind.validate(&params) {
+                let loc = base
+                    .get(&param)
+                    .and_then(|(_, l)| *l)
+                    .unwrap_or(spanned_stage.referenced);
+                return Err(self.err(&loc, format!("param '{param}' of stage '{name}': {msg}")));
+            }
+            // The kind's resources for these params < the manifest's for the kind < the
+            // stage's < matching overrides.
+            let mut res = kind.resources(&params);
+            let mut cluster = ClusterRequest::default();
+            let mut nodes_at = None;
+            let layers = raw
+                .resources
+                .get(kind_name)
+                .into_iter()
+                .chain(&stage.resources)
+                .map(|r| &r.value)
+                .chain(override_resources);
+            for r in layers {
+                self.apply_resources(&mut res, &mut cluster, &mut nodes_at, r)?;
+            }
+            if let (Some(nodes), Some(loc)) = (cluster.nodes, nodes_at) {
+                let ranks = res.ranks.max(1);
+                if nodes > ranks || ranks % nodes != 0 {
                     return Err(self.err(
-                        &binding.loc,
+                        &loc,
                         format!(
-                            "input '{input}' of kind '{kind_name}' takes one artifact, not a list"
+                            "stage '{name}' runs {ranks} rank(s), which cannot spread evenly \
+                             over {nodes} nodes"
                         ),
                     ));
                 }
-                let upstream = &instances[binding.stage.as_str()];
-                let up_kind = &stages[upstream[0]].outputs;
-                let output = match &binding.output {
-                    Some(o) if up_kind.contains(o) => o.clone(),
-                    Some(o) => {
-                        return Err(self.err(
-                            &binding.loc,
-                            format!(
-                                "stage '{}' has no output '{o}'{}; its outputs: {}",
-                                binding.stage,
-                                did_you_mean(o, up_kind.iter().map(|s| s.as_str())),
-                                up_kind.join(", ")
-                            ),
-                        ))
-                    }
-                    None if up_kind.len() == 1 => up_kind[0].clone(),
-                    None => {
-                        return Err(self.err(
-                            &binding.loc,
-                            format!(
-                                "stage '{}' has several outputs ({}); write '{}.<output>'",
-                                binding.stage,
-                                up_kind.join(", "),
-                                binding.stage
-                            ),
-                        ))
-                    }
-                };
-                if binding.all && !spec.many {
+            }
+            let estimate = kind.estimate(&params);
+            let fingerprint = kind.fingerprint(&params).map_err(|e| {
+                self.err(&spanned_stage.referenced, format!("stage '{name}': {e:#}"))
+            })?;
+            mine.push(StageInstance {
+                path,
+                template: name.to_string(),
+                kind: kind_name.clone(),
+                version: kind.version().to_string(),
+                params,
+                axes: axis_values,
+                inputs: BTreeMap::new(),
+                outputs: kind.outputs().iter().map(|s| s.to_string()).collect(),
+                resources: res,
+                cluster,
+                estimate,
+                fingerprint,
+            });
+        }
+        Ok(mine)
+    }
+
+    /// Binds each input of the template's instances (`mine`) to the upstream instances that
+    /// agree with it on their shared axes.
+    fn bind_inputs(
+        &self,
+        template: &Template<'a>,
+        mine: &[usize],
+        instances: &HashMap<&str, Vec<usize>>,
+        stages: &mut [StageInstance],
+    ) -> Result<(), ManifestError> {
+        let Template {
+            name,
+            spanned,
+            kind,
+            bindings,
+            input_specs,
+            ..
+        } = template;
+        let stage = &spanned.value;
+        let kind_name = kind.name();
+        // Bind inputs: upstream instances that agree on the shared axes.
+        for (input, binding) in bindings
+            .iter()
+            .flat_map(|(input, list)| list.iter().map(move |b| (input, b)))
+        {
+            let spec = input_specs
+                .iter()
+                .find(|s| s.name == input)
+                .expect("checked above");
+            if bindings[input].len() > 1 && !spec.many {
+                return Err(self.err(
+                    &binding.loc,
+                    format!("input '{input}' of kind '{kind_name}' takes one artifact, not a list"),
+                ));
+            }
+            let upstream = &instances[binding.stage.as_str()];
+            let up_kind = &stages[upstream[0]].outputs;
+            let output = match &binding.output {
+                Some(o) if up_kind.contains(o) => o.clone(),
+                Some(o) => {
+                    return Err(self.err(
+                        &binding.loc,
+                        format!(
+                            "stage '{}' has no output '{o}'{}; its outputs: {}",
+                            binding.stage,
+                            did_you_mean(o, up_kind.iter().map(|s| s.as_str())),
+                            up_kind.join(", ")
+                        ),
+                    ))
+                }
+                None if up_kind.len() == 1 => up_kind[0].clone(),
+                None => {
+                    return Err(self.err(
+                        &binding.loc,
+                        format!(
+                            "stage '{}' has several outputs ({}); write '{}.<output>'",
+                            binding.stage,
+                            up_kind.join(", "),
+                            binding.stage
+                        ),
+                    ))
+                }
+            };
+            if binding.all && !spec.many {
+                return Err(self.err(
+                    &binding.loc,
+                    format!(
+                    "input '{input}' of kind '{kind_name}' takes one artifact; remove 'all: true'"
+                ),
+                ));
+            }
+            let up_axes: Vec<String> = stages[upstream[0]]
+                .axes
+                .keys()
+                .filter(|a| !binding.across.contains(a))
+                .cloned()
+                .collect();
+            let mut by_projection: HashMap<Vec<Value>, Vec<usize>> = HashMap::new();
+            for &u in upstream {
+                let key: Vec<Value> = up_axes
+                    .iter()
+                    .filter(|a| stage.over.iter().any(|o| o.value == **a))
+                    .map(|a| stages[u].axes[a].clone())
+                    .collect();
+                by_projection.entry(key).or_default().push(u);
+            }
+            for &d in mine {
+                let key: Vec<Value> = up_axes
+                    .iter()
+                    .filter(|a| stages[d].axes.contains_key(*a))
+                    .map(|a| stages[d].axes[a].clone())
+                    .collect();
+                let matched = by_projection.get(&key).cloned().unwrap_or_default();
+                if !binding.all && matched.len() != 1 {
+                    let extra: Vec<&String> = up_axes
+                        .iter()
+                        .filter(|a| !stages[d].axes.contains_key(*a))
+                        .collect();
                     return Err(self.err(&binding.loc, format!(
-                        "input '{input}' of kind '{kind_name}' takes one artifact; remove 'all: true'"
+                        "input '{input}' of stage '{}' matches {} instances of '{}' (it varies over {:?}, which '{name}' is not over); write {{from: {}, all: true}} or add those axes to '{name}'",
+                        stages[d].path,
+                        matched.len(),
+                        binding.stage,
+                        extra,
+                        binding.stage
                     )));
                 }
-                let up_axes: Vec<String> = stages[upstream[0]]
-                    .axes
-                    .keys()
-                    .filter(|a| !binding.across.contains(a))
-                    .cloned()
+                let edges: Vec<Edge> = matched
+                    .into_iter()
+                    .map(|from| Edge {
+                        from,
+                        output: output.clone(),
+                    })
                     .collect();
-                let mut by_projection: HashMap<Vec<Value>, Vec<usize>> = HashMap::new();
-                for &u in upstream {
-                    let key: Vec<Value> = up_axes
-                        .iter()
-                        .filter(|a| stage.over.iter().any(|o| o.value == **a))
-                        .map(|a| stages[u].axes[a].clone())
-                        .collect();
-                    by_projection.entry(key).or_default().push(u);
-                }
-                for &d in &mine {
-                    let key: Vec<Value> = up_axes
-                        .iter()
-                        .filter(|a| stages[d].axes.contains_key(*a))
-                        .map(|a| stages[d].axes[a].clone())
-                        .collect();
-                    let matched = by_projection.get(&key).cloned().unwrap_or_default();
-                    if !binding.all && matched.len() != 1 {
-                        let extra: Vec<&String> = up_axes
-                            .iter()
-                            .filter(|a| !stages[d].axes.contains_key(*a))
-                            .collect();
-                        return Err(self.err(&binding.loc, format!(
-                            "input '{input}' of stage '{}' matches {} instances of '{}' (it varies over {:?}, which '{name}' is not over); write {{from: {}, all: true}} or add those axes to '{name}'",
-                            stages[d].path,
-                            matched.len(),
-                            binding.stage,
-                            extra,
-                            binding.stage
-                        )));
-                    }
-                    let edges: Vec<Edge> = matched
-                        .into_iter()
-                        .map(|from| Edge {
-                            from,
-                            output: output.clone(),
-                        })
-                        .collect();
-                    stages[d]
-                        .inputs
-                        .entry(input.clone())
-                        .or_default()
-                        .extend(edges);
-                }
+                stages[d]
+                    .inputs
+                    .entry(input.clone())
+                    .or_default()
+                    .extend(edges);
             }
-            instances.insert(name.as_str(), mine);
         }
-
-        Ok(Plan {
-            manifest: self.source.path.display().to_string(),
-            manifest_digest: Digest::of(self.source.text.as_bytes()),
-            name: raw.name.clone().unwrap_or_else(|| {
-                self.source
-                    .path
-                    .file_stem()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_default()
-            }),
-            stages,
-            gpu_share: raw.gpu_share.as_ref().map_or(1, |g| g.value),
-        })
+        Ok(())
     }
 }
 
