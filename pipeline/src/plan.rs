@@ -6,7 +6,8 @@
 use crate::artifact::Digest;
 use crate::did_you_mean;
 use crate::kind::{
-    check_param, parse_slurm_time, ClusterRequest, InputSpec, Registry, Resources, StageKind,
+    check_param, parse_slurm_time, ClusterRequest, InputSpec, ParamSpec, Registry, Resources,
+    StageKind,
 };
 use crate::manifest::{self, ManifestError, RawManifest, RawResources, RawStage, Source};
 use petgraph::graph::{DiGraph, NodeIndex};
@@ -677,17 +678,13 @@ impl<'a> Expander<'a> {
         template: &Template<'a>,
         before: usize,
     ) -> Result<Vec<StageInstance>, ManifestError> {
-        let raw = self.raw;
         let Template {
             name,
             spanned: spanned_stage,
             kind,
             axes,
-            base,
             ..
         } = template;
-        let stage = &spanned_stage.value;
-        let kind_name = &stage.kind.value;
         let specs = kind.params();
         let spec_names: Vec<&str> = specs.iter().map(|s| s.name).collect();
         // Cartesian product of the axes, bounded before it is built.
@@ -725,143 +722,165 @@ impl<'a> Expander<'a> {
                 .collect();
         }
 
-        let mut mine = Vec::with_capacity(points.len());
-        for point in points {
-            let axis_values: BTreeMap<String, Value> = axes
+        points
+            .into_iter()
+            .map(|point| self.instance(template, &specs, &spec_names, point))
+            .collect()
+    }
+
+    /// The instance of `template` at one `point` of its axes: params (base < matching
+    /// overrides < the axis values), type-checked and validated; resources; fingerprint.
+    fn instance(
+        &self,
+        template: &Template<'a>,
+        specs: &[ParamSpec],
+        spec_names: &[&str],
+        point: Vec<&Spanned<Value>>,
+    ) -> Result<StageInstance, ManifestError> {
+        let raw = self.raw;
+        let Template {
+            name,
+            spanned: spanned_stage,
+            kind,
+            axes,
+            base,
+            ..
+        } = template;
+        let stage = &spanned_stage.value;
+        let kind_name = &stage.kind.value;
+        let axis_values: BTreeMap<String, Value> = axes
+            .iter()
+            .zip(&point)
+            .map(|((a, _), v)| (a.to_string(), v.value.clone()))
+            .collect();
+        let path = if axes.is_empty() {
+            name.to_string()
+        } else {
+            let parts: Vec<String> = axes
                 .iter()
                 .zip(&point)
-                .map(|((a, _), v)| (a.to_string(), v.value.clone()))
+                .map(|((a, _), v)| format!("{a}={}", value_label(&v.value)))
                 .collect();
-            let path = if axes.is_empty() {
-                name.to_string()
-            } else {
-                let parts: Vec<String> = axes
+            format!("{name}[{}]", parts.join(","))
+        };
+        let mut params = base.clone();
+        // Resource layers of matching overrides, applied once the params are known.
+        let mut override_resources = vec![];
+        for ov in &raw.overrides {
+            let ov_v = &ov.value;
+            if let Some(s) = &ov_v.stage {
+                if s.value != **name {
+                    continue;
+                }
+            }
+            let applies = ov_v.when.iter().all(|(axis, want)| {
+                axis_values
+                    .get(axis)
+                    .is_some_and(|have| *have == want.value)
+            });
+            if applies {
+                if let Some((axis, v)) = ov_v
+                    .params
                     .iter()
-                    .zip(&point)
-                    .map(|((a, _), v)| format!("{a}={}", value_label(&v.value)))
-                    .collect();
-                format!("{name}[{}]", parts.join(","))
-            };
-            let mut params = base.clone();
-            // Resource layers of matching overrides, applied once the params are known.
-            let mut override_resources = vec![];
-            for ov in &raw.overrides {
-                let ov_v = &ov.value;
-                if let Some(s) = &ov_v.stage {
-                    if s.value != **name {
-                        continue;
-                    }
-                }
-                let applies = ov_v.when.iter().all(|(axis, want)| {
-                    axis_values
-                        .get(axis)
-                        .is_some_and(|have| *have == want.value)
-                });
-                if applies {
-                    if let Some((axis, v)) = ov_v
-                        .params
-                        .iter()
-                        .find(|(k, _)| axes.iter().any(|(a, _)| a == k))
-                    {
-                        return Err(self.err(
-                            &v.referenced,
-                            format!(
-                                "override sets param '{axis}' of stage '{name}', which is \
-                                 over grid axis '{axis}': its values come from the grid"
-                            ),
-                        ));
-                    }
-                    self.layer(kind_name, &spec_names, &ov_v.params, &mut params)?;
-                    if let Some(r) = &ov_v.resources {
-                        override_resources.push(&r.value);
-                    }
-                }
-            }
-            for ((axis, _), v) in axes.iter().zip(&point) {
-                if spec_names.contains(axis) {
-                    params.insert(axis.to_string(), (v.value.clone(), Some(v.referenced)));
-                }
-            }
-            // Type-check and fill.
-            let mut checked = Map::new();
-            for spec in &specs {
-                match params.get(spec.name) {
-                    None => {
-                        return Err(self.err(
-                            &spanned_stage.referenced,
-                            format!(
-                                "stage '{name}' (kind '{kind_name}') needs param '{}': {}",
-                                spec.name, spec.help
-                            ),
-                        ))
-                    }
-                    Some((v, loc)) => {
-                        let v = check_param(&spec.ty, v).map_err(|msg| {
-                            let loc = loc.unwrap_or(spanned_stage.referenced);
-                            self.err(
-                                &loc,
-                                format!("param '{}' of stage '{name}': {msg}", spec.name),
-                            )
-                        })?;
-                        checked.insert(spec.name.to_string(), v);
-                    }
-                }
-            }
-            let params = Value::Object(checked);
-            if let Err((param, msg)) = kind.validate(&params) {
-                let loc = base
-                    .get(&param)
-                    .and_then(|(_, l)| *l)
-                    .unwrap_or(spanned_stage.referenced);
-                return Err(self.err(&loc, format!("param '{param}' of stage '{name}': {msg}")));
-            }
-            // The kind's resources for these params < the manifest's for the kind < the
-            // stage's < matching overrides.
-            let mut res = kind.resources(&params);
-            let mut cluster = ClusterRequest::default();
-            let mut nodes_at = None;
-            let layers = raw
-                .resources
-                .get(kind_name)
-                .into_iter()
-                .chain(&stage.resources)
-                .map(|r| &r.value)
-                .chain(override_resources);
-            for r in layers {
-                self.apply_resources(&mut res, &mut cluster, &mut nodes_at, r)?;
-            }
-            if let (Some(nodes), Some(loc)) = (cluster.nodes, nodes_at) {
-                let ranks = res.ranks.max(1);
-                if nodes > ranks || ranks % nodes != 0 {
+                    .find(|(k, _)| axes.iter().any(|(a, _)| a == k))
+                {
                     return Err(self.err(
-                        &loc,
+                        &v.referenced,
                         format!(
-                            "stage '{name}' runs {ranks} rank(s), which cannot spread evenly \
-                             over {nodes} nodes"
+                            "override sets param '{axis}' of stage '{name}', which is \
+                             over grid axis '{axis}': its values come from the grid"
                         ),
                     ));
                 }
+                self.layer(kind_name, spec_names, &ov_v.params, &mut params)?;
+                if let Some(r) = &ov_v.resources {
+                    override_resources.push(&r.value);
+                }
             }
-            let estimate = kind.estimate(&params);
-            let fingerprint = kind.fingerprint(&params).map_err(|e| {
-                self.err(&spanned_stage.referenced, format!("stage '{name}': {e:#}"))
-            })?;
-            mine.push(StageInstance {
-                path,
-                template: name.to_string(),
-                kind: kind_name.clone(),
-                version: kind.version().to_string(),
-                params,
-                axes: axis_values,
-                inputs: BTreeMap::new(),
-                outputs: kind.outputs().iter().map(|s| s.to_string()).collect(),
-                resources: res,
-                cluster,
-                estimate,
-                fingerprint,
-            });
         }
-        Ok(mine)
+        for ((axis, _), v) in axes.iter().zip(&point) {
+            if spec_names.contains(axis) {
+                params.insert(axis.to_string(), (v.value.clone(), Some(v.referenced)));
+            }
+        }
+        // Type-check and fill.
+        let mut checked = Map::new();
+        for spec in specs {
+            match params.get(spec.name) {
+                None => {
+                    return Err(self.err(
+                        &spanned_stage.referenced,
+                        format!(
+                            "stage '{name}' (kind '{kind_name}') needs param '{}': {}",
+                            spec.name, spec.help
+                        ),
+                    ))
+                }
+                Some((v, loc)) => {
+                    let v = check_param(&spec.ty, v).map_err(|msg| {
+                        let loc = loc.unwrap_or(spanned_stage.referenced);
+                        self.err(
+                            &loc,
+                            format!("param '{}' of stage '{name}': {msg}", spec.name),
+                        )
+                    })?;
+                    checked.insert(spec.name.to_string(), v);
+                }
+            }
+        }
+        let params = Value::Object(checked);
+        if let Err((param, msg)) = kind.validate(&params) {
+            let loc = base
+                .get(&param)
+                .and_then(|(_, l)| *l)
+                .unwrap_or(spanned_stage.referenced);
+            return Err(self.err(&loc, format!("param '{param}' of stage '{name}': {msg}")));
+        }
+        // The kind's resources for these params < the manifest's for the kind < the
+        // stage's < matching overrides.
+        let mut res = kind.resources(&params);
+        let mut cluster = ClusterRequest::default();
+        let mut nodes_at = None;
+        let layers = raw
+            .resources
+            .get(kind_name)
+            .into_iter()
+            .chain(&stage.resources)
+            .map(|r| &r.value)
+            .chain(override_resources);
+        for r in layers {
+            self.apply_resources(&mut res, &mut cluster, &mut nodes_at, r)?;
+        }
+        if let (Some(nodes), Some(loc)) = (cluster.nodes, nodes_at) {
+            let ranks = res.ranks.max(1);
+            if nodes > ranks || ranks % nodes != 0 {
+                return Err(self.err(
+                    &loc,
+                    format!(
+                        "stage '{name}' runs {ranks} rank(s), which cannot spread evenly \
+                         over {nodes} nodes"
+                    ),
+                ));
+            }
+        }
+        let estimate = kind.estimate(&params);
+        let fingerprint = kind
+            .fingerprint(&params)
+            .map_err(|e| self.err(&spanned_stage.referenced, format!("stage '{name}': {e:#}")))?;
+        Ok(StageInstance {
+            path,
+            template: name.to_string(),
+            kind: kind_name.clone(),
+            version: kind.version().to_string(),
+            params,
+            axes: axis_values,
+            inputs: BTreeMap::new(),
+            outputs: kind.outputs().iter().map(|s| s.to_string()).collect(),
+            resources: res,
+            cluster,
+            estimate,
+            fingerprint,
+        })
     }
 
     /// Binds each input of the template's instances (`mine`) to the upstream instances that
