@@ -6,7 +6,7 @@ use crate::commands::{pick_run, write_atomically, StoreArgs};
 use anyhow::Context;
 use clap::builder::TypedValueParser;
 use clap::{Args, Subcommand};
-use deeprepair_corrupt::{corrupt_image, image_seed, Corruption, FrostTextures, Resources};
+use deeprepair_corrupt::{corrupt_image, image_seed, Assets, Corruption, FrostTextures};
 use deeprepair_data::{decode_image, encode_png, load_dataset, Split};
 use deeprepair_nn::{param_count, Arch};
 use deeprepair_pipeline::did_you_mean;
@@ -206,12 +206,12 @@ pub struct CorruptArgs {
     output: Option<PathBuf>,
 }
 
-fn load_frost(dir: Option<&Path>) -> anyhow::Result<Resources> {
+fn load_frost(dir: Option<&Path>) -> anyhow::Result<Assets> {
     let frost = match dir {
         Some(d) => Some(FrostTextures::load(d).map_err(|e| usage(format!("--frost: {e}")))?),
         None => None,
     };
-    Ok(Resources { frost })
+    Ok(Assets { frost })
 }
 
 /// An RGB image file (PNG or JPEG) the user named as `what`; unreadable or undecodable is a

@@ -5,7 +5,7 @@ use crate::commands::write_atomically;
 use crate::ml_commands::{emit, read_image, UsageError};
 use clap::Args;
 use deeprepair_data::encode_png;
-use deeprepair_repair::augmix_ops::ImageRef;
+use deeprepair_repair::ImageRef;
 use deeprepair_stages::style::StyleChoice;
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -2,7 +2,7 @@
 //! CIFAR-10-C corruption at severities 1–5).
 
 use crate::artifacts::{dataset_artifact, read_dataset, DatasetInfo};
-use deeprepair_corrupt::{Corruption, FrostTextures, Resources as CorruptResources};
+use deeprepair_corrupt::{Assets as CorruptionAssets, Corruption, FrostTextures};
 use deeprepair_data::{select_subset, Dataset, Split};
 use deeprepair_pipeline::kind::fingerprint_path;
 use deeprepair_pipeline::{
@@ -309,7 +309,7 @@ impl StageKind for CorruptKind {
         let severities: Vec<u8> = ctx.param("severities")?;
         let seed: u64 = ctx.param("seed")?;
         let frost: String = ctx.param("frost")?;
-        let res = CorruptResources {
+        let res = CorruptionAssets {
             frost: if corruption == Corruption::Frost {
                 Some(FrostTextures::load(Path::new(&frost)).map_err(anyhow::Error::from)?)
             } else {
@@ -415,7 +415,7 @@ impl StageKind for DegradeKind {
             .into_par_iter()
             .map(|i| -> anyhow::Result<Vec<u8>> {
                 let mut rng = deeprepair_train::trainer::item_rng(seed, i as u64);
-                let img = deeprepair_repair::augmix_ops::ImageRef {
+                let img = deeprepair_repair::ImageRef {
                     pixels: &clean.images[i * per..(i + 1) * per],
                     width: clean.width,
                     height: clean.height,

@@ -11,9 +11,9 @@ pub mod data_kinds;
 pub mod methods;
 pub mod model_kinds;
 pub mod report_kind;
+pub mod stage_training;
 pub mod style;
 pub mod style_check;
-pub mod training;
 
 use deeprepair_pipeline::{Artifact, ArtifactKind, Registry};
 use std::path::{Path, PathBuf};

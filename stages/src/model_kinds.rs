@@ -4,7 +4,7 @@
 use crate::artifacts::{
     dataset_artifact, ensure_same_classes, model_artifact, read_dataset, DatasetInfo, ModelInfo,
 };
-use crate::training::{
+use crate::stage_training::{
     input_model, rank_devices, run_training, train_config, training_params,
     validate_training_params, InputModel, RankModel,
 };
@@ -42,7 +42,7 @@ pub fn stage_error(ctx: &StageCtx, e: anyhow::Error) -> StageError {
 
 fn training_resources(params: &Value) -> Resources {
     let heavy = params["arch"].as_str().is_some_and(|a| a != "tiny-cnn");
-    crate::training::model_resources(params, if heavy { 8192 } else { 2048 })
+    crate::stage_training::model_resources(params, if heavy { 8192 } else { 2048 })
 }
 
 /// `pretrain`: trains an architecture from scratch on a dataset (Dt) with standard
@@ -304,7 +304,7 @@ impl StageKind for SelectFailuresKind {
         vec!["collected", "unseen", "metrics"]
     }
     fn resources(&self, params: &Value) -> Resources {
-        crate::training::model_resources(params, 2048)
+        crate::stage_training::model_resources(params, 2048)
     }
     fn run(&self, ctx: &mut StageCtx) -> Result<Vec<Artifact>, StageError> {
         let per_class: usize = ctx.param("per_class")?;
@@ -423,7 +423,7 @@ impl StageKind for EvaluateKind {
         vec!["metrics"]
     }
     fn resources(&self, params: &Value) -> Resources {
-        crate::training::model_resources(params, 2048)
+        crate::stage_training::model_resources(params, 2048)
     }
     fn run(&self, ctx: &mut StageCtx) -> Result<Vec<Artifact>, StageError> {
         let batch: usize = ctx.param("batch")?;

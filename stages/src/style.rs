@@ -132,8 +132,8 @@ mod wct2 {
     //! WCT2 (`deeprepair_nn::wct2`, checked against a PyTorch twin) behind [`StyleTransfer`],
     //! on the CPU: batches are built on CPU threads, one stylization at a time per thread.
     use anyhow::Result;
-    use deeprepair_repair::augmix_ops::ImageRef;
     use deeprepair_repair::style_transfer::StyleTransfer;
+    use deeprepair_repair::ImageRef;
     use std::path::Path;
 
     pub struct Wct2Style {
@@ -214,7 +214,7 @@ mod tests {
         assert_eq!(t.name(), "wavelet");
         let px: Vec<u8> = (0..8 * 8 * 3).map(|i| (i * 7 % 256) as u8).collect();
         let reference: Vec<u8> = px.iter().map(|v| 255 - v).collect();
-        let img = |p: &'static [u8]| deeprepair_repair::augmix_ops::ImageRef {
+        let img = |p: &'static [u8]| deeprepair_repair::ImageRef {
             pixels: p,
             width: 8,
             height: 8,

@@ -7,14 +7,14 @@
 //! stylized) triples for a person to look at.
 
 use crate::artifacts::{ensure_same_classes, read_dataset};
+use crate::stage_training::{input_model, InputModel};
 use crate::style::{style_params, StyleChoice};
-use crate::training::{input_model, InputModel};
 use deeprepair_pipeline::{
     Artifact, ArtifactHeader, ArtifactKind, InputSpec, ParamSpec, ParamType, StageCtx, StageError,
     StageKind,
 };
-use deeprepair_repair::augmix_ops::ImageRef;
 use deeprepair_repair::reference_sampling::{ClassReferenceSampler, Sampling};
+use deeprepair_repair::ImageRef;
 use deeprepair_train::evaluate;
 use deeprepair_train::trainer::item_rng;
 use rayon::prelude::*;

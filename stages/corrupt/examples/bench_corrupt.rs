@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use deeprepair_corrupt::{corrupt_batch, Corruption, FrostTextures, Resources};
+use deeprepair_corrupt::{corrupt_batch, Assets, Corruption, FrostTextures};
 
 fn main() -> anyhow::Result<()> {
     let n: usize = std::env::args()
@@ -32,7 +32,7 @@ fn main() -> anyhow::Result<()> {
             }
         }
     }
-    let res = Resources {
+    let res = Assets {
         frost: Some(FrostTextures::load(&data.join("frost"))?),
     };
     println!("{n} images x 5 severities per corruption, best of 3 runs");

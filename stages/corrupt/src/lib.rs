@@ -47,7 +47,7 @@ pub enum CorruptError {
     #[error(
         "the frost corruption needs the six frost photographs published with hendrycks/robustness \
          (frost1.png, frost2.png, frost3.png, frost4.jpg, frost5.jpg, frost6.jpg from \
-         ImageNet-C/create_c/): pass a frost-texture folder (Resources::frost = \
+         ImageNet-C/create_c/): pass a frost-texture folder (Assets::frost = \
          Some(FrostTextures::load(dir)?))"
     )]
     MissingFrostTextures,
@@ -150,9 +150,9 @@ impl fmt::Display for Corruption {
     }
 }
 
-/// External resources some corruptions need.
+/// Files some corruptions need beyond the image: the frost photographs.
 #[derive(Clone, Debug, Default)]
-pub struct Resources {
+pub struct Assets {
     pub frost: Option<FrostTextures>,
 }
 
@@ -271,7 +271,7 @@ pub fn corrupt_image(
     c: Corruption,
     severity: u8,
     seed: u64,
-    res: &Resources,
+    res: &Assets,
 ) -> Result<Vec<u8>, CorruptError> {
     check_severity(severity)?;
     let len = check_dims(width, height)?;
@@ -313,7 +313,7 @@ pub fn corrupt_batch(
     c: Corruption,
     severity: u8,
     seed: u64,
-    res: &Resources,
+    res: &Assets,
 ) -> Result<Vec<u8>, CorruptError> {
     check_severity(severity)?;
     let per = check_dims(width, height)?;

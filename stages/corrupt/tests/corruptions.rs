@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use deeprepair_corrupt::{
-    corrupt_batch, corrupt_image, image_seed, CorruptError, Corruption, FrostTextures, Resources,
+    corrupt_batch, corrupt_image, image_seed, Assets, CorruptError, Corruption, FrostTextures,
 };
 
 fn data_dir() -> PathBuf {
@@ -52,8 +52,8 @@ fn frost() -> Option<FrostTextures> {
     }
 }
 
-fn resources() -> Resources {
-    Resources { frost: frost() }
+fn resources() -> Assets {
+    Assets { frost: frost() }
 }
 
 fn psnr(a: &[u8], b: &[u8]) -> f64 {
@@ -70,7 +70,7 @@ fn psnr(a: &[u8], b: &[u8]) -> f64 {
     }
 }
 
-fn mean_psnr(imgs: &[Vec<u8>], c: Corruption, sev: u8, seeds: u64, res: &Resources) -> f64 {
+fn mean_psnr(imgs: &[Vec<u8>], c: Corruption, sev: u8, seeds: u64, res: &Assets) -> f64 {
     let mut acc = 0.0;
     for s in 0..seeds {
         for (i, im) in imgs.iter().enumerate() {
@@ -104,7 +104,7 @@ fn names_round_trip_and_order() {
 #[test]
 fn bad_input_is_an_error() {
     let img = mid_gray();
-    let r = Resources::default();
+    let r = Assets::default();
     for sev in [0u8, 6, 255] {
         assert!(matches!(
             corrupt_image(&img, 32, 32, Corruption::Contrast, sev, 0, &r),
@@ -134,7 +134,7 @@ fn frost_without_textures_says_what_to_pass() {
         Corruption::Frost,
         1,
         0,
-        &Resources::default(),
+        &Assets::default(),
     )
     .unwrap_err();
     assert!(matches!(err, CorruptError::MissingFrostTextures));

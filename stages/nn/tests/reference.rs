@@ -237,35 +237,6 @@ fn save_load_round_trip() {
     }
 }
 
-/// Writes fresh (randomly initialized) weights of every architecture, plus their eval logits on
-/// [`input`], for checking that PyTorch loads our files with `strict=True` and agrees:
-/// `DEEPREPAIR_NN_EXPORT=/tmp/x cargo test -p deeprepair-nn --test reference -- --ignored export`
-#[test]
-#[ignore]
-fn export_for_pytorch() {
-    let dir = PathBuf::from(std::env::var("DEEPREPAIR_NN_EXPORT").unwrap());
-    std::fs::create_dir_all(&dir).unwrap();
-    for &arch in Arch::ALL {
-        let varmap = VarMap::new();
-        let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-        let model = deeprepair_nn::build(arch, 10, vb).unwrap();
-        // A few train steps so running stats differ from their defaults.
-        for _ in 0..3 {
-            model.forward_t(&input(), true).unwrap();
-        }
-        let logits = model.forward_t(&input(), false).unwrap();
-        save_weights(&varmap, &dir.join(format!("{}.safetensors", arch.name()))).unwrap();
-        let mut out = HashMap::new();
-        out.insert("logits".to_string(), logits);
-        out.insert("input".to_string(), input());
-        candle_core::safetensors::save(
-            &out,
-            dir.join(format!("{}.logits.safetensors", arch.name())),
-        )
-        .unwrap();
-    }
-}
-
 #[test]
 fn load_reports_every_problem() {
     let dir = tempfile::tempdir().unwrap();
@@ -332,35 +303,6 @@ fn load_reports_every_problem() {
         load_weights(Arch::TinyCnn, 10, &missing, &Device::Cpu),
         Err(LoadError::Read { .. })
     ));
-}
-
-/// Eval forward time per batch of 128 on CPU:
-/// `cargo test -p deeprepair-nn --release --test reference -- --ignored --nocapture bench`
-#[test]
-#[ignore]
-fn bench_eval_forward_128() {
-    let x = Tensor::randn(0f32, 1., (128, 3, 32, 32), &Device::Cpu).unwrap();
-    // DEEPREPAIR_NN_BENCH=densenet,wrn-40-2 picks architectures.
-    let only = std::env::var("DEEPREPAIR_NN_BENCH").ok();
-    for &arch in Arch::ALL {
-        if let Some(only) = &only {
-            if !only.split(',').any(|a| a == arch.name()) {
-                continue;
-            }
-        }
-        let varmap = VarMap::new();
-        let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
-        deeprepair_nn::build(arch, 10, vb).unwrap();
-        let model = deeprepair_nn::build_detached(arch, 10, &varmap, &Device::Cpu).unwrap();
-        model.forward_t(&x, false).unwrap();
-        let reps = 2;
-        let start = std::time::Instant::now();
-        for _ in 0..reps {
-            model.forward_t(&x, false).unwrap();
-        }
-        let per = start.elapsed().as_secs_f64() / reps as f64;
-        println!("{}: {:.3} s per eval batch of 128", arch.name(), per);
-    }
 }
 
 /// Our ResNets and candle-transformers' `models::resnet` read the same weights file to the

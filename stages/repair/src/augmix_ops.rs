@@ -13,6 +13,7 @@
 //! edge-clamped neighbours, truncated to u8. `rotate` builds PIL's centre-rotation matrix
 //! (cos/sin rounded to 15 decimals, as PIL does).
 
+use crate::ImageRef;
 use rand::Rng;
 use rand_distr::{Beta, Distribution, Gamma};
 
@@ -72,14 +73,6 @@ pub const AUGMIX_OPERATIONS: [&[OpKind]; 9] = [
     &[OpKind::TranslateX],
     &[OpKind::TranslateY],
 ];
-
-/// An RGB image, HWC u8.
-#[derive(Clone, Copy, Debug)]
-pub struct ImageRef<'a> {
-    pub pixels: &'a [u8],
-    pub width: usize,
-    pub height: usize,
-}
 
 fn int_parameter(level: f64, maxval: f64) -> f64 {
     (level * maxval / 10.0).trunc()

@@ -14,7 +14,7 @@
 
 use rand::Rng;
 
-use crate::augmix_ops::ImageRef;
+use crate::image::ImageRef;
 
 /// CIFAR-10's per-channel training-set mean (0.4914, 0.4822, 0.4465) × 255, rounded: the u8
 /// colour that the normalized-space zero of the reference code corresponds to.

@@ -6,7 +6,8 @@
 //! Augment is linear in w, so Eq. 1 (learning w per failure image by gradient descent through
 //! the model) needs only the seven views, computed once per image by [`views`].
 
-use crate::augmix_ops::{apply_chain, sample_op, ImageRef, OpKind};
+use crate::augmix_ops::{apply_chain, sample_op, OpKind};
+use crate::ImageRef;
 use rand::Rng;
 
 /// The seven operations, each a chain applied left to right.

@@ -12,8 +12,11 @@
 pub mod augmix_ops;
 pub mod cutout;
 pub mod fsgmix_ops;
+pub mod image;
 pub mod mix;
 pub mod reference_sampling;
 pub mod sensei;
 pub mod style_transfer;
 pub mod weight_distribution;
+
+pub use image::ImageRef;

@@ -35,7 +35,8 @@
 use rand::seq::index::sample;
 use rand::Rng;
 
-use crate::augmix_ops::{affine_bilinear, apply, ImageRef, Op};
+use crate::augmix_ops::{affine_bilinear, apply, Op};
+use crate::ImageRef;
 
 /// The number of genes in a [`Transform`].
 pub const NUM_GENES: usize = 7;

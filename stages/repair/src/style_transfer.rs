@@ -20,7 +20,7 @@
 //! (Haar is a few lines, so it is written here rather than pulled from a crate.)
 //! Backends that load encoder/decoder weights implement [`StyleTransfer`] too.
 
-use crate::augmix_ops::ImageRef;
+use crate::image::ImageRef;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 

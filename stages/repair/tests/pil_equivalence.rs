@@ -1,7 +1,8 @@
 //! AugMix ops against Pillow's outputs on synthetic images (fixtures generated once with
 //! Pillow 13 from the same formula as `synth` below; CIFAR pixels cannot be committed).
 
-use deeprepair_repair::augmix_ops::{apply, augment_and_mix, ImageRef, Op, AUGMIX_OPERATIONS};
+use deeprepair_repair::augmix_ops::{apply, augment_and_mix, Op, AUGMIX_OPERATIONS};
+use deeprepair_repair::ImageRef;
 use rand::SeedableRng;
 
 fn synth(i: i64) -> Vec<u8> {

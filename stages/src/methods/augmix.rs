@@ -5,10 +5,11 @@
 use super::{image_ref, MethodSetup, MethodSource, RepairMethod};
 use deeprepair_data::Dataset;
 use deeprepair_pipeline::{ParamSpec, ParamType, StageCtx};
-use deeprepair_repair::augmix_ops::{augment_and_mix_with, ImageRef, OpKind, AUGMIX_OPERATIONS};
+use deeprepair_repair::augmix_ops::{augment_and_mix_with, OpKind, AUGMIX_OPERATIONS};
 use deeprepair_repair::fsgmix_ops::FSGMIX_OPS;
 use deeprepair_repair::reference_sampling::ClassReferenceSampler;
 use deeprepair_repair::style_transfer::StyleTransfer;
+use deeprepair_repair::ImageRef;
 use deeprepair_train::trainer::{
     cropped_views, to_unit, BatchSeed, BatchSource, Scorer, TrainBatch, TrainData,
 };

@@ -7,9 +7,9 @@ use anyhow::Context;
 use candle_core::{DType, Device, Tensor, Var};
 use deeprepair_data::Dataset;
 use deeprepair_pipeline::{ParamSpec, ParamType};
-use deeprepair_repair::augmix_ops::ImageRef;
 use deeprepair_repair::fsgmix_ops;
 use deeprepair_repair::weight_distribution::{WeightDistribution, WeightModel};
+use deeprepair_repair::ImageRef;
 use deeprepair_train::trainer::{
     cropped_views, item_rng, to_unit, BatchSeed, BatchSource, Scorer, TrainBatch, TrainData,
 };

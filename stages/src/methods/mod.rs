@@ -35,7 +35,7 @@ pub use deeprepair::{deeprepair_source, STYLE_PROB_ALGORITHM_1};
 
 use crate::artifacts::{ensure_same_classes, model_artifact, read_dataset, ModelInfo};
 use crate::model_kinds::{curve_artifact, stage_error, train_data};
-use crate::training::{
+use crate::stage_training::{
     input_model, rank_devices, run_training, train_config, training_params,
     validate_training_params, InputModel, RankModel,
 };
@@ -46,8 +46,8 @@ use deeprepair_data::Dataset;
 use deeprepair_pipeline::{
     Artifact, InputSpec, ParamSpec, ParamType, Resources, StageCtx, StageError, StageKind,
 };
-use deeprepair_repair::augmix_ops::ImageRef;
 use deeprepair_repair::reference_sampling::ReferenceClass;
+use deeprepair_repair::ImageRef;
 use deeprepair_train::trainer::{BatchSource, Monitor, TrainData};
 use serde_json::{json, Value};
 
@@ -193,7 +193,7 @@ impl StageKind for RepairKind {
         vec!["model", "metrics"]
     }
     fn resources(&self, params: &Value) -> Resources {
-        let mut r = crate::training::model_resources(params, 4096);
+        let mut r = crate::stage_training::model_resources(params, 4096);
         if self.0.single_rank() {
             r.ranks = 1;
         }

@@ -3,10 +3,10 @@
 
 use super::{image_ref, MethodSetup, MethodSource, RepairMethod};
 use deeprepair_pipeline::{ParamSpec, ParamType};
-use deeprepair_repair::augmix_ops::ImageRef;
 use deeprepair_repair::sensei::{
     decode_populations, encode_populations, sensei_select, Population, SenseiConfig,
 };
+use deeprepair_repair::ImageRef;
 use deeprepair_train::input::random_crop_flip;
 use deeprepair_train::trainer::{
     to_unit, BatchSeed, BatchSource, Scorer, Targets, TrainBatch, TrainData,

@@ -5,7 +5,7 @@
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use crate::{CorruptError, Corruption, Resources};
+use crate::{Assets, CorruptError, Corruption};
 
 mod blur;
 mod digital;
@@ -36,7 +36,7 @@ pub(crate) fn apply(
     c: Corruption,
     severity: u8,
     seed: u64,
-    res: &Resources,
+    res: &Assets,
 ) -> Result<Vec<u8>, CorruptError> {
     let s = (severity - 1) as usize;
     let mut rng = ChaCha8Rng::seed_from_u64(seed);

@@ -7,7 +7,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Normal};
 
 use crate::ops::{self};
-use crate::{CorruptError, Resources};
+use crate::{Assets, CorruptError};
 
 const SNOW: [(f64, f64, f64, f64, f64, f64, f64); 5] = [
     (0.1, 0.2, 1.0, 0.6, 8.0, 3.0, 0.95),
@@ -70,7 +70,7 @@ pub(super) fn frost(
     h: usize,
     s: usize,
     rng: &mut ChaCha8Rng,
-    res: &Resources,
+    res: &Assets,
 ) -> Result<Vec<u8>, CorruptError> {
     let (a, b) = FROST[s];
     let tex = res
