@@ -6,6 +6,8 @@
 #
 #   sudo benchmarks/slurm-sweep.sh [N=1000] [BIN=target/debug/deeprepair] [extra run args...]
 #   IN_PROCESS=0 skips the in-process run (it takes N/cores seconds).
+#   NODES=2 runs the two-node test cluster (each slurmd in its own network namespace, 32 CPUs
+#   declared each; the run advertises the bridge address to its workers).
 #
 # Needs root and Slurm (tests/slurm/install.sh). Leaves nothing running.
 set -euo pipefail
@@ -17,9 +19,15 @@ WORK="$(mktemp -d)"
 CLUSTER="$WORK/cluster"
 trap 'bash "$HERE/tests/slurm/stop-cluster.sh" "$CLUSTER" >/dev/null 2>&1 || true' EXIT
 
-SLURM_TEST_GPUS=0 SLURM_TEST_CPUS=64 SLURM_TEST_MEM_MB=256000 \
+NODES="${NODES:-1}"
+SLURM_TEST_NODES="$NODES" SLURM_TEST_GPUS=0 SLURM_TEST_CPUS=$(( 64 / NODES )) \
+    SLURM_TEST_MEM_MB=$(( 256000 / NODES )) \
     bash "$HERE/tests/slurm/start-cluster.sh" "$CLUSTER" >/dev/null
 export SLURM_CONF="$CLUSTER/slurm.conf"
+ADVERTISE=()
+if [ "$NODES" -gt 1 ]; then
+    ADVERTISE=(--advertise "$(cat "$CLUSTER/ctld-addr")")
+fi
 
 seeds=$(seq -s, 1 "$N")
 cat >"$WORK/sweep.yaml" <<YAML
@@ -45,13 +53,14 @@ chmod +x "$WORK/bin/squeue"
 # jobs in flight (pending + running), every 2 s, until the run ends
 ( while [ ! -e "$WORK/done" ]; do
       echo "$(date +%s) $("$REAL_SQUEUE" -h -t PENDING,RUNNING -o %i | wc -l)"
+      "$REAL_SQUEUE" -h -t RUNNING -o %N >>"$WORK/running-on.log" || true
       sleep 2
   done ) >"$WORK/in-flight.log" &
 SAMPLER=$!
 
 start=$(date +%s.%N)
 PATH="$WORK/bin:$PATH" /usr/bin/time -f "%M" -o "$WORK/rss.txt" \
-    "$BIN" run --plain --slurm --store "$WORK/slurm.redb" "$@" "$WORK/sweep.yaml" \
+    "$BIN" run --plain --slurm --store "$WORK/slurm.redb" "${ADVERTISE[@]}" "$@" "$WORK/sweep.yaml" \
     >"$WORK/run.log" 2>&1
 end=$(date +%s.%N)
 touch "$WORK/done"
@@ -65,7 +74,8 @@ fi
 
 calls=$(wc -l <"$WORK/squeue-calls.log")
 wall=$(echo "$end - $start" | bc -l)
-printf 'stages: %s\n' "$N"
+printf 'stages: %s on %s node(s)\n' "$N" "$NODES"
+echo "running jobs seen per node (samples every 2 s): $(sort "$WORK/running-on.log" 2>/dev/null | uniq -c | tr -s ' ' | tr '\n' ';')"
 printf 'slurm run: %.1f s wall, %s squeue calls (%.2f per minute), head peak RSS %s MB\n' \
     "$wall" "$calls" "$(echo "$calls * 60 / $wall" | bc -l)" "$(( $(cat "$WORK/rss.txt") / 1024 ))"
 if [ "${IN_PROCESS:-1}" != 0 ]; then
