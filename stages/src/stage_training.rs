@@ -2,6 +2,8 @@
 //! store (a killed stage resumes from its last epoch), cancellation, and the params every
 //! training stage shares.
 
+use deeprepair_collective::data_parallel::{Collective, ThreadCollective};
+use deeprepair_collective::socket_collective::SocketCollective;
 use deeprepair_pipeline::{ParamSpec, ParamType, StageCtx};
 use deeprepair_train::trainer::Monitor;
 use deeprepair_train::trainer::{
@@ -9,8 +11,6 @@ use deeprepair_train::trainer::{
     TrainOutcome,
 };
 use deeprepair_train::{EpochStats, TrainConfig};
-use deeprepair_workers::data_parallel::{Collective, ThreadCollective};
-use deeprepair_workers::socket_collective::SocketCollective;
 use serde_json::{json, Value};
 
 /// The first GPU the executor gave this stage (with the `cuda` feature), else the CPU.
@@ -294,7 +294,7 @@ fn rank_group(devices: &[candle_core::Device]) -> anyhow::Result<Vec<Box<dyn Col
 /// join from threads of their own.
 #[cfg(feature = "nccl")]
 fn nccl_group(devices: &[candle_core::Device]) -> anyhow::Result<Vec<Box<dyn Collective>>> {
-    use deeprepair_workers::nccl::{NcclCollective, NcclId};
+    use deeprepair_collective::nccl::{NcclCollective, NcclId};
     let id = NcclId::new_unique()?;
     let world = devices.len();
     std::thread::scope(|s| {
@@ -348,7 +348,7 @@ fn gang_collective(
 ) -> anyhow::Result<Box<dyn Collective>> {
     #[cfg(feature = "nccl")]
     if device.is_cuda() {
-        use deeprepair_workers::nccl::{NcclCollective, NcclId};
+        use deeprepair_collective::nccl::{NcclCollective, NcclId};
         let mine = match gang.rank() {
             0 => NcclId::new_unique()?.as_bytes().to_vec(),
             _ => vec![],

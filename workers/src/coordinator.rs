@@ -594,7 +594,7 @@ fn gang_failure(
     if ends.len() == 1 {
         return ends.pop().expect("one end");
     }
-    let released = crate::data_parallel::GroupAborted.to_string();
+    let released = deeprepair_collective::data_parallel::GroupAborted.to_string();
     let is_cause = |e: &StageError| match e {
         StageError::Cancelled => false,
         e => !e.to_string().contains(&released),
@@ -943,7 +943,7 @@ async fn artifact(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::data_parallel::GroupAborted;
+    use deeprepair_collective::data_parallel::GroupAborted;
 
     fn fatal(message: String) -> Result<RemoteOutcome, StageError> {
         Err(StageError::Fatal(anyhow::anyhow!(message)))

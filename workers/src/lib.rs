@@ -1,21 +1,15 @@
-//! Worker runtime: stages running outside the coordinator's process, and data parallelism.
+//! Worker runtime: stages running outside the coordinator's process. (The training
+//! collectives ranks reduce over are `deeprepair-collective`.)
 //!
 //! - [`protocol`], [`coordinator`], [`worker`]: the HTTP protocol, its server (in front of the
 //!   run's store) and its client (`deeprepair worker`).
 //! - [`local`]: worker processes on this machine, one per GPU or N on the CPU.
 //! - [`slurm`]: one Slurm job per stage.
-//! - [`data_parallel`]: the `Collective` interface, its thread backend, bucketed gradient
-//!   averaging; [`socket_collective`]: its TCP backend for ranks in separate processes;
-//!   [`nccl`] (feature `nccl`): the NCCL backend.
 
 pub mod coordinator;
-pub mod data_parallel;
 pub mod local;
-#[cfg(feature = "nccl")]
-pub mod nccl;
 pub mod protocol;
 pub mod slurm;
-pub mod socket_collective;
 pub mod worker;
 
 use thiserror::Error;

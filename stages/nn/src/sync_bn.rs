@@ -137,7 +137,7 @@ mod tests {
     use crate::fast_bn::tests::{max_diff, set_affine};
     use candle_core::{DType, Device, ModuleT, Var};
     use candle_nn::{VarBuilder, VarMap};
-    use deeprepair_workers::data_parallel::{Collective, ThreadCollective};
+    use deeprepair_collective::data_parallel::{Collective, ThreadCollective};
     use std::sync::Mutex;
 
     /// A rank of the trainer's thread collective (ranks as threads of this process).

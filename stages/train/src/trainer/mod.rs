@@ -16,7 +16,7 @@
 //!
 //! Data parallelism ([`train_data_parallel`]): N ranks (threads; each may own a GPU) each take a
 //! contiguous shard of every global batch, average gradients with a
-//! [`Collective`](deeprepair_workers::data_parallel::Collective) before every step, keep their
+//! [`Collective`](deeprepair_collective::data_parallel::Collective) before every step, keep their
 //! own BatchNorm statistics (PyTorch DDP's default; rank 0's are the ones saved) and take the
 //! same early-stopping decisions (rank 0 validates and broadcasts them).
 

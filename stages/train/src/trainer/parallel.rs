@@ -5,11 +5,11 @@ use super::*;
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
-use deeprepair_nn::sync_bn::BatchStatsReducer;
-use deeprepair_nn::Classifier;
-use deeprepair_workers::data_parallel::{
+use deeprepair_collective::data_parallel::{
     is_group_aborted, AbortOnDrop, Collective, GroupAborted, ThreadCollective,
 };
+use deeprepair_nn::sync_bn::BatchStatsReducer;
+use deeprepair_nn::Classifier;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -174,7 +174,7 @@ pub fn train_with_collectives(
 }
 
 /// One rank of a data-parallel group whose other ranks run in other processes (each calls
-/// this with its own handles, e.g. [`deeprepair_workers::socket_collective::SocketCollective`]
+/// this with its own handles, e.g. [`deeprepair_collective::socket_collective::SocketCollective`]
 /// or NCCL communicators joined through the dispatcher). Rank 0 reports and checkpoints
 /// through `observer`; the others pass `None`. Same steps as [`train_with_collectives`].
 pub fn train_rank(
@@ -372,7 +372,7 @@ pub(super) fn sorted_vars(varmap: &VarMap) -> Vec<Var> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use deeprepair_workers::data_parallel::ThreadCollective;
+    use deeprepair_collective::data_parallel::ThreadCollective;
 
     /// A rank's variables: a trained weight ending in `last`, a running mean of `running`.
     fn rank_vars(last: f32, running: f32) -> VarMap {

@@ -10,11 +10,11 @@ use crate::schedule::cosine_lr;
 use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor, Var, D};
 use candle_nn::VarMap;
-use deeprepair_nn::sync_bn::{self, BatchStatsReducer};
-use deeprepair_nn::Classifier;
-use deeprepair_workers::data_parallel::{
+use deeprepair_collective::data_parallel::{
     all_reduce_gradients, broadcast_weights, Collective, DEFAULT_BUCKET_BYTES,
 };
+use deeprepair_nn::sync_bn::{self, BatchStatsReducer};
+use deeprepair_nn::Classifier;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;

@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Device, Module, Tensor, Var};
 use candle_nn::{linear, loss, Optimizer, VarBuilder, VarMap, SGD};
-use deeprepair_workers::data_parallel::{
+use deeprepair_collective::data_parallel::{
     all_reduce_gradients, broadcast_weights, Collective, ThreadCollective,
 };
 use rand::{Rng, SeedableRng};

@@ -62,7 +62,7 @@ impl SocketCollective {
         if rank == 0 {
             let listener = TcpListener::bind(SocketAddr::new(address, 0))
                 .with_context(|| format!("rank 0 cannot listen on {address}"))?;
-            let secret = crate::unguessable_hex();
+            let secret = crate::unguessable_hex()?;
             let payload = format!("{} {secret}", listener.local_addr()?);
             exchange(payload.as_bytes())?;
             group.peers = group.accept_ranks(&listener, secret.as_bytes())?;
