@@ -15,22 +15,31 @@
 //! while waiting for each other. The ranks meet through `exchange` (rank 0 publishes its
 //! address or NCCL id). When one rank fails, the gang is abandoned: the other ranks are told
 //! to cancel and their exchanges are refused; the executor retries the whole stage.
+//!
+//! Access: one middleware checks the run's token on every request from its headers, before
+//! any body is read; a second checks, on every `/v1/leases/{id}/…` request, the secret that
+//! lease was given when it was claimed (both compared in constant time). Bodies are limited
+//! per route: control messages to [`CONTROL_LIMIT`], checkpoints and outputs to
+//! [`ServerOptions::max_upload`]; outputs are decoded and verified as they stream in, held
+//! once. An upload that is malformed, corrupt or too large releases its lease at once.
 
 use crate::protocol::{
-    decode_frame, encode_frame, Claim, ClaimRequest, ExchangePost, ExchangeReply, Failure,
-    GangMember, Heartbeat, HeartbeatReply, WorkerInfo,
+    frame_parts, Claim, ClaimRequest, ExchangePost, ExchangeReply, Failure, FrameDecoder,
+    FrameError, GangMember, Heartbeat, HeartbeatReply, WorkerInfo, LEASE_HEADER,
 };
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{from_fn_with_state, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use deeprepair_pipeline::kind::{ProgressSink, StageError, Task};
 use deeprepair_pipeline::{Digest, RemoteOutcome, Store};
+use http_body_util::BodyExt;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -57,6 +66,8 @@ struct Job {
 
 struct Lease {
     job: Job,
+    /// Proves a request comes from the worker that claimed the lease ([`LEASE_HEADER`]).
+    secret: String,
     worker: WorkerInfo,
     last_beat: Instant,
     lines: Vec<String>,
@@ -89,6 +100,51 @@ struct Hub {
     store: Arc<Store>,
     token: String,
     lease_timeout: Duration,
+    max_upload: u64,
+    traffic: TrafficCounters,
+}
+
+/// The largest control message (claim, heartbeat, failure, exchange) the server reads.
+pub const CONTROL_LIMIT: usize = 8 << 20;
+
+/// The default largest upload (a stage's outputs, a checkpoint): 16 GiB.
+pub const DEFAULT_MAX_UPLOAD: u64 = 16 << 30;
+
+/// How the server is set up.
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    /// No heartbeat for this long revokes a lease.
+    pub lease_timeout: Duration,
+    /// The largest upload a worker may send (a stage's outputs frame, a checkpoint).
+    pub max_upload: u64,
+}
+
+impl ServerOptions {
+    pub fn new(lease_timeout: Duration) -> ServerOptions {
+        ServerOptions {
+            lease_timeout,
+            max_upload: DEFAULT_MAX_UPLOAD,
+        }
+    }
+}
+
+#[derive(Default)]
+struct TrafficCounters {
+    artifacts_served: AtomicU64,
+    bytes_served: AtomicU64,
+    uploads: AtomicU64,
+    bytes_received: AtomicU64,
+}
+
+/// What crossed the wire so far (artifact bodies only; control messages are not counted).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Input artifacts sent to workers, and their bytes.
+    pub artifacts_served: u64,
+    pub bytes_served: u64,
+    /// Outputs frames and checkpoints received, and their bytes.
+    pub uploads: u64,
+    pub bytes_received: u64,
 }
 
 impl Hub {
@@ -125,6 +181,18 @@ impl Coordinator {
         advertise: Option<&str>,
         lease_timeout: Duration,
     ) -> anyhow::Result<Arc<Coordinator>> {
+        Self::start_with(store, bind, advertise, ServerOptions::new(lease_timeout))
+    }
+
+    /// [`Coordinator::start`] with every option.
+    pub fn start_with(
+        store: Arc<Store>,
+        bind: SocketAddr,
+        advertise: Option<&str>,
+        options: ServerOptions,
+    ) -> anyhow::Result<Arc<Coordinator>> {
+        // No token, no server: never one made from guessable inputs.
+        let token = crate::unguessable_hex()?;
         let listener = std::net::TcpListener::bind(bind)
             .map_err(|e| anyhow::anyhow!("coordinator cannot listen on {bind}: {e}"))?;
         listener.set_nonblocking(true)?;
@@ -138,21 +206,32 @@ impl Coordinator {
             queued: tokio::sync::Notify::new(),
             exchanged: tokio::sync::Notify::new(),
             store,
-            token: crate::unguessable_hex(),
-            lease_timeout,
+            token,
+            lease_timeout: options.lease_timeout,
+            max_upload: options.max_upload,
+            traffic: TrafficCounters::default(),
         });
-        let app = Router::new()
-            .route("/v1/claim", post(claim))
+        let upload_limit = usize::try_from(options.max_upload).unwrap_or(usize::MAX);
+        // Routes about one lease: the caller must hold it.
+        let leased = Router::new()
             .route("/v1/leases/{id}/heartbeat", post(heartbeat))
             .route("/v1/leases/{id}/complete", post(complete))
             .route("/v1/leases/{id}/fail", post(fail))
             .route("/v1/leases/{id}/exchange", post(exchange))
             .route(
                 "/v1/leases/{id}/checkpoint",
-                get(load_checkpoint).put(save_checkpoint),
+                get(load_checkpoint)
+                    .put(save_checkpoint)
+                    .layer(DefaultBodyLimit::max(upload_limit)),
             )
-            .route("/v1/artifacts/{digest}", get(artifact))
-            .layer(DefaultBodyLimit::disable())
+            .route("/v1/leases/{id}/artifacts/{digest}", get(artifact))
+            .route_layer(from_fn_with_state(hub.clone(), require_lease));
+        let app = Router::new()
+            .route("/v1/claim", post(claim))
+            .merge(leased)
+            // Outermost: the token, checked from the headers before any body is read.
+            .layer(DefaultBodyLimit::max(CONTROL_LIMIT))
+            .layer(from_fn_with_state(hub.clone(), require_token))
             .with_state(hub.clone());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -203,6 +282,17 @@ impl Coordinator {
     /// The bearer token workers must present (pass it in [`crate::protocol::TOKEN_ENV`]).
     pub fn token(&self) -> &str {
         &self.hub.token
+    }
+
+    /// Artifact bytes moved so far.
+    pub fn traffic(&self) -> Traffic {
+        let t = &self.hub.traffic;
+        Traffic {
+            artifacts_served: t.artifacts_served.load(Ordering::Relaxed),
+            bytes_served: t.bytes_served.load(Ordering::Relaxed),
+            uploads: t.uploads.load(Ordering::Relaxed),
+            bytes_received: t.bytes_received.load(Ordering::Relaxed),
+        }
     }
 
     /// Queues a task for the workers `route` allows.
@@ -537,6 +627,15 @@ fn gang_failure(
 
 impl Drop for Coordinator {
     fn drop(&mut self) {
+        let t = self.traffic();
+        tracing::info!(
+            "data plane: sent {} input artifacts ({} bytes) to workers, received {} uploads \
+             ({} bytes)",
+            t.artifacts_served,
+            t.bytes_served,
+            t.uploads,
+            t.bytes_received
+        );
         if let Some(tx) = self.shutdown.lock().ok().and_then(|mut s| s.take()) {
             let _ = tx.send(());
         }
@@ -549,13 +648,49 @@ impl Drop for Coordinator {
 fn authorized(hub: &Hub, headers: &HeaderMap) -> bool {
     headers
         .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| t == hub.token)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .is_some_and(|t| crate::same_secret(t, hub.token.as_bytes()))
 }
 
-fn refuse() -> Response {
-    (StatusCode::UNAUTHORIZED, "missing or wrong worker token").into_response()
+/// Every request: the run's token, from the headers, before the body is touched (a request
+/// without it is answered 401 and its body never read).
+async fn require_token(State(hub): State<Arc<Hub>>, request: Request, next: Next) -> Response {
+    if !authorized(&hub, request.headers()) {
+        return (StatusCode::UNAUTHORIZED, "missing or wrong worker token").into_response();
+    }
+    next.run(request).await
+}
+
+/// Every `/v1/leases/{id}/…` request: the secret of that lease, given to the worker that
+/// claimed it. 410 when the lease is not held (revoked, ended), 403 for a wrong secret.
+async fn require_lease(
+    State(hub): State<Arc<Hub>>,
+    Path(params): Path<HashMap<String, String>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(id) = params.get("id").and_then(|id| id.parse::<u64>().ok()) else {
+        return (StatusCode::BAD_REQUEST, "not a lease id").into_response();
+    };
+    let given = request
+        .headers()
+        .get(LEASE_HEADER)
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
+    let held = hub
+        .lock()
+        .leases
+        .get(&id)
+        .map(|lease| crate::same_secret(given, lease.secret.as_bytes()));
+    match held {
+        None => gone(id),
+        Some(false) => (
+            StatusCode::FORBIDDEN,
+            format!("lease {id} is held by another worker (missing or wrong lease secret)"),
+        )
+            .into_response(),
+        Some(true) => next.run(request).await,
+    }
 }
 
 fn gone(id: u64) -> Response {
@@ -571,14 +706,7 @@ fn takes(route: &Route, req: &ClaimRequest, task: &Task) -> bool {
     }
 }
 
-async fn claim(
-    State(hub): State<Arc<Hub>>,
-    headers: HeaderMap,
-    Json(req): Json<ClaimRequest>,
-) -> Response {
-    if !authorized(&hub, &headers) {
-        return refuse();
-    }
+async fn claim(State(hub): State<Arc<Hub>>, Json(req): Json<ClaimRequest>) -> Response {
     let deadline = Instant::now() + Duration::from_millis(req.wait_ms.min(30_000));
     loop {
         // Registered before looking, so a job queued in between still wakes this claim.
@@ -592,9 +720,18 @@ async fn claim(
                 .iter()
                 .position(|j| takes(&j.route, &req, &j.task))
             {
+                // Fail closed: without OS randomness no lease is handed out.
+                let secret = match crate::unguessable_hex() {
+                    Ok(secret) => secret,
+                    Err(e) => {
+                        tracing::error!("{e:#}");
+                        return (StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")).into_response();
+                    }
+                };
                 let job = state.queue.remove(pos).expect("position is valid");
                 let claim = Claim {
                     lease: job.id,
+                    secret: secret.clone(),
                     task: job.task.clone(),
                     threads: job.threads,
                     gpus: job.gpus.clone(),
@@ -605,6 +742,7 @@ async fn claim(
                     job.id,
                     Lease {
                         job,
+                        secret,
                         worker: req.worker.clone(),
                         last_beat: Instant::now(),
                         lines: vec![],
@@ -626,13 +764,9 @@ async fn claim(
 
 async fn heartbeat(
     State(hub): State<Arc<Hub>>,
-    headers: HeaderMap,
     Path(id): Path<u64>,
     Json(beat): Json<Heartbeat>,
 ) -> Response {
-    if !authorized(&hub, &headers) {
-        return refuse();
-    }
     let mut state = hub.lock();
     let Some(lease) = state.leases.get_mut(&id) else {
         return gone(id);
@@ -648,21 +782,84 @@ async fn heartbeat(
     .into_response()
 }
 
+/// Ends a leased job now with `error` (an upload that cannot be taken): the executor retries
+/// a transient one elsewhere instead of waiting for the lease to time out.
+fn release(hub: &Hub, id: u64, error: StageError) {
+    if let Some(lease) = hub.lock().leases.remove(&id) {
+        tracing::warn!("lease {id} of {} released: {error}", lease.job.task.stage);
+        let _ = lease.job.reply.send(JobEnd::Failed(error));
+    }
+}
+
+/// The outputs frame, decoded and verified as it streams in (held once, never twice).
 async fn complete(
     State(hub): State<Arc<Hub>>,
-    headers: HeaderMap,
     Path(id): Path<u64>,
-    body: Bytes,
+    headers: HeaderMap,
+    body: Body,
 ) -> Response {
-    if !authorized(&hub, &headers) {
-        return refuse();
-    }
-    let decoded = tokio::task::spawn_blocking(move || decode_frame(&body)).await;
-    let (artifacts, log_tail) = match decoded {
-        Ok(Ok(d)) => d,
-        Ok(Err(e)) => return (StatusCode::BAD_REQUEST, format!("{e:#}")).into_response(),
-        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    let worker = hub
+        .lock()
+        .leases
+        .get(&id)
+        .map(|l| l.worker.label())
+        .unwrap_or_default();
+    let too_large = |hub: &Hub, limit: u64| {
+        let message = format!(
+            "the outputs from {worker} are larger than the upload limit of {limit} bytes \
+             (raise it with `run --max-upload-mib`)"
+        );
+        release(hub, id, StageError::Fatal(anyhow::anyhow!("{message}")));
+        (StatusCode::PAYLOAD_TOO_LARGE, message).into_response()
     };
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > hub.max_upload) {
+        return too_large(&hub, hub.max_upload);
+    }
+    let mut decoder = FrameDecoder::new(hub.max_upload);
+    let mut body = body;
+    let mut received = 0u64;
+    let failure = loop {
+        match body.frame().await {
+            None => break None,
+            Some(Err(e)) => {
+                break Some(FrameError::Malformed(format!("the upload broke off: {e}")))
+            }
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    received += data.len() as u64;
+                    if let Err(e) = decoder.push(&data) {
+                        break Some(e);
+                    }
+                }
+            }
+        }
+    };
+    let decoded = match failure {
+        None => decoder.finish(),
+        Some(e) => Err(e),
+    };
+    let (artifacts, log_tail) = match decoded {
+        Ok(d) => d,
+        Err(FrameError::TooLarge { limit }) => return too_large(&hub, limit),
+        Err(FrameError::Malformed(e)) => {
+            // Transient: a transfer that went wrong may go right on another attempt.
+            let message = format!("the outputs from {worker} arrived malformed: {e}");
+            release(
+                &hub,
+                id,
+                StageError::Transient(anyhow::anyhow!("{message}")),
+            );
+            return (StatusCode::BAD_REQUEST, message).into_response();
+        }
+    };
+    hub.traffic.uploads.fetch_add(1, Ordering::Relaxed);
+    hub.traffic
+        .bytes_received
+        .fetch_add(received, Ordering::Relaxed);
     let Some(lease) = hub.lock().leases.remove(&id) else {
         return gone(id);
     };
@@ -676,13 +873,9 @@ async fn complete(
 
 async fn fail(
     State(hub): State<Arc<Hub>>,
-    headers: HeaderMap,
     Path(id): Path<u64>,
     Json(failure): Json<Failure>,
 ) -> Response {
-    if !authorized(&hub, &headers) {
-        return refuse();
-    }
     let Some(lease) = hub.lock().leases.remove(&id) else {
         return gone(id);
     };
@@ -702,13 +895,9 @@ async fn fail(
 /// A gang member posts its payload and waits (up to 10 s per request) for the others'.
 async fn exchange(
     State(hub): State<Arc<Hub>>,
-    headers: HeaderMap,
     Path(id): Path<u64>,
     Json(post): Json<ExchangePost>,
 ) -> Response {
-    if !authorized(&hub, &headers) {
-        return refuse();
-    }
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let woken = hub.exchanged.notified();
@@ -789,14 +978,7 @@ async fn with_store<T: Send + 'static>(
     }
 }
 
-async fn load_checkpoint(
-    State(hub): State<Arc<Hub>>,
-    headers: HeaderMap,
-    Path(id): Path<u64>,
-) -> Response {
-    if !authorized(&hub, &headers) {
-        return refuse();
-    }
+async fn load_checkpoint(State(hub): State<Arc<Hub>>, Path(id): Path<u64>) -> Response {
     let Some(key) = leased_key(&hub, id) else {
         return gone(id);
     };
@@ -813,16 +995,16 @@ async fn load_checkpoint(
 
 async fn save_checkpoint(
     State(hub): State<Arc<Hub>>,
-    headers: HeaderMap,
     Path(id): Path<u64>,
     body: Bytes,
 ) -> Response {
-    if !authorized(&hub, &headers) {
-        return refuse();
-    }
     let Some(key) = leased_key(&hub, id) else {
         return gone(id);
     };
+    hub.traffic.uploads.fetch_add(1, Ordering::Relaxed);
+    hub.traffic
+        .bytes_received
+        .fetch_add(body.len() as u64, Ordering::Relaxed);
     with_store(
         &hub,
         move |store| store.save_checkpoint(&key, &body),
@@ -831,21 +1013,60 @@ async fn save_checkpoint(
     .await
 }
 
+/// One input of the lease's task, as a frame streamed from the store's bytes (not copied).
 async fn artifact(
     State(hub): State<Arc<Hub>>,
-    headers: HeaderMap,
-    Path(digest): Path<String>,
+    Path((id, digest)): Path<(u64, String)>,
 ) -> Response {
-    if !authorized(&hub, &headers) {
-        return refuse();
-    }
     let Some(digest) = Digest::from_hex(&digest) else {
         return (StatusCode::BAD_REQUEST, "not a digest").into_response();
     };
+    let is_input = hub.lock().leases.get(&id).map(|l| {
+        l.job
+            .task
+            .inputs
+            .values()
+            .flatten()
+            .any(|input| input.digest == digest)
+    });
+    match is_input {
+        None => return gone(id),
+        Some(false) => {
+            return (
+                StatusCode::FORBIDDEN,
+                format!(
+                    "artifact {} is not an input of lease {id}'s task",
+                    digest.short()
+                ),
+            )
+                .into_response()
+        }
+        Some(true) => {}
+    }
+    let counters = hub.clone();
     with_store(
         &hub,
         move |store| store.get_artifact(&digest),
-        |a| encode_frame(&[a], &[]).into_response(),
+        move |a| {
+            let (head, _) = frame_parts(std::slice::from_ref(&a), &[]);
+            let len = head.len() + a.bytes.len();
+            counters
+                .traffic
+                .artifacts_served
+                .fetch_add(1, Ordering::Relaxed);
+            counters
+                .traffic
+                .bytes_served
+                .fetch_add(len as u64, Ordering::Relaxed);
+            let pieces = [Bytes::from(head), Bytes::from(a.bytes)]
+                .into_iter()
+                .map(Ok::<_, std::convert::Infallible>);
+            (
+                [(axum::http::header::CONTENT_LENGTH, len.to_string())],
+                Body::from_stream(futures_util::stream::iter(pieces)),
+            )
+                .into_response()
+        },
     )
     .await
 }
@@ -939,7 +1160,7 @@ mod tests {
             let client = client.clone();
             std::thread::spawn(move || {
                 let mut cancel_seen = false;
-                while let Ok(Some(reply)) = client.heartbeat(second.lease, &Heartbeat::default()) {
+                while let Ok(Some(reply)) = client.heartbeat(&second.key(), &Heartbeat::default()) {
                     cancel_seen |= reply.cancel;
                     std::thread::sleep(Duration::from_millis(100));
                 }
@@ -952,7 +1173,7 @@ mod tests {
             cancelled: false,
             log_tail: vec![],
         };
-        assert!(client.fail(first.lease, &failure).unwrap());
+        assert!(client.fail(&first.key(), &failure).unwrap());
         let started = Instant::now();
         let result = coordinator.wait_gang(tickets, &Quiet, &AtomicBool::new(false), |_, _| None);
         let e = result.unwrap_err();

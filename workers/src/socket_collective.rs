@@ -62,7 +62,7 @@ impl SocketCollective {
         if rank == 0 {
             let listener = TcpListener::bind(SocketAddr::new(address, 0))
                 .with_context(|| format!("rank 0 cannot listen on {address}"))?;
-            let secret = crate::unguessable_hex();
+            let secret = crate::unguessable_hex()?;
             let payload = format!("{} {secret}", listener.local_addr()?);
             exchange(payload.as_bytes())?;
             group.peers = group.accept_ranks(&listener, secret.as_bytes())?;
@@ -122,7 +122,9 @@ impl SocketCollective {
             stream.set_read_timeout(Some(Duration::from_secs(10)))?;
             let mut hello = vec![0u8; secret.len() + 4];
             // A stranger (or a stale rank of an earlier attempt) is dropped, not trusted.
-            if stream.read_exact(&mut hello).is_err() || hello[..secret.len()] != *secret {
+            if stream.read_exact(&mut hello).is_err()
+                || !crate::same_secret(&hello[..secret.len()], secret)
+            {
                 continue;
             }
             let r = u32::from_le_bytes(hello[secret.len()..].try_into().expect("4 bytes")) as usize;

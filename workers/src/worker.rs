@@ -4,9 +4,10 @@
 //! thread heartbeats every second, carrying log lines and progress, and learns of
 //! cancellation.
 
+use crate::cache::ArtifactCache;
 use crate::protocol::{
-    decode_frame, encode_frame, Claim, ClaimRequest, ExchangePost, ExchangeReply, Failure,
-    GangMember, Heartbeat, HeartbeatReply, WorkerInfo,
+    frame_parts, read_frame, Claim, ClaimRequest, ExchangePost, ExchangeReply, Failure, GangMember,
+    Heartbeat, HeartbeatReply, WorkerInfo, LEASE_HEADER,
 };
 use anyhow::{bail, Context};
 use deeprepair_pipeline::kind::{ProgressSink, StageCtx, StageError, Task, TaskStore};
@@ -14,6 +15,44 @@ use deeprepair_pipeline::{Artifact, Digest, Gang, Registry};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// A lease this worker holds: its id and the secret that proves it.
+#[derive(Clone, Debug)]
+pub struct LeaseKey {
+    pub id: u64,
+    pub secret: String,
+}
+
+impl Claim {
+    pub fn key(&self) -> LeaseKey {
+        LeaseKey {
+            id: self.lease,
+            secret: self.secret.clone(),
+        }
+    }
+}
+
+/// Reads a list of byte slices one after another (a frame's head and artifacts, unjoined).
+struct PiecesReader<'a> {
+    pieces: Vec<&'a [u8]>,
+    at: usize,
+}
+
+impl std::io::Read for PiecesReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while let Some(piece) = self.pieces.get_mut(self.at) {
+            if piece.is_empty() {
+                self.at += 1;
+                continue;
+            }
+            let n = piece.len().min(buf.len());
+            buf[..n].copy_from_slice(&piece[..n]);
+            *piece = &piece[n..];
+            return Ok(n);
+        }
+        Ok(0)
+    }
+}
 
 /// A blocking HTTP client of one coordinator.
 #[derive(Clone)]
@@ -83,13 +122,14 @@ impl Client {
     /// `None` when the lease is no longer held (revoked: abandon the task).
     pub fn heartbeat(
         &self,
-        lease: u64,
+        lease: &LeaseKey,
         beat: &Heartbeat,
     ) -> anyhow::Result<Option<HeartbeatReply>> {
         let response = self
             .agent
-            .post(self.url(&format!("/v1/leases/{lease}/heartbeat")))
+            .post(self.url(&format!("/v1/leases/{}/heartbeat", lease.id)))
             .header("Authorization", &self.auth)
+            .header(LEASE_HEADER, &lease.secret)
             .send_json(beat)?;
         if response.status().as_u16() == 410 {
             return Ok(None);
@@ -100,15 +140,23 @@ impl Client {
         )?)?))
     }
 
-    pub fn artifact(&self, digest: &Digest) -> anyhow::Result<Artifact> {
+    /// An input of the lease's task, streamed and verified as it arrives (held once).
+    pub fn artifact(&self, lease: &LeaseKey, digest: &Digest) -> anyhow::Result<Artifact> {
         let mut response = Self::check(
             self.agent
-                .get(self.url(&format!("/v1/artifacts/{}", digest.hex())))
+                .get(self.url(&format!(
+                    "/v1/leases/{}/artifacts/{}",
+                    lease.id,
+                    digest.hex()
+                )))
                 .header("Authorization", &self.auth)
+                .header(LEASE_HEADER, &lease.secret)
                 .call()?,
             &format!("fetching artifact {}", digest.short()),
         )?;
-        let (mut artifacts, _) = decode_frame(&Self::read_all(&mut response)?)?;
+        let mut reader = response.body_mut().with_config().limit(u64::MAX).reader();
+        let (mut artifacts, _) = read_frame(&mut reader, u64::MAX)
+            .with_context(|| format!("fetching artifact {}", digest.short()))?;
         match artifacts.pop() {
             Some(a) if artifacts.is_empty() && a.digest() == *digest => Ok(a),
             _ => bail!(
@@ -118,11 +166,12 @@ impl Client {
         }
     }
 
-    pub fn load_checkpoint(&self, lease: u64) -> anyhow::Result<Option<Vec<u8>>> {
+    pub fn load_checkpoint(&self, lease: &LeaseKey) -> anyhow::Result<Option<Vec<u8>>> {
         let mut response = Self::check(
             self.agent
-                .get(self.url(&format!("/v1/leases/{lease}/checkpoint")))
+                .get(self.url(&format!("/v1/leases/{}/checkpoint", lease.id)))
                 .header("Authorization", &self.auth)
+                .header(LEASE_HEADER, &lease.secret)
                 .call()?,
             "loading the checkpoint",
         )?;
@@ -132,29 +181,54 @@ impl Client {
         Ok(Some(Self::read_all(&mut response)?))
     }
 
-    pub fn save_checkpoint(&self, lease: u64, bytes: &[u8]) -> anyhow::Result<()> {
+    pub fn save_checkpoint(&self, lease: &LeaseKey, bytes: &[u8]) -> anyhow::Result<()> {
         Self::check(
             self.agent
-                .put(self.url(&format!("/v1/leases/{lease}/checkpoint")))
+                .put(self.url(&format!("/v1/leases/{}/checkpoint", lease.id)))
                 .header("Authorization", &self.auth)
+                .header(LEASE_HEADER, &lease.secret)
+                .header("Expect", "100-continue")
                 .send(bytes)?,
             "saving the checkpoint",
         )?;
         Ok(())
     }
 
-    /// `Ok(false)` when the lease was revoked meanwhile (the result is not wanted).
+    /// `Ok(false)` when the lease was revoked meanwhile (the result is not wanted). The
+    /// frame streams from the artifacts' own bytes (not copied into one buffer).
     pub fn complete(
         &self,
-        lease: u64,
+        lease: &LeaseKey,
         artifacts: &[Artifact],
         log_tail: &[String],
     ) -> anyhow::Result<bool> {
+        let (head, bytes) = frame_parts(artifacts, log_tail);
+        let len = head.len() + bytes.iter().map(|b| b.len()).sum::<usize>();
+        let mut pieces = vec![head.as_slice()];
+        pieces.extend(bytes);
+        let mut reader = PiecesReader { pieces, at: 0 };
+        self.send_frame(lease, "complete", len, &mut reader)
+    }
+
+    /// Posts a frame of `len` bytes read from `reader` to `/v1/leases/{id}/{what}`.
+    pub fn send_frame(
+        &self,
+        lease: &LeaseKey,
+        what: &str,
+        len: usize,
+        reader: &mut dyn std::io::Read,
+    ) -> anyhow::Result<bool> {
         let response = self
             .agent
-            .post(self.url(&format!("/v1/leases/{lease}/complete")))
+            .post(self.url(&format!("/v1/leases/{}/{what}", lease.id)))
             .header("Authorization", &self.auth)
-            .send(&encode_frame(artifacts, log_tail)[..])?;
+            .header(LEASE_HEADER, &lease.secret)
+            .header("Content-Length", len.to_string())
+            // The body goes only once the coordinator has accepted the headers (token, lease
+            // secret, size): a refusal (e.g. 410, revoked meanwhile) comes back as an answer,
+            // not as a broken pipe halfway through the upload.
+            .header("Expect", "100-continue")
+            .send(ureq::SendBody::from_reader(reader))?;
         if response.status().as_u16() == 410 {
             return Ok(false);
         }
@@ -165,7 +239,7 @@ impl Client {
     /// Posts this rank's payload to the gang's exchange `name` and waits for every rank's.
     pub fn exchange(
         &self,
-        lease: u64,
+        lease: &LeaseKey,
         post: &ExchangePost,
         cancel: &AtomicBool,
     ) -> anyhow::Result<Vec<Vec<u8>>> {
@@ -178,8 +252,9 @@ impl Client {
             }
             let mut response = Self::check(
                 self.agent
-                    .post(self.url(&format!("/v1/leases/{lease}/exchange")))
+                    .post(self.url(&format!("/v1/leases/{}/exchange", lease.id)))
                     .header("Authorization", &self.auth)
+                    .header(LEASE_HEADER, &lease.secret)
                     .send_json(post)?,
                 &format!("gang exchange '{}'", post.name),
             )?;
@@ -204,11 +279,12 @@ impl Client {
     }
 
     /// `Ok(false)` when the lease was revoked meanwhile.
-    pub fn fail(&self, lease: u64, failure: &Failure) -> anyhow::Result<bool> {
+    pub fn fail(&self, lease: &LeaseKey, failure: &Failure) -> anyhow::Result<bool> {
         let response = self
             .agent
-            .post(self.url(&format!("/v1/leases/{lease}/fail")))
+            .post(self.url(&format!("/v1/leases/{}/fail", lease.id)))
             .header("Authorization", &self.auth)
+            .header(LEASE_HEADER, &lease.secret)
             .send_json(failure)?;
         if response.status().as_u16() == 410 {
             return Ok(false);
@@ -218,28 +294,43 @@ impl Client {
     }
 }
 
-/// A running stage's view of the store, over HTTP.
+/// A running stage's view of the store, over HTTP; inputs through the node's cache when the
+/// worker has one.
 pub struct HttpStore {
     client: Client,
-    lease: u64,
+    lease: LeaseKey,
+    cache: Option<Arc<ArtifactCache>>,
+}
+
+impl HttpStore {
+    pub fn new(client: Client, lease: LeaseKey, cache: Option<Arc<ArtifactCache>>) -> HttpStore {
+        HttpStore {
+            client,
+            lease,
+            cache,
+        }
+    }
 }
 
 impl TaskStore for HttpStore {
     fn get_artifact(&self, digest: &Digest) -> anyhow::Result<Artifact> {
-        self.client.artifact(digest)
+        match &self.cache {
+            Some(cache) => cache.get_or_fetch(digest, || self.client.artifact(&self.lease, digest)),
+            None => self.client.artifact(&self.lease, digest),
+        }
     }
     fn save_checkpoint(&self, _key: &Digest, bytes: &[u8]) -> anyhow::Result<()> {
-        self.client.save_checkpoint(self.lease, bytes)
+        self.client.save_checkpoint(&self.lease, bytes)
     }
     fn load_checkpoint(&self, _key: &Digest) -> anyhow::Result<Option<Vec<u8>>> {
-        self.client.load_checkpoint(self.lease)
+        self.client.load_checkpoint(&self.lease)
     }
 }
 
 /// This worker's place in a gang, meeting the other ranks through the coordinator.
 struct HttpGang {
     client: Client,
-    lease: u64,
+    lease: LeaseKey,
     member: GangMember,
     address: std::net::IpAddr,
     cancel: Arc<AtomicBool>,
@@ -260,7 +351,7 @@ impl Gang for HttpGang {
             name: name.into(),
             payload: payload.to_vec(),
         };
-        let payloads = self.client.exchange(self.lease, &post, &self.cancel)?;
+        let payloads = self.client.exchange(&self.lease, &post, &self.cancel)?;
         if payloads.len() != self.world_size() {
             bail!(
                 "gang exchange '{name}' returned {} payloads for {} ranks",
@@ -301,6 +392,9 @@ pub struct WorkerOptions {
     pub task: Option<Digest>,
     /// Exit after this long without work (`None`: until the coordinator goes away).
     pub idle_exit: Option<Duration>,
+    /// Inputs are read through this node's cache (a folder, possibly shared by the workers of
+    /// a node or a cluster), so each artifact crosses the wire once per cache, not per stage.
+    pub cache: Option<Arc<ArtifactCache>>,
 }
 
 #[derive(Debug, Default)]
@@ -357,7 +451,7 @@ pub fn run_worker(options: &WorkerOptions, registry: &Registry) -> anyhow::Resul
             }
             continue;
         };
-        let ok = run_claim(&client, claim, registry)?;
+        let ok = run_claim(&client, claim, registry, options.cache.clone())?;
         if ok {
             summary.succeeded += 1;
         } else {
@@ -371,12 +465,17 @@ pub fn run_worker(options: &WorkerOptions, registry: &Registry) -> anyhow::Resul
 }
 
 /// Runs one claimed task; `Ok(true)` when it completed.
-fn run_claim(client: &Client, claim: Claim, registry: &Registry) -> anyhow::Result<bool> {
-    let lease = claim.lease;
+fn run_claim(
+    client: &Client,
+    claim: Claim,
+    registry: &Registry,
+    cache: Option<Arc<ArtifactCache>>,
+) -> anyhow::Result<bool> {
+    let lease = claim.key();
     let task: Task = claim.task;
     let Some(kind) = registry.get(&task.kind).cloned() else {
         client.fail(
-            lease,
+            &lease,
             &Failure {
                 error: format!(
                     "this worker does not know stage kind '{}' (different binary versions?)",
@@ -395,16 +494,17 @@ fn run_claim(client: &Client, claim: Claim, registry: &Registry) -> anyhow::Resu
     let (done, stage_running) = std::sync::mpsc::channel::<()>();
     let revoked = Arc::new(AtomicBool::new(false));
     let beats = {
-        let (client, outbox, cancel, revoked) = (
+        let (client, outbox, cancel, revoked, lease) = (
             client.clone(),
             outbox.clone(),
             cancel.clone(),
             revoked.clone(),
+            lease.clone(),
         );
         std::thread::spawn(move || loop {
             {
                 let beat = std::mem::take(&mut *outbox.beat.lock().expect("outbox lock"));
-                match client.heartbeat(lease, &beat) {
+                match client.heartbeat(&lease, &beat) {
                     Ok(Some(reply)) => {
                         if reply.cancel {
                             cancel.store(true, Ordering::Relaxed);
@@ -425,14 +525,11 @@ fn run_claim(client: &Client, claim: Claim, registry: &Registry) -> anyhow::Resu
             }
         })
     };
-    let store = HttpStore {
-        client: client.clone(),
-        lease,
-    };
+    let store = HttpStore::new(client.clone(), lease.clone(), cache);
     let gang = match claim.gang {
         Some(member) => Some(HttpGang {
             client: client.clone(),
-            lease,
+            lease: lease.clone(),
             member,
             address: client.local_address()?,
             cancel: cancel.clone(),
@@ -457,29 +554,20 @@ fn run_claim(client: &Client, claim: Claim, registry: &Registry) -> anyhow::Resu
         (outcome, _) => outcome,
     };
     let log_tail = ctx.log_tail().to_vec();
-    drop(done);
-    let _ = beats.join();
+    let id = lease.id;
     if revoked.load(Ordering::Relaxed) {
-        tracing::warn!(
-            "lease {lease} of {} was revoked; result dropped",
-            task.stage
-        );
+        drop(done);
+        let _ = beats.join();
+        tracing::warn!("lease {id} of {} was revoked; result dropped", task.stage);
         return Ok(false);
     }
-    // Lines logged after the last heartbeat ride in the log tail of the completion.
-    match outcome {
-        Ok(artifacts) => {
-            let taken = client
-                .complete(lease, &artifacts, &log_tail)
-                .with_context(|| format!("uploading the outputs of {}", task.stage))?;
-            if !taken {
-                tracing::warn!(
-                    "lease {lease} of {} was revoked; result dropped",
-                    task.stage
-                );
-            }
-            Ok(taken)
-        }
+    // Heartbeats go on while the outputs upload (a slow upload must not lose its lease);
+    // lines logged after the last heartbeat ride in the log tail of the completion.
+    let reported = match outcome {
+        Ok(artifacts) => client
+            .complete(&lease, &artifacts, &log_tail)
+            .with_context(|| format!("uploading the outputs of {}", task.stage))
+            .map(|taken| (taken, true)),
         Err(e) => {
             let failure = Failure {
                 error: e.to_string(),
@@ -487,15 +575,20 @@ fn run_claim(client: &Client, claim: Claim, registry: &Registry) -> anyhow::Resu
                 cancelled: matches!(e, StageError::Cancelled),
                 log_tail,
             };
-            if !client.fail(lease, &failure)? {
-                tracing::warn!(
-                    "lease {lease} of {} was revoked; failure dropped",
-                    task.stage
-                );
-            }
-            Ok(false)
+            client.fail(&lease, &failure).map(|taken| (taken, false))
         }
+    };
+    drop(done);
+    let _ = beats.join();
+    let (taken, succeeded) = reported?;
+    if !taken {
+        tracing::warn!(
+            "lease {id} of {} was revoked; {} dropped",
+            task.stage,
+            if succeeded { "result" } else { "failure" }
+        );
     }
+    Ok(taken && succeeded)
 }
 
 fn hostname() -> String {
