@@ -147,6 +147,9 @@ pub struct RunArgs {
     /// Seconds without a heartbeat after which a worker's stage is given to another worker.
     #[arg(long, default_value_t = 30)]
     lease_timeout: u64,
+    /// The largest upload (a stage's outputs, a checkpoint) a worker may send, in MiB.
+    #[arg(long, default_value_t = deeprepair_workers::coordinator::DEFAULT_MAX_UPLOAD >> 20)]
+    max_upload_mib: u64,
     /// Keep running independent stages after a failure.
     #[arg(long)]
     keep_going: bool,
@@ -172,6 +175,7 @@ struct RemoteSetup {
     listen: Option<std::net::SocketAddr>,
     advertise: Option<String>,
     lease_timeout: std::time::Duration,
+    max_upload: u64,
     log_dir: PathBuf,
 }
 
@@ -203,8 +207,11 @@ impl RemoteSetup {
                     .unwrap_or_else(|_| "localhost".into())
             })
         });
-        let coordinator =
-            Coordinator::start(store, listen, advertise.as_deref(), self.lease_timeout)?;
+        let server = deeprepair_workers::coordinator::ServerOptions {
+            lease_timeout: self.lease_timeout,
+            max_upload: self.max_upload,
+        };
+        let coordinator = Coordinator::start_with(store, listen, advertise.as_deref(), server)?;
         tracing::info!("coordinator listening at {}", coordinator.url());
         let dispatcher: Arc<dyn deeprepair_pipeline::Dispatcher> = match self.slurm {
             Some(mut slurm) => {
@@ -259,6 +266,16 @@ pub struct WorkerArgs {
     /// Exit after this many seconds without work.
     #[arg(long)]
     idle_exit: Option<u64>,
+    /// Read inputs through a cache in this folder (on the node's disk, or on a filesystem the
+    /// workers share), so each artifact is fetched once per cache, not once per stage.
+    /// `run` passes its environment on to workers and Slurm jobs, so setting
+    /// $DEEPREPAIR_CACHE_DIR for `run` gives every worker the cache.
+    #[arg(long, env = deeprepair_workers::cache::CACHE_DIR_ENV)]
+    cache_dir: Option<PathBuf>,
+    /// The cache's bound in MiB; least recently used entries are removed beyond it.
+    #[arg(long, env = deeprepair_workers::cache::CACHE_MAX_ENV,
+          default_value_t = deeprepair_workers::cache::DEFAULT_MAX_MIB)]
+    cache_max_mib: u64,
 }
 
 pub fn worker(args: WorkerArgs, registry: &Registry) -> anyhow::Result<ExitCode> {
@@ -282,8 +299,26 @@ pub fn worker(args: WorkerArgs, registry: &Registry) -> anyhow::Result<ExitCode>
         gpu: args.gpu,
         task,
         idle_exit: args.idle_exit.map(std::time::Duration::from_secs),
+        cache: match &args.cache_dir {
+            Some(dir) => Some(Arc::new(deeprepair_workers::cache::ArtifactCache::open(
+                dir,
+                args.cache_max_mib.saturating_mul(1 << 20),
+            )?)),
+            None => None,
+        },
     };
     let summary = deeprepair_workers::worker::run_worker(&options, registry)?;
+    if let Some(cache) = &options.cache {
+        let c = cache.stats();
+        tracing::info!(
+            "artifact cache {}: {} hits, {} fetched, {} corrupt entries refetched, {} evicted",
+            cache.dir().display(),
+            c.hits,
+            c.fetched,
+            c.corrupt,
+            c.evicted
+        );
+    }
     tracing::info!(
         "worker {} done: {} succeeded, {} failed",
         options.name,
@@ -327,6 +362,7 @@ pub fn run(args: RunArgs, registry: &Registry) -> anyhow::Result<ExitCode> {
         listen: args.listen,
         advertise: args.advertise,
         lease_timeout: std::time::Duration::from_secs(args.lease_timeout.max(1)),
+        max_upload: args.max_upload_mib.saturating_mul(1 << 20),
         log_dir: path
             .parent()
             .map(|p| p.join("workers"))
