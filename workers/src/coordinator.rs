@@ -24,7 +24,7 @@
 //! once. An upload that is malformed, corrupt or too large releases its lease at once.
 
 use crate::protocol::{
-    frame_parts, Claim, ClaimRequest, ExchangePost, ExchangeReply, Failure, FrameDecoder,
+    frame_head_of, Claim, ClaimRequest, ExchangePost, ExchangeReply, Failure, FrameDecoder,
     FrameError, GangMember, Heartbeat, HeartbeatReply, WorkerInfo, LEASE_HEADER,
 };
 use axum::body::{Body, Bytes};
@@ -967,14 +967,25 @@ async fn with_store<T: Send + 'static>(
     call: impl FnOnce(&Store) -> Result<T, deeprepair_pipeline::StoreError> + Send + 'static,
     ok: impl FnOnce(T) -> Response,
 ) -> Response {
+    match store_call(hub, call).await {
+        Ok(value) => ok(value),
+        Err(response) => response,
+    }
+}
+
+/// [`with_store`]'s call, its errors as responses.
+async fn store_call<T: Send + 'static>(
+    hub: &Hub,
+    call: impl FnOnce(&Store) -> Result<T, deeprepair_pipeline::StoreError> + Send + 'static,
+) -> Result<T, Response> {
     let store = hub.store.clone();
     match tokio::task::spawn_blocking(move || call(&store)).await {
-        Ok(Ok(value)) => ok(value),
+        Ok(Ok(value)) => Ok(value),
         Ok(Err(deeprepair_pipeline::StoreError::NotFound(what))) => {
-            (StatusCode::NOT_FOUND, format!("no {what}")).into_response()
+            Err((StatusCode::NOT_FOUND, format!("no {what}")).into_response())
         }
-        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+        Ok(Err(e)) => Err((StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()),
+        Err(e) => Err((StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()),
     }
 }
 
@@ -1043,32 +1054,72 @@ async fn artifact(
         }
         Some(true) => {}
     }
-    let counters = hub.clone();
-    with_store(
-        &hub,
-        move |store| store.get_artifact(&digest),
-        move |a| {
-            let (head, _) = frame_parts(std::slice::from_ref(&a), &[]);
-            let len = head.len() + a.bytes.len();
-            counters
-                .traffic
-                .artifacts_served
-                .fetch_add(1, Ordering::Relaxed);
-            counters
-                .traffic
-                .bytes_served
-                .fetch_add(len as u64, Ordering::Relaxed);
-            let pieces = [Bytes::from(head), Bytes::from(a.bytes)]
-                .into_iter()
-                .map(Ok::<_, std::convert::Infallible>);
-            (
-                [(axum::http::header::CONTENT_LENGTH, len.to_string())],
-                Body::from_stream(futures_util::stream::iter(pieces)),
+    // The record first (a missing artifact is a plain 404), then the bytes chunk by chunk from
+    // the store (each chunk verified, and the whole at the end), straight onto the wire: the
+    // coordinator never holds the artifact whole.
+    let record = match store_call(&hub, move |store| store.artifact_record(&digest)).await {
+        Ok(Some(record)) => record,
+        Ok(None) => {
+            return (
+                StatusCode::NOT_FOUND,
+                format!("no artifact {}", digest.short()),
             )
                 .into_response()
-        },
+        }
+        Err(response) => return response,
+    };
+    let head = frame_head_of(&[(record.header.clone(), digest, record.size)], &[]);
+    let len = head.len() as u64 + record.size;
+    hub.traffic.artifacts_served.fetch_add(1, Ordering::Relaxed);
+    hub.traffic.bytes_served.fetch_add(len, Ordering::Relaxed);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(2);
+    let store = hub.store.clone();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        if tx.blocking_send(Ok(Bytes::from(head))).is_err() {
+            return;
+        }
+        let mut reader = match store.reader(&record) {
+            Ok(reader) => reader,
+            Err(e) => {
+                let _ = tx.blocking_send(Err(std::io::Error::other(e)));
+                return;
+            }
+        };
+        loop {
+            let mut piece = vec![0u8; 4 << 20];
+            let mut filled = 0;
+            // Fill whole pieces (the reader returns a chunk's worth at a time).
+            while filled < piece.len() {
+                match reader.read(&mut piece[filled..]) {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        tracing::error!("serving artifact {}: {e}", record.digest.short());
+                        // An error ends the body early: the worker sees a cut-short frame.
+                        let _ = tx.blocking_send(Err(e));
+                        return;
+                    }
+                }
+            }
+            if filled == 0 {
+                return;
+            }
+            piece.truncate(filled);
+            if tx.blocking_send(Ok(Bytes::from(piece))).is_err() {
+                return; // the worker went away
+            }
+        }
+    });
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    (
+        [(axum::http::header::CONTENT_LENGTH, len.to_string())],
+        Body::from_stream(body),
     )
-    .await
+        .into_response()
 }
 
 #[cfg(test)]

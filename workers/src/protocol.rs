@@ -134,14 +134,24 @@ struct FramedArtifact {
 }
 
 fn frame_head(artifacts: &[Artifact], log_tail: &[String]) -> Vec<u8> {
+    let described: Vec<(ArtifactHeader, Digest, u64)> = artifacts
+        .iter()
+        .map(|a| (a.header.clone(), a.digest(), a.bytes.len() as u64))
+        .collect();
+    frame_head_of(&described, log_tail)
+}
+
+/// The head of a frame whose artifacts are described by (header, digest, length): what goes
+/// before their bytes when they are streamed from elsewhere (the store's chunks).
+pub fn frame_head_of(artifacts: &[(ArtifactHeader, Digest, u64)], log_tail: &[String]) -> Vec<u8> {
     let head = FrameHead {
         log_tail: log_tail.to_vec(),
         artifacts: artifacts
             .iter()
-            .map(|a| FramedArtifact {
-                header: a.header.clone(),
-                digest: a.digest(),
-                len: a.bytes.len() as u64,
+            .map(|(header, digest, len)| FramedArtifact {
+                header: header.clone(),
+                digest: *digest,
+                len: *len,
             })
             .collect(),
     };
