@@ -147,6 +147,13 @@ pub struct RunArgs {
     /// Seconds without a heartbeat after which a worker's stage is given to another worker.
     #[arg(long, default_value_t = 30)]
     lease_timeout: u64,
+    /// Serve workers over HTTPS with this PEM certificate (chain) instead of plain HTTP;
+    /// workers trust exactly it (or $DEEPREPAIR_TLS_CA). Slurm jobs must see the same path.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of `--tls-cert`.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// The largest upload (a stage's outputs, a checkpoint) a worker may send, in MiB.
     #[arg(long, default_value_t = deeprepair_workers::coordinator::DEFAULT_MAX_UPLOAD >> 20)]
     max_upload_mib: u64,
@@ -176,6 +183,7 @@ struct RemoteSetup {
     advertise: Option<String>,
     lease_timeout: std::time::Duration,
     max_upload: u64,
+    tls: Option<deeprepair_workers::coordinator::TlsFiles>,
     log_dir: PathBuf,
 }
 
@@ -210,6 +218,7 @@ impl RemoteSetup {
         let server = deeprepair_workers::coordinator::ServerOptions {
             lease_timeout: self.lease_timeout,
             max_upload: self.max_upload,
+            tls: self.tls,
         };
         let coordinator = Coordinator::start_with(store, listen, advertise.as_deref(), server)?;
         tracing::info!("coordinator listening at {}", coordinator.url());
@@ -272,6 +281,10 @@ pub struct WorkerArgs {
     /// $DEEPREPAIR_CACHE_DIR for `run` gives every worker the cache.
     #[arg(long, env = deeprepair_workers::cache::CACHE_DIR_ENV)]
     cache_dir: Option<PathBuf>,
+    /// PEM certificates to trust for an `https://` coordinator (`run --tls-cert` sets this
+    /// for the workers it starts).
+    #[arg(long, env = deeprepair_workers::protocol::TLS_CA_ENV)]
+    tls_ca: Option<PathBuf>,
     /// The cache's bound in MiB; least recently used entries are removed beyond it.
     #[arg(long, env = deeprepair_workers::cache::CACHE_MAX_ENV,
           default_value_t = deeprepair_workers::cache::DEFAULT_MAX_MIB)]
@@ -299,6 +312,13 @@ pub fn worker(args: WorkerArgs, registry: &Registry) -> anyhow::Result<ExitCode>
         gpu: args.gpu,
         task,
         idle_exit: args.idle_exit.map(std::time::Duration::from_secs),
+        tls_ca: match &args.tls_ca {
+            Some(path) => Some(
+                std::fs::read(path)
+                    .map_err(|e| anyhow::anyhow!("cannot read --tls-ca {}: {e}", path.display()))?,
+            ),
+            None => None,
+        },
         cache: match &args.cache_dir {
             Some(dir) => Some(Arc::new(deeprepair_workers::cache::ArtifactCache::open(
                 dir,
@@ -363,6 +383,12 @@ pub fn run(args: RunArgs, registry: &Registry) -> anyhow::Result<ExitCode> {
         advertise: args.advertise,
         lease_timeout: std::time::Duration::from_secs(args.lease_timeout.max(1)),
         max_upload: args.max_upload_mib.saturating_mul(1 << 20),
+        tls: match (args.tls_cert, args.tls_key) {
+            (Some(cert), Some(key)) => {
+                Some(deeprepair_workers::coordinator::TlsFiles { cert, key })
+            }
+            _ => None,
+        },
         log_dir: path
             .parent()
             .map(|p| p.join("workers"))

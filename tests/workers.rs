@@ -368,3 +368,38 @@ fn a_shared_cache_fetches_each_input_once_per_node_and_refetches_a_corrupt_entry
     assert!(logs.contains("is corrupt"), "{logs}");
     assert_eq!(outputs(&m), in_process_outputs(&more));
 }
+
+#[test]
+fn workers_over_tls_produce_the_in_process_artifacts() {
+    let expected = in_process_outputs(SHARED_INPUT);
+    let s = Scratch::new();
+    let m = s.write("p.yaml", SHARED_INPUT);
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let cert_path = s.write("cert.pem", &cert.cert.pem());
+    let key_path = s.write("key.pem", &cert.signing_key.serialize_pem());
+    let out = bin()
+        .env("DEEPREPAIR_LOG", "info")
+        .env_remove("DEEPREPAIR_TLS_CA")
+        .args(["run", "--plain", "-j", "2", "--workers", "2", "--tls-cert"])
+        .arg(&cert_path)
+        .arg("--tls-key")
+        .arg(&key_path)
+        .arg(&m)
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("coordinator listening at https://"), "{log}");
+    assert_eq!(outputs(&m), expected);
+    // A missing key file is a clear error before anything runs.
+    let out = bin()
+        .args(["run", "--workers", "1", "--tls-cert"])
+        .arg(&cert_path)
+        .args(["--tls-key", "/nonexistent/key.pem"])
+        .arg(&m)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot use TLS certificate"), "{err}");
+}

@@ -117,6 +117,15 @@ pub struct ServerOptions {
     pub lease_timeout: Duration,
     /// The largest upload a worker may send (a stage's outputs frame, a checkpoint).
     pub max_upload: u64,
+    /// Serve HTTPS with this certificate chain and key (PEM files) instead of plain HTTP.
+    pub tls: Option<TlsFiles>,
+}
+
+/// A PEM certificate chain and its private key.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
 }
 
 impl ServerOptions {
@@ -124,6 +133,7 @@ impl ServerOptions {
         ServerOptions {
             lease_timeout,
             max_upload: DEFAULT_MAX_UPLOAD,
+            tls: None,
         }
     }
 }
@@ -167,6 +177,8 @@ pub type StuckRankHook = Box<dyn Fn(&WorkerInfo) + Send + Sync>;
 pub struct Coordinator {
     hub: Arc<Hub>,
     url: String,
+    /// The certificate workers must trust (the one served), when serving HTTPS.
+    tls_ca: Option<std::path::PathBuf>,
     stuck_rank: Mutex<Option<StuckRankHook>>,
     shutdown: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
     server: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -200,7 +212,12 @@ impl Coordinator {
         let host = advertise
             .map(str::to_string)
             .unwrap_or_else(|| local.ip().to_string());
-        let url = format!("http://{host}:{}", local.port());
+        let scheme = if options.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let url = format!("{scheme}://{host}:{}", local.port());
         let hub = Arc::new(Hub {
             state: Mutex::new(HubState::default()),
             queued: tokio::sync::Notify::new(),
@@ -239,10 +256,49 @@ impl Coordinator {
             .thread_name("coordinator-http")
             .enable_all()
             .build()?;
+        // Loaded here, so a bad certificate or key stops `run` at once with the reason.
+        let tls = match &options.tls {
+            Some(files) => Some(
+                runtime
+                    .block_on(axum_server::tls_rustls::RustlsConfig::from_pem_file(
+                        &files.cert,
+                        &files.key,
+                    ))
+                    .map_err(|e| {
+                        anyhow::anyhow!(
+                            "cannot use TLS certificate {} with key {}: {e}",
+                            files.cert.display(),
+                            files.key.display()
+                        )
+                    })?,
+            ),
+            None => None,
+        };
+        let tls_ca = options.tls.as_ref().map(|files| files.cert.clone());
         let server = std::thread::Builder::new()
             .name("coordinator".into())
             .spawn(move || {
                 runtime.block_on(async move {
+                    if let Some(config) = tls {
+                        let server = match axum_server::from_tcp_rustls(listener, config) {
+                            Ok(server) => server,
+                            Err(e) => {
+                                tracing::error!("coordinator listener: {e}");
+                                return;
+                            }
+                        };
+                        let handle = axum_server::Handle::new();
+                        let stopper = handle.clone();
+                        tokio::spawn(async move {
+                            let _ = rx.await;
+                            stopper.graceful_shutdown(Some(Duration::from_secs(5)));
+                        });
+                        let serve = server.handle(handle).serve(app.into_make_service());
+                        if let Err(e) = serve.await {
+                            tracing::error!("coordinator server: {e}");
+                        }
+                        return;
+                    }
                     let listener = match tokio::net::TcpListener::from_std(listener) {
                         Ok(l) => l,
                         Err(e) => {
@@ -261,6 +317,7 @@ impl Coordinator {
         Ok(Arc::new(Coordinator {
             hub,
             url,
+            tls_ca,
             stuck_rank: Mutex::new(None),
             shutdown: Mutex::new(Some(tx)),
             server: Mutex::new(Some(server)),
@@ -277,6 +334,12 @@ impl Coordinator {
     /// Base URL workers connect to.
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The certificate file workers should trust (pass it in [`crate::protocol::TLS_CA_ENV`]),
+    /// when the coordinator serves HTTPS.
+    pub fn tls_ca(&self) -> Option<&std::path::Path> {
+        self.tls_ca.as_deref()
     }
 
     /// The bearer token workers must present (pass it in [`crate::protocol::TOKEN_ENV`]).

@@ -27,6 +27,10 @@ use serde::{Deserialize, Serialize};
 /// Environment variable a worker reads its bearer token from.
 pub const TOKEN_ENV: &str = "DEEPREPAIR_WORKER_TOKEN";
 
+/// Environment variable naming a PEM file of the certificates a worker trusts for an
+/// `https://` coordinator (`run --tls-cert` sets it to its certificate for the workers it starts).
+pub const TLS_CA_ENV: &str = "DEEPREPAIR_TLS_CA";
+
 /// Request header carrying a lease's secret on every `/v1/leases/{id}/…` request.
 pub const LEASE_HEADER: &str = "x-deeprepair-lease";
 

@@ -78,6 +78,9 @@ impl SlurmDispatcher {
             // The token reaches the job through its environment, not its command line.
             .arg(format!("--export=ALL,{TOKEN_ENV}"))
             .env(TOKEN_ENV, self.coordinator.token());
+        if let Some(ca) = self.coordinator.tls_ca() {
+            cmd.env(crate::protocol::TLS_CA_ENV, ca);
+        }
         if let Some(p) = &o.partition {
             cmd.arg(format!("--partition={p}"));
         }

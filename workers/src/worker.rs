@@ -64,12 +64,43 @@ pub struct Client {
 
 impl Client {
     pub fn new(base: &str, token: &str) -> Client {
-        let config = ureq::Agent::config_builder()
+        Self::build(base, token, None)
+    }
+
+    /// A client of an `https://` coordinator that trusts exactly the certificates in `ca_pem`
+    /// (e.g. the coordinator's own self-signed certificate).
+    pub fn with_ca(base: &str, token: &str, ca_pem: &[u8]) -> anyhow::Result<Client> {
+        let certs: Vec<ureq::tls::Certificate<'static>> = ureq::tls::parse_pem(ca_pem)
+            .filter_map(|item| match item {
+                Ok(ureq::tls::PemItem::Certificate(cert)) => Some(Ok(cert)),
+                Ok(_) => None,
+                Err(e) => Some(Err(e)),
+            })
+            .collect::<Result<_, _>>()
+            .context("reading the coordinator's certificate")?;
+        if certs.is_empty() {
+            bail!("no certificate in the PEM given to trust the coordinator");
+        }
+        Ok(Self::build(base, token, Some(certs)))
+    }
+
+    fn build(
+        base: &str,
+        token: &str,
+        trust: Option<Vec<ureq::tls::Certificate<'static>>>,
+    ) -> Client {
+        let mut config = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(600)))
-            .build();
+            .timeout_global(Some(Duration::from_secs(600)));
+        if let Some(certs) = trust {
+            config = config.tls_config(
+                ureq::tls::TlsConfig::builder()
+                    .root_certs(ureq::tls::RootCerts::Specific(Arc::new(certs)))
+                    .build(),
+            );
+        }
         Client {
-            agent: ureq::Agent::new_with_config(config),
+            agent: ureq::Agent::new_with_config(config.build()),
             base: base.trim_end_matches('/').to_string(),
             auth: format!("Bearer {token}"),
         }
@@ -392,6 +423,8 @@ pub struct WorkerOptions {
     pub task: Option<Digest>,
     /// Exit after this long without work (`None`: until the coordinator goes away).
     pub idle_exit: Option<Duration>,
+    /// PEM certificates to trust for an `https://` coordinator (its own, self-signed).
+    pub tls_ca: Option<Vec<u8>>,
     /// Inputs are read through this node's cache (a folder, possibly shared by the workers of
     /// a node or a cluster), so each artifact crosses the wire once per cache, not per stage.
     pub cache: Option<Arc<ArtifactCache>>,
@@ -406,7 +439,10 @@ pub struct WorkerSummary {
 /// Claims and runs tasks until told to stop (see [`WorkerOptions`]). Returns when the
 /// coordinator has been unreachable for 30 s, when idle for `idle_exit`, or after its one task.
 pub fn run_worker(options: &WorkerOptions, registry: &Registry) -> anyhow::Result<WorkerSummary> {
-    let client = Client::new(&options.coordinator, &options.token);
+    let client = match &options.tls_ca {
+        Some(pem) => Client::with_ca(&options.coordinator, &options.token, pem)?,
+        None => Client::new(&options.coordinator, &options.token),
+    };
     let info = WorkerInfo {
         name: options.name.clone(),
         host: hostname(),
