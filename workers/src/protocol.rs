@@ -292,19 +292,29 @@ impl FrameDecoder {
         }
         self.prefix = vec![];
         self.head = Some(head);
-        self.begin_artifact();
+        self.begin_artifact()?;
         self.finish_complete_artifacts()
     }
 
-    fn begin_artifact(&mut self) {
+    fn begin_artifact(&mut self) -> Result<(), FrameError> {
         let len = self
             .head
             .as_ref()
             .and_then(|h| h.artifacts.get(self.done.len()))
-            .map_or(0, |a| a.len as usize);
-        // Within the limit: checked against the head's total in `start`.
-        self.current = Vec::with_capacity(len);
+            .map_or(0, |a| a.len);
+        // Within the limit (checked against the head's total in `start`), and allocated once
+        // for the whole artifact; memory that cannot be had is an error, not an abort.
+        self.current = Vec::new();
+        usize::try_from(len)
+            .ok()
+            .and_then(|len| self.current.try_reserve_exact(len).ok())
+            .ok_or_else(|| {
+                malformed(format!(
+                    "cannot allocate {len} bytes for an artifact of the frame"
+                ))
+            })?;
         self.hasher = blake3::Hasher::new();
+        Ok(())
     }
 
     /// Verifies and keeps every artifact whose bytes are all in (zero-length ones at once).
@@ -329,7 +339,7 @@ impl FrameDecoder {
             let header = a.header.clone();
             let bytes = std::mem::take(&mut self.current);
             self.done.push(Artifact { header, bytes });
-            self.begin_artifact();
+            self.begin_artifact()?;
         }
     }
 
@@ -454,5 +464,11 @@ mod tests {
         bad.extend_from_slice(b"{}");
         let err = decode_frame(&bad).unwrap_err().to_string();
         assert!(err.contains("larger than"), "{err}");
+        // A head declaring an artifact of 2^60 bytes: an error, not an aborted process.
+        let a = Artifact::text("x");
+        let (header, digest) = (a.header.clone(), a.digest());
+        let huge = frame_head_of(&[(header, digest, 1 << 60)], &[]);
+        let err = decode_frame(&huge).unwrap_err().to_string();
+        assert!(err.contains("cannot allocate"), "{err}");
     }
 }
