@@ -310,9 +310,10 @@ fn run_counting_transfers(
         .split(|c: char| !c.is_ascii_digit())
         .filter_map(|n| n.parse().ok())
         .collect();
-    // "... sent N input artifacts (B bytes) to workers, received U uploads (R bytes)"
+    // "... sent N input artifacts (B bytes) to workers, received U uploads (R bytes);
+    // checkpoints in T write transactions"
     let n = numbers.len();
-    (numbers[n - 4], numbers[n - 3])
+    (numbers[n - 5], numbers[n - 4])
 }
 
 #[test]

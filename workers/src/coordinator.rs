@@ -102,6 +102,8 @@ struct Hub {
     lease_timeout: Duration,
     max_upload: u64,
     traffic: TrafficCounters,
+    /// To the checkpoint writer thread ([`checkpoint_writer`]).
+    checkpoints: Mutex<mpsc::Sender<CheckpointWrite>>,
 }
 
 /// The largest control message (claim, heartbeat, failure, exchange) the server reads.
@@ -144,6 +146,7 @@ struct TrafficCounters {
     bytes_served: AtomicU64,
     uploads: AtomicU64,
     bytes_received: AtomicU64,
+    checkpoint_transactions: AtomicU64,
 }
 
 /// What crossed the wire so far (artifact bodies only; control messages are not counted).
@@ -155,6 +158,8 @@ pub struct Traffic {
     /// Outputs frames and checkpoints received, and their bytes.
     pub uploads: u64,
     pub bytes_received: u64,
+    /// Write transactions the checkpoints took (fewer than checkpoints when batched).
+    pub checkpoint_transactions: u64,
 }
 
 impl Hub {
@@ -212,6 +217,8 @@ impl Coordinator {
         let host = advertise
             .map(str::to_string)
             .unwrap_or_else(|| local.ip().to_string());
+        let (checkpoints, queue) = mpsc::channel();
+        let writer_store = store.clone();
         let scheme = if options.tls.is_some() {
             "https"
         } else {
@@ -227,7 +234,14 @@ impl Coordinator {
             lease_timeout: options.lease_timeout,
             max_upload: options.max_upload,
             traffic: TrafficCounters::default(),
+            checkpoints: Mutex::new(checkpoints),
         });
+        {
+            let hub = Arc::downgrade(&hub);
+            std::thread::Builder::new()
+                .name("checkpoint-writer".into())
+                .spawn(move || checkpoint_writer(hub, writer_store, queue))?;
+        }
         let upload_limit = usize::try_from(options.max_upload).unwrap_or(usize::MAX);
         // Routes about one lease: the caller must hold it.
         let leased = Router::new()
@@ -355,6 +369,7 @@ impl Coordinator {
             bytes_served: t.bytes_served.load(Ordering::Relaxed),
             uploads: t.uploads.load(Ordering::Relaxed),
             bytes_received: t.bytes_received.load(Ordering::Relaxed),
+            checkpoint_transactions: t.checkpoint_transactions.load(Ordering::Relaxed),
         }
     }
 
@@ -693,11 +708,12 @@ impl Drop for Coordinator {
         let t = self.traffic();
         tracing::info!(
             "data plane: sent {} input artifacts ({} bytes) to workers, received {} uploads \
-             ({} bytes)",
+             ({} bytes); checkpoints in {} write transactions",
             t.artifacts_served,
             t.bytes_served,
             t.uploads,
-            t.bytes_received
+            t.bytes_received,
+            t.checkpoint_transactions
         );
         if let Some(tx) = self.shutdown.lock().ok().and_then(|mut s| s.take()) {
             let _ = tx.send(());
@@ -1079,12 +1095,74 @@ async fn save_checkpoint(
     hub.traffic
         .bytes_received
         .fetch_add(body.len() as u64, Ordering::Relaxed);
-    with_store(
-        &hub,
-        move |store| store.save_checkpoint(&key, &body),
-        |()| StatusCode::OK.into_response(),
-    )
-    .await
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let queued = hub
+        .checkpoints
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .send(CheckpointWrite { key, body, reply });
+    if queued.is_err() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the checkpoint writer stopped",
+        )
+            .into_response();
+    }
+    match answer.await {
+        Ok(Ok(())) => StatusCode::OK.into_response(),
+        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the checkpoint writer stopped",
+        )
+            .into_response(),
+    }
+}
+
+/// A checkpoint for the writer thread, and where its result goes.
+struct CheckpointWrite {
+    key: Digest,
+    body: Bytes,
+    reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+}
+
+/// The most checkpoint bytes written in one transaction.
+const CHECKPOINT_BATCH_BYTES: usize = 1 << 30;
+
+/// Writes checkpoints as they come, batching those that arrived while the previous write was
+/// under way into one transaction (one fsync for many stages' epochs), until every sender
+/// is gone.
+fn checkpoint_writer(
+    hub: std::sync::Weak<Hub>,
+    store: Arc<Store>,
+    queue: mpsc::Receiver<CheckpointWrite>,
+) {
+    while let Ok(first) = queue.recv() {
+        let mut batch = vec![first];
+        let mut bytes = batch[0].body.len();
+        while bytes < CHECKPOINT_BATCH_BYTES {
+            match queue.try_recv() {
+                Ok(next) => {
+                    bytes += next.body.len();
+                    batch.push(next);
+                }
+                Err(_) => break,
+            }
+        }
+        let writes: Vec<(Digest, &[u8])> = batch.iter().map(|w| (w.key, &w.body[..])).collect();
+        let result = store.save_checkpoints(&writes).map_err(|e| e.to_string());
+        if let Some(hub) = hub.upgrade() {
+            hub.traffic
+                .checkpoint_transactions
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        if batch.len() > 1 {
+            tracing::debug!("{} checkpoints ({bytes} bytes) in one write", batch.len());
+        }
+        for write in batch {
+            let _ = write.reply.send(result.clone());
+        }
+    }
 }
 
 /// One input of the lease's task, as a frame streamed from the store's bytes (not copied).

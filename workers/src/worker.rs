@@ -326,20 +326,34 @@ impl Client {
 }
 
 /// A running stage's view of the store, over HTTP; inputs through the node's cache when the
-/// worker has one.
+/// worker has one; checkpoints uploaded in the background ([`CheckpointUploader`]).
 pub struct HttpStore {
     client: Client,
     lease: LeaseKey,
     cache: Option<Arc<ArtifactCache>>,
+    checkpoints: CheckpointUploader,
 }
 
 impl HttpStore {
     pub fn new(client: Client, lease: LeaseKey, cache: Option<Arc<ArtifactCache>>) -> HttpStore {
         HttpStore {
+            checkpoints: CheckpointUploader::start(client.clone(), lease.clone()),
             client,
             lease,
             cache,
         }
+    }
+
+    /// Waits for the checkpoint upload in flight and the one pending, if any; the first
+    /// upload error since the last call.
+    pub fn flush_checkpoints(&self) -> anyhow::Result<()> {
+        self.checkpoints.flush()
+    }
+
+    /// Drops a pending checkpoint (the stage succeeded: its checkpoint is not wanted) and
+    /// waits for the one in flight.
+    pub fn discard_checkpoints(&self) {
+        self.checkpoints.discard();
     }
 }
 
@@ -350,11 +364,115 @@ impl TaskStore for HttpStore {
             None => self.client.artifact(&self.lease, digest),
         }
     }
+    /// Returns once the bytes are queued: the stage trains on while they upload.
     fn save_checkpoint(&self, _key: &Digest, bytes: &[u8]) -> anyhow::Result<()> {
-        self.client.save_checkpoint(&self.lease, bytes)
+        self.checkpoints.save(bytes)
     }
     fn load_checkpoint(&self, _key: &Digest) -> anyhow::Result<Option<Vec<u8>>> {
+        self.checkpoints.flush()?;
         self.client.load_checkpoint(&self.lease)
+    }
+}
+
+#[derive(Default)]
+struct UploaderState {
+    /// The newest checkpoint not yet being uploaded (a newer one replaces it: only the
+    /// latest matters, the store keeps one per stage).
+    pending: Option<Vec<u8>>,
+    uploading: bool,
+    /// The first failure not yet reported to the stage.
+    error: Option<anyhow::Error>,
+    closed: bool,
+}
+
+/// Uploads a stage's checkpoints on a thread of its own, so a training stage does not wait
+/// for the coordinator's writer each epoch. At most one checkpoint waits while another
+/// uploads; an upload failure is reported by the next `save` (or `flush`).
+pub struct CheckpointUploader {
+    shared: Arc<(Mutex<UploaderState>, std::sync::Condvar)>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CheckpointUploader {
+    pub fn start(client: Client, lease: LeaseKey) -> CheckpointUploader {
+        let shared = Arc::new((
+            Mutex::new(UploaderState::default()),
+            std::sync::Condvar::new(),
+        ));
+        let thread = {
+            let shared = shared.clone();
+            std::thread::spawn(move || {
+                let (lock, changed) = &*shared;
+                let mut state = lock.lock().unwrap_or_else(|p| p.into_inner());
+                loop {
+                    if let Some(bytes) = state.pending.take() {
+                        state.uploading = true;
+                        drop(state);
+                        let result = client.save_checkpoint(&lease, &bytes);
+                        drop(bytes);
+                        state = lock.lock().unwrap_or_else(|p| p.into_inner());
+                        state.uploading = false;
+                        if let Err(e) = result {
+                            state.error.get_or_insert(e);
+                        }
+                        changed.notify_all();
+                        continue;
+                    }
+                    if state.closed {
+                        return;
+                    }
+                    state = changed.wait(state).unwrap_or_else(|p| p.into_inner());
+                }
+            })
+        };
+        CheckpointUploader {
+            shared,
+            thread: Some(thread),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, UploaderState> {
+        self.shared.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn save(&self, bytes: &[u8]) -> anyhow::Result<()> {
+        let mut state = self.lock();
+        if let Some(e) = state.error.take() {
+            return Err(e.context("uploading an earlier checkpoint"));
+        }
+        state.pending = Some(bytes.to_vec());
+        self.shared.1.notify_all();
+        Ok(())
+    }
+
+    fn wait_idle(&self, mut state: std::sync::MutexGuard<'_, UploaderState>) -> anyhow::Result<()> {
+        while state.pending.is_some() || state.uploading {
+            state = self.shared.1.wait(state).unwrap_or_else(|p| p.into_inner());
+        }
+        match state.error.take() {
+            Some(e) => Err(e.context("uploading a checkpoint")),
+            None => Ok(()),
+        }
+    }
+
+    pub fn flush(&self) -> anyhow::Result<()> {
+        self.wait_idle(self.lock())
+    }
+
+    pub fn discard(&self) {
+        let mut state = self.lock();
+        state.pending = None;
+        let _ = self.wait_idle(state);
+    }
+}
+
+impl Drop for CheckpointUploader {
+    fn drop(&mut self) {
+        self.lock().closed = true;
+        self.shared.1.notify_all();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
     }
 }
 
@@ -590,6 +708,21 @@ fn run_claim(
         (outcome, _) => outcome,
     };
     let log_tail = ctx.log_tail().to_vec();
+    drop(ctx);
+    // A failed stage's retry resumes from its newest checkpoint: upload it first. A stage
+    // that succeeded needs none (the commit drops it).
+    let outcome = match outcome {
+        Ok(artifacts) => {
+            store.discard_checkpoints();
+            Ok(artifacts)
+        }
+        Err(e) => {
+            if let Err(upload) = store.flush_checkpoints() {
+                tracing::warn!("{upload:#}");
+            }
+            Err(e)
+        }
+    };
     let id = lease.id;
     if revoked.load(Ordering::Relaxed) {
         drop(done);

@@ -1,13 +1,14 @@
 //! Over real HTTP: a lease is its holder's alone (the token is not enough), and an upload the
 //! coordinator cannot take releases its lease at once.
 
+use deeprepair_pipeline::kind::TaskStore;
 use deeprepair_pipeline::kind::{InputRef, ProgressSink, StageError, Task};
 use deeprepair_pipeline::{Artifact, Digest, Store};
 use deeprepair_workers::coordinator::{Coordinator, Route, ServerOptions};
 use deeprepair_workers::protocol::{
     encode_frame, Claim, ClaimRequest, Failure, Heartbeat, WorkerInfo,
 };
-use deeprepair_workers::worker::{Client, LeaseKey};
+use deeprepair_workers::worker::{Client, HttpStore, LeaseKey};
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -236,4 +237,38 @@ fn an_upload_over_the_limit_is_refused_and_fails_the_stage_at_once() {
     s.coordinator
         .wait(ticket, &Quiet, &AtomicBool::new(false), |_| None)
         .unwrap();
+}
+
+#[test]
+fn checkpoints_upload_in_the_background_and_the_newest_wins() {
+    let s = setup(1 << 30);
+    let ticket = s.coordinator.submit(&task(&s.input), Route::Any, 1, vec![]);
+    let client = Client::new(s.coordinator.url(), s.coordinator.token());
+    let mine = claim(&client, "w");
+    let key = task(&s.input).key;
+    let store = HttpStore::new(client.clone(), mine.key(), None);
+    for epoch in 0u8..5 {
+        store
+            .save_checkpoint(&key, &vec![epoch; 3_000_000])
+            .unwrap();
+    }
+    // Loading waits for the uploads: it sees the newest.
+    assert_eq!(
+        store.load_checkpoint(&key).unwrap(),
+        Some(vec![4u8; 3_000_000])
+    );
+    store.save_checkpoint(&key, b"epoch 5").unwrap();
+    store.flush_checkpoints().unwrap();
+    assert_eq!(
+        client.load_checkpoint(&mine.key()).unwrap().as_deref(),
+        Some(&b"epoch 5"[..])
+    );
+    // The lease ends; a later upload fails, and the stage hears of it.
+    assert!(client.complete(&mine.key(), &[], &[]).unwrap());
+    s.coordinator
+        .wait(ticket, &Quiet, &AtomicBool::new(false), |_| None)
+        .unwrap();
+    store.save_checkpoint(&key, b"too late").unwrap();
+    let e = format!("{:#}", store.flush_checkpoints().unwrap_err());
+    assert!(e.contains("410"), "{e}");
 }

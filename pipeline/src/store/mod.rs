@@ -617,10 +617,17 @@ impl Store {
     /// Replaces the stage's checkpoint (one per stage key, not deduplicated: it is rewritten
     /// every epoch and dropped when the stage commits).
     pub fn save_checkpoint(&self, key: &Digest, bytes: &[u8]) -> StoreResult<()> {
+        self.save_checkpoints(&[(*key, bytes)])
+    }
+
+    /// Replaces several stages' checkpoints in one write transaction (one fsync for all: what
+    /// the coordinator does with checkpoints that arrive together). A key given twice keeps
+    /// its last bytes.
+    pub fn save_checkpoints(&self, checkpoints: &[(Digest, &[u8])]) -> StoreResult<()> {
         self.guarded(|| {
             let txn = self.begin_write()?;
-            self.delete_checkpoint_in(&txn, key)?;
-            {
+            for (key, bytes) in checkpoints {
+                self.delete_checkpoint_in(&txn, key)?;
                 let mut chunks = txn.open_table(CHECKPOINT_CHUNKS).in_store(&self.path)?;
                 for (i, chunk) in bytes.chunks(CHUNK_SIZE).enumerate() {
                     chunks
@@ -1109,5 +1116,20 @@ mod tests {
         store.save_checkpoint(&key, b"small").unwrap();
         assert_eq!(store.load_checkpoint(&key).unwrap().unwrap(), b"small");
         assert_eq!(store.checkpoint_meta(&key).unwrap().unwrap().chunks, 1);
+    }
+
+    #[test]
+    fn checkpoints_of_several_stages_commit_together_the_last_of_a_key_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_writer(&dir.path().join("s.redb")).unwrap();
+        let (a, b) = (Digest::of(b"a"), Digest::of(b"b"));
+        store.save_checkpoint(&a, &vec![1u8; 5_000_000]).unwrap();
+        let big = vec![2u8; 5_000_000];
+        store
+            .save_checkpoints(&[(a, &b"first"[..]), (b, &big[..]), (a, &b"second"[..])])
+            .unwrap();
+        assert_eq!(store.load_checkpoint(&a).unwrap().unwrap(), b"second");
+        assert_eq!(store.load_checkpoint(&b).unwrap().unwrap(), big);
+        assert_eq!(store.checkpoint_meta(&a).unwrap().unwrap().chunks, 1);
     }
 }
