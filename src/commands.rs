@@ -879,6 +879,64 @@ pub fn gc(args: GcArgs) -> anyhow::Result<ExitCode> {
 }
 
 #[derive(Args)]
+pub struct PushArgs {
+    /// The store file to copy into (created if missing; no other writer may hold it).
+    dest: PathBuf,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+#[derive(Args)]
+pub struct PullArgs {
+    /// The store file to copy from (opened read-only: it may belong to a running `run`).
+    src: PathBuf,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+/// Copies `from`'s finished stages into `to` and says what happened.
+fn import(from: &std::path::Path, to: &std::path::Path) -> anyhow::Result<ExitCode> {
+    if !from.exists() {
+        anyhow::bail!("no store at {}", from.display());
+    }
+    if from.canonicalize().ok() == to.canonicalize().ok() {
+        anyhow::bail!("{} is the same store as {}", from.display(), to.display());
+    }
+    let source = Store::open_read_only(from)?;
+    if let Some(parent) = to.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let dest = Store::open_writer(to)?;
+    let report = dest.import_actions(&source)?;
+    println!(
+        "copied {} stages ({:.1} MiB of outputs, digests verified) from {} to {}; {} already there",
+        report.copied,
+        report.bytes as f64 / (1 << 20) as f64,
+        from.display(),
+        to.display(),
+        report.already_present
+    );
+    for skipped in &report.skipped {
+        println!("  not copied: {skipped}");
+    }
+    Ok(if report.skipped.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+pub fn push(args: PushArgs) -> anyhow::Result<ExitCode> {
+    let here = store_path(args.store.store.clone(), args.store.manifest.as_deref());
+    import(&here, &args.dest)
+}
+
+pub fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
+    let here = store_path(args.store.store.clone(), args.store.manifest.as_deref());
+    import(&args.src, &here)
+}
+
+#[derive(Args)]
 pub struct VerifyArgs {
     #[command(flatten)]
     store: StoreArgs,

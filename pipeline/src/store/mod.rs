@@ -217,6 +217,18 @@ pub struct CheckpointMeta {
     pub saved_ms: u64,
 }
 
+/// What [`Store::import_actions`] copied.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ImportReport {
+    /// Stages copied, and the bytes of their outputs.
+    pub copied: usize,
+    pub bytes: u64,
+    /// Stages this store already had.
+    pub already_present: usize,
+    /// Stages not copied, with why (outputs missing or corrupt in the source).
+    pub skipped: Vec<String>,
+}
+
 /// What `gc` found and (unless dry) removed.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct GcReport {
@@ -610,6 +622,57 @@ impl Store {
             self.delete_checkpoint_in(&txn, &action.key)?;
             txn.commit().in_store(&self.path)
         })
+    }
+
+    // ---- sharing results between stores -------------------------------------------------
+
+    /// Copies every finished stage of `from` that this store lacks: its action record and the
+    /// artifacts it produced, each read and verified from `from` and checked against the digest
+    /// the record names, written together in one transaction per stage (so a stage is either
+    /// wholly here or not). A stage whose outputs are missing or corrupt in `from` is skipped
+    /// and named. A run of this store then answers those stages from its cache.
+    pub fn import_actions(&self, from: &Store) -> StoreResult<ImportReport> {
+        let mut report = ImportReport::default();
+        for action in from.actions()? {
+            if self.action(&action.key)?.is_some() {
+                report.already_present += 1;
+                continue;
+            }
+            let mut outputs = vec![];
+            let mut problem = None;
+            for (name, digest) in &action.outputs {
+                match from.get_artifact(digest) {
+                    Ok(a) if a.digest() == *digest => outputs.push(a),
+                    Ok(_) => problem = Some(format!("output '{name}' does not match its digest")),
+                    Err(e) => problem = Some(format!("output '{name}': {e}")),
+                }
+                if problem.is_some() {
+                    break;
+                }
+            }
+            if let Some(problem) = problem {
+                report.skipped.push(format!(
+                    "{} ({}): {problem}",
+                    action.stage,
+                    action.key.short()
+                ));
+                continue;
+            }
+            self.guarded(|| {
+                let txn = self.begin_write()?;
+                for artifact in &outputs {
+                    self.put_artifact_in(&txn, artifact)?;
+                }
+                txn.open_table(ACTIONS)
+                    .in_store(&self.path)?
+                    .insert(&action.key.0, json(&action).as_slice())
+                    .in_store(&self.path)?;
+                txn.commit().in_store(&self.path)
+            })?;
+            report.copied += 1;
+            report.bytes += outputs.iter().map(|a| a.bytes.len() as u64).sum::<u64>();
+        }
+        Ok(report)
     }
 
     // ---- checkpoints ---------------------------------------------------------------------
