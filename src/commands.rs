@@ -888,10 +888,47 @@ pub struct PushArgs {
 
 #[derive(Args)]
 pub struct PullArgs {
-    /// The store file to copy from (opened read-only: it may belong to a running `run`).
+    /// The store to copy from: a store file (opened read-only: it may belong to a running
+    /// `run`), or the URL of a `deeprepair serve` (its token in $DEEPREPAIR_SERVE_TOKEN).
     src: PathBuf,
     #[command(flatten)]
     store: StoreArgs,
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8390")]
+    listen: std::net::SocketAddr,
+}
+
+pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    use deeprepair_workers::serve::SERVE_TOKEN_ENV;
+    let path = store_path(args.store.store.clone(), args.store.manifest.as_deref());
+    if !path.exists() {
+        anyhow::bail!("no store at {}", path.display());
+    }
+    let store = Arc::new(Store::open_read_only(&path)?);
+    let token = match std::env::var(SERVE_TOKEN_ENV) {
+        Ok(token) => token,
+        Err(_) => {
+            let token = deeprepair_workers::new_secret()?;
+            println!("token (give it to `pull` in ${SERVE_TOKEN_ENV}): {token}");
+            token
+        }
+    };
+    let server = deeprepair_workers::serve::serve(store, args.listen, token)?;
+    println!(
+        "serving {} read-only at http://{}",
+        path.display(),
+        server.addr
+    );
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    server.wait();
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Copies `from`'s finished stages into `to` and says what happened.
@@ -908,17 +945,11 @@ fn import(from: &std::path::Path, to: &std::path::Path) -> anyhow::Result<ExitCo
     }
     let dest = Store::open_writer(to)?;
     let report = dest.import_actions(&source)?;
-    println!(
-        "copied {} stages ({:.1} MiB of outputs, digests verified) from {} to {}; {} already there",
-        report.copied,
-        report.bytes as f64 / (1 << 20) as f64,
-        from.display(),
-        to.display(),
-        report.already_present
+    print_import(
+        &report,
+        &from.display().to_string(),
+        &to.display().to_string(),
     );
-    for skipped in &report.skipped {
-        println!("  not copied: {skipped}");
-    }
     Ok(if report.skipped.is_empty() {
         ExitCode::SUCCESS
     } else {
@@ -933,7 +964,37 @@ pub fn push(args: PushArgs) -> anyhow::Result<ExitCode> {
 
 pub fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
     let here = store_path(args.store.store.clone(), args.store.manifest.as_deref());
-    import(&args.src, &here)
+    let src = args.src.to_string_lossy();
+    if !(src.starts_with("http://") || src.starts_with("https://")) {
+        return import(&args.src, &here);
+    }
+    use deeprepair_workers::serve::SERVE_TOKEN_ENV;
+    let token = std::env::var(SERVE_TOKEN_ENV).map_err(|_| {
+        anyhow::anyhow!("${SERVE_TOKEN_ENV} is not set (the token `serve` printed)")
+    })?;
+    if let Some(parent) = here.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let dest = Store::open_writer(&here)?;
+    let report = deeprepair_workers::serve::pull_from(&src, &token, &dest)?;
+    print_import(&report, &src, &here.display().to_string());
+    Ok(if report.skipped.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn print_import(report: &deeprepair_pipeline::store::ImportReport, from: &str, to: &str) {
+    println!(
+        "copied {} stages ({:.1} MiB of outputs, digests verified) from {from} to {to}; {} already there",
+        report.copied,
+        report.bytes as f64 / (1 << 20) as f64,
+        report.already_present
+    );
+    for skipped in &report.skipped {
+        println!("  not copied: {skipped}");
+    }
 }
 
 #[derive(Args)]

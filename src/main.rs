@@ -49,8 +49,10 @@ enum Command {
     /// Copy this store's finished stages (action records and their verified outputs) into
     /// another store file, so a run there executes none of them again.
     Push(commands::PushArgs),
-    /// Copy another store file's finished stages into this store.
+    /// Copy another store's finished stages into this store (a store file, or a `serve` URL).
     Pull(commands::PullArgs),
+    /// Serve this store read-only over HTTP, for `pull http://…` on other machines.
+    Serve(commands::ServeArgs),
     /// The stage kinds this binary knows, with their params, inputs and outputs.
     Kinds,
     /// Benchmarks that print a table.
@@ -100,6 +102,7 @@ fn main() -> ExitCode {
         Command::Gc(a) => commands::gc(a),
         Command::Push(a) => commands::push(a),
         Command::Pull(a) => commands::pull(a),
+        Command::Serve(a) => commands::serve(a),
         Command::Ui(a) => commands::ui(a),
         Command::Verify(a) => commands::verify(a),
         Command::Kinds => commands::kinds(&registry),

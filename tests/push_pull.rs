@@ -125,3 +125,60 @@ fn pulled_and_pushed_results_answer_a_second_sweep_with_zero_stages_executed() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no store at"));
 }
+
+#[test]
+fn pull_over_http_from_a_served_store() {
+    use std::io::BufRead;
+    let first = Scratch::new();
+    let m1 = first.write("sweep.yaml", SWEEP);
+    run_json(&m1);
+    let expected = outputs(&m1);
+    let token = "a-test-token-of-enough-length";
+    let mut server = bin()
+        .env("DEEPREPAIR_SERVE_TOKEN", token)
+        .args(["serve", "--listen", "127.0.0.1:0", "--store"])
+        .arg(first.store())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(server.stdout.take().unwrap()).lines();
+    let url = loop {
+        let line = lines.next().expect("serve printed its address").unwrap();
+        if let Some(at) = line.find("http://") {
+            break line[at..].trim().to_string();
+        }
+    };
+    let second = Scratch::new();
+    let m2 = second.write("sweep.yaml", SWEEP);
+    // Without the right token: refused, nothing copied.
+    let out = bin()
+        .env("DEEPREPAIR_SERVE_TOKEN", "wrong-token-of-enough-length")
+        .args(["pull", &url, "--store"])
+        .arg(second.store())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("401"));
+    let out = bin()
+        .env("DEEPREPAIR_SERVE_TOKEN", token)
+        .args(["pull", &url, "--store"])
+        .arg(second.store())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("copied 5 stages"), "{said}");
+    let _ = server.kill();
+    let _ = server.wait();
+    let summary = run_json(&m2);
+    assert_eq!(
+        summary["executed"].as_array().unwrap().len(),
+        0,
+        "{summary}"
+    );
+    assert_eq!(outputs(&m2), expected);
+}

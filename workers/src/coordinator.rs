@@ -1046,18 +1046,18 @@ async fn with_store<T: Send + 'static>(
     call: impl FnOnce(&Store) -> Result<T, deeprepair_pipeline::StoreError> + Send + 'static,
     ok: impl FnOnce(T) -> Response,
 ) -> Response {
-    match store_call(hub, call).await {
+    match store_call(&hub.store, call).await {
         Ok(value) => ok(value),
         Err(response) => response,
     }
 }
 
 /// [`with_store`]'s call, its errors as responses.
-async fn store_call<T: Send + 'static>(
-    hub: &Hub,
+pub(crate) async fn store_call<T: Send + 'static>(
+    store: &Arc<Store>,
     call: impl FnOnce(&Store) -> Result<T, deeprepair_pipeline::StoreError> + Send + 'static,
 ) -> Result<T, Response> {
-    let store = hub.store.clone();
+    let store = store.clone();
     match tokio::task::spawn_blocking(move || call(&store)).await {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(deeprepair_pipeline::StoreError::NotFound(what))) => {
@@ -1195,26 +1195,37 @@ async fn artifact(
         }
         Some(true) => {}
     }
-    // The record first (a missing artifact is a plain 404), then the bytes chunk by chunk from
-    // the store (each chunk verified, and the whole at the end), straight onto the wire: the
-    // coordinator never holds the artifact whole.
-    let record = match store_call(&hub, move |store| store.artifact_record(&digest)).await {
-        Ok(Some(record)) => record,
-        Ok(None) => {
-            return (
+    match artifact_frame(&hub.store, digest).await {
+        Ok((response, len)) => {
+            hub.traffic.artifacts_served.fetch_add(1, Ordering::Relaxed);
+            hub.traffic.bytes_served.fetch_add(len, Ordering::Relaxed);
+            response
+        }
+        Err(response) => response,
+    }
+}
+
+/// One artifact as a frame: the record first (a missing artifact is a plain 404), then the
+/// bytes chunk by chunk from the store (each chunk verified, and the whole at the end),
+/// straight onto the wire: the server never holds the artifact whole. Also the frame's length.
+pub(crate) async fn artifact_frame(
+    store: &Arc<Store>,
+    digest: Digest,
+) -> Result<(Response, u64), Response> {
+    let record = match store_call(store, move |store| store.artifact_record(&digest)).await? {
+        Some(record) => record,
+        None => {
+            return Err((
                 StatusCode::NOT_FOUND,
                 format!("no artifact {}", digest.short()),
             )
-                .into_response()
+                .into_response())
         }
-        Err(response) => return response,
     };
     let head = frame_head_of(&[(record.header.clone(), digest, record.size)], &[]);
     let len = head.len() as u64 + record.size;
-    hub.traffic.artifacts_served.fetch_add(1, Ordering::Relaxed);
-    hub.traffic.bytes_served.fetch_add(len, Ordering::Relaxed);
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(2);
-    let store = hub.store.clone();
+    let store = store.clone();
     tokio::task::spawn_blocking(move || {
         use std::io::Read;
         if tx.blocking_send(Ok(Bytes::from(head))).is_err() {
@@ -1256,11 +1267,12 @@ async fn artifact(
     let body = futures_util::stream::unfold(rx, |mut rx| async move {
         rx.recv().await.map(|item| (item, rx))
     });
-    (
+    let response = (
         [(axum::http::header::CONTENT_LENGTH, len.to_string())],
         Body::from_stream(body),
     )
-        .into_response()
+        .into_response();
+    Ok((response, len))
 }
 
 #[cfg(test)]

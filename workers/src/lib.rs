@@ -2,7 +2,7 @@
 //!
 //! - [`protocol`], [`coordinator`], [`worker`]: the HTTP protocol, its server (in front of the
 //!   run's store) and its client (`deeprepair worker`); [`cache`]: the worker-side cache of
-//!   input artifacts, keyed by digest.
+//!   input artifacts, keyed by digest; [`serve`]: a store served read-only, and pulling from it.
 //! - [`local`]: worker processes on this machine, one per GPU or N on the CPU.
 //! - [`slurm`]: one Slurm job per stage.
 //! - [`data_parallel`]: the `Collective` interface, its thread backend, bucketed gradient
@@ -16,6 +16,7 @@ pub mod local;
 #[cfg(feature = "nccl")]
 pub mod nccl;
 pub mod protocol;
+pub mod serve;
 pub mod slurm;
 pub mod socket_collective;
 pub mod worker;
@@ -34,6 +35,11 @@ pub(crate) fn unguessable_hex() -> anyhow::Result<String> {
         )
     })?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// A fresh 128-bit secret (32 hex digits) from the OS RNG, for tokens made outside this crate.
+pub fn new_secret() -> anyhow::Result<String> {
+    unguessable_hex()
 }
 
 /// Compares two secrets in time that does not depend on where they differ.

@@ -658,21 +658,38 @@ impl Store {
                 ));
                 continue;
             }
-            self.guarded(|| {
-                let txn = self.begin_write()?;
-                for artifact in &outputs {
-                    self.put_artifact_in(&txn, artifact)?;
-                }
-                txn.open_table(ACTIONS)
-                    .in_store(&self.path)?
-                    .insert(&action.key.0, json(&action).as_slice())
-                    .in_store(&self.path)?;
-                txn.commit().in_store(&self.path)
-            })?;
+            self.import_action(&action, &outputs)?;
             report.copied += 1;
             report.bytes += outputs.iter().map(|a| a.bytes.len() as u64).sum::<u64>();
         }
         Ok(report)
+    }
+
+    /// Adds a finished stage from elsewhere: its outputs (each checked against the digest the
+    /// record names: a mismatch is `Corrupt`) and its action record, in one transaction.
+    pub fn import_action(&self, action: &ActionRecord, outputs: &[Artifact]) -> StoreResult<()> {
+        for (name, digest) in &action.outputs {
+            if !outputs.iter().any(|a| a.digest() == *digest) {
+                return Err(StoreError::Corrupt {
+                    digest: *digest,
+                    detail: format!(
+                        "output '{name}' of {} is not among the bytes given",
+                        action.stage
+                    ),
+                });
+            }
+        }
+        self.guarded(|| {
+            let txn = self.begin_write()?;
+            for artifact in outputs {
+                self.put_artifact_in(&txn, artifact)?;
+            }
+            txn.open_table(ACTIONS)
+                .in_store(&self.path)?
+                .insert(&action.key.0, json(action).as_slice())
+                .in_store(&self.path)?;
+            txn.commit().in_store(&self.path)
+        })
     }
 
     // ---- checkpoints ---------------------------------------------------------------------
