@@ -518,6 +518,39 @@ struct Outbox {
     beat: Mutex<Heartbeat>,
 }
 
+/// The most log text one heartbeat carries (well under the coordinator's control-message
+/// limit): a stage that logs more in a second keeps its newest lines and says how many it
+/// dropped, rather than losing its heartbeat, and so its lease.
+const MAX_BEAT_LOG_BYTES: usize = 1 << 20;
+
+impl Outbox {
+    fn take(&self) -> Heartbeat {
+        let mut beat = std::mem::take(&mut *self.beat.lock().unwrap_or_else(|p| p.into_inner()));
+        let total: usize = beat.lines.iter().map(String::len).sum();
+        if total > MAX_BEAT_LOG_BYTES {
+            let mut kept = 0;
+            let keep_from = beat
+                .lines
+                .iter()
+                .rposition(|line| {
+                    kept += line.len();
+                    kept > MAX_BEAT_LOG_BYTES
+                })
+                .map_or(0, |i| i + 1);
+            let mut lines = beat.lines.split_off(keep_from);
+            lines.insert(
+                0,
+                format!(
+                    "({} log lines dropped: more than {MAX_BEAT_LOG_BYTES} bytes in one heartbeat)",
+                    keep_from
+                ),
+            );
+            beat.lines = lines;
+        }
+        beat
+    }
+}
+
 impl ProgressSink for Outbox {
     fn progress(&self, _stage: &str, done: u64, total: u64, unit: &str) {
         if let Ok(mut b) = self.beat.lock() {
@@ -657,7 +690,7 @@ fn run_claim(
         );
         std::thread::spawn(move || loop {
             {
-                let beat = std::mem::take(&mut *outbox.beat.lock().expect("outbox lock"));
+                let beat = outbox.take();
                 match client.heartbeat(&lease, &beat) {
                     Ok(Some(reply)) => {
                         if reply.cancel {
@@ -767,4 +800,32 @@ fn hostname() -> String {
         .filter(|s| !s.is_empty())
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "localhost".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flood_of_log_lines_is_cut_to_fit_one_heartbeat() {
+        let outbox = Outbox::default();
+        let line = "x".repeat(1000);
+        for _ in 0..3000 {
+            outbox.log("s", &line);
+        }
+        outbox.log("s", "the newest line");
+        let beat = outbox.take();
+        let bytes: usize = beat.lines.iter().map(String::len).sum();
+        assert!(bytes <= MAX_BEAT_LOG_BYTES + 200, "{bytes}");
+        assert!(
+            beat.lines[0].contains("log lines dropped"),
+            "{}",
+            beat.lines[0]
+        );
+        assert_eq!(beat.lines.last().unwrap(), "the newest line");
+        // The next heartbeat starts empty; a small one is left alone.
+        assert!(outbox.take().lines.is_empty());
+        outbox.log("s", "one");
+        assert_eq!(outbox.take().lines, vec!["one".to_string()]);
+    }
 }
