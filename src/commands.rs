@@ -154,6 +154,10 @@ pub struct RunArgs {
     /// The PEM private key of `--tls-cert`.
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// A `deeprepair serve` URL whose finished stages answer this run's stages before they
+    /// would execute (copied here, verified); its token in $DEEPREPAIR_SERVE_TOKEN.
+    #[arg(long)]
+    remote_cache: Option<String>,
     /// The largest upload (a stage's outputs, a checkpoint) a worker may send, in MiB.
     #[arg(long, default_value_t = deeprepair_workers::coordinator::DEFAULT_MAX_UPLOAD >> 20)]
     max_upload_mib: u64,
@@ -352,6 +356,9 @@ pub fn run(args: RunArgs, registry: &Registry) -> anyhow::Result<ExitCode> {
     let plan = plan_file_with_vars(&args.manifest, registry, &args.vars.map()?)?;
     let path = store_path(args.store, Some(&args.manifest));
     let store = Arc::new(Store::open_writer(&path)?);
+    if let Some(url) = &args.remote_cache {
+        remote_cache_prefetch(&plan, &store, url)?;
+    }
     let gpus = deeprepair_workers::gpus_for_run(args.gpus.as_deref())?;
     let mut options = RunOptions {
         gpus: gpus.clone(),
@@ -955,6 +962,30 @@ fn import(from: &std::path::Path, to: &std::path::Path) -> anyhow::Result<ExitCo
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// `run --remote-cache URL`: copies the plan's stages the remote store has finished.
+fn remote_cache_prefetch(
+    plan: &deeprepair_pipeline::Plan,
+    store: &Store,
+    url: &str,
+) -> anyhow::Result<()> {
+    use deeprepair_workers::serve::{prefetch, RemoteStore, SERVE_TOKEN_ENV};
+    let token = std::env::var(SERVE_TOKEN_ENV).map_err(|_| {
+        anyhow::anyhow!("--remote-cache needs ${SERVE_TOKEN_ENV} (the token `serve` printed)")
+    })?;
+    let report = prefetch(plan, store, &RemoteStore::new(url, &token))
+        .with_context(|| format!("consulting the remote cache {url}"))?;
+    tracing::info!(
+        "remote cache {url}: {} stages copied ({:.1} MiB), {} already here",
+        report.copied,
+        report.bytes as f64 / (1 << 20) as f64,
+        report.already_present
+    );
+    for skipped in &report.skipped {
+        tracing::warn!("remote cache: not copied: {skipped}");
+    }
+    Ok(())
 }
 
 pub fn push(args: PushArgs) -> anyhow::Result<ExitCode> {

@@ -172,6 +172,34 @@ fn pull_over_http_from_a_served_store() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(said.contains("copied 5 stages"), "{said}");
+    // run --remote-cache: a third, empty store runs a bigger sweep; what the served store
+    // finished is copied instead of executed, only the new seed and the fan-in run.
+    let third = Scratch::new();
+    let m3 = third.write("sweep.yaml", &SWEEP.replace("[1, 2, 3]", "[1, 2, 3, 4]"));
+    let out = bin()
+        .env("DEEPREPAIR_SERVE_TOKEN", token)
+        .args(["run", "--json", "--remote-cache", &url])
+        .arg(&m3)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary = json(&out);
+    let executed: Vec<&str> = summary["executed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect();
+    assert_eq!(executed.len(), 2, "{summary}");
+    assert!(executed.iter().any(|s| s.contains("seed=4")), "{summary}");
+    assert!(
+        executed.iter().any(|s| s.starts_with("report")),
+        "{summary}"
+    );
     let _ = server.kill();
     let _ = server.wait();
     let summary = run_json(&m2);

@@ -4,6 +4,7 @@
 //! | request | answer |
 //! | --- | --- |
 //! | `GET /v1/actions` | 200 JSON list of every [`ActionRecord`] |
+//! | `GET /v1/actions/{key}` | 200 the [`ActionRecord`] of that stage key; 404 |
 //! | `GET /v1/artifacts/{digest}` | 200 frame of one artifact (streamed from the store's chunks); 404 |
 //!
 //! Every request carries `Authorization: Bearer <token>` (401 otherwise, checked from the
@@ -19,7 +20,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use deeprepair_pipeline::store::{ActionRecord, ImportReport};
-use deeprepair_pipeline::{Digest, Store};
+use deeprepair_pipeline::{Artifact, Digest, Plan, Store};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -71,6 +72,7 @@ pub fn serve(store: Arc<Store>, listen: SocketAddr, token: String) -> anyhow::Re
     let served = Arc::new(Served { store, token });
     let app = Router::new()
         .route("/v1/actions", get(actions))
+        .route("/v1/actions/{key}", get(action))
         .route("/v1/artifacts/{digest}", get(artifact))
         .layer(from_fn_with_state(served.clone(), require_token))
         .with_state(served);
@@ -129,6 +131,17 @@ async fn actions(State(served): State<Arc<Served>>) -> Response {
     }
 }
 
+async fn action(State(served): State<Arc<Served>>, Path(key): Path<String>) -> Response {
+    let Some(key) = Digest::from_hex(&key) else {
+        return (StatusCode::BAD_REQUEST, "not a stage key").into_response();
+    };
+    match store_call(&served.store, move |store| store.action(&key)).await {
+        Ok(Some(action)) => Json(action).into_response(),
+        Ok(None) => (StatusCode::NOT_FOUND, format!("no stage {}", key.short())).into_response(),
+        Err(response) => response,
+    }
+}
+
 async fn artifact(State(served): State<Arc<Served>>, Path(digest): Path<String>) -> Response {
     let Some(digest) = Digest::from_hex(&digest) else {
         return (StatusCode::BAD_REQUEST, "not a digest").into_response();
@@ -139,75 +152,184 @@ async fn artifact(State(served): State<Arc<Served>>, Path(digest): Path<String>)
     }
 }
 
-/// Copies every finished stage of the store served at `url` that `dest` lacks (outputs
-/// verified as they arrive and against the action record; one transaction per stage).
-pub fn pull_from(url: &str, token: &str, dest: &Store) -> anyhow::Result<ImportReport> {
-    let base = url.trim_end_matches('/');
-    let agent = ureq::Agent::new_with_config(
-        ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(3600)))
-            .build(),
-    );
-    let auth = format!("Bearer {token}");
-    let get = |path: &str| -> anyhow::Result<ureq::http::Response<ureq::Body>> {
-        let response = agent
+/// A client of a `serve` endpoint.
+pub struct RemoteStore {
+    agent: ureq::Agent,
+    base: String,
+    auth: String,
+}
+
+impl RemoteStore {
+    pub fn new(url: &str, token: &str) -> RemoteStore {
+        RemoteStore {
+            agent: ureq::Agent::new_with_config(
+                ureq::Agent::config_builder()
+                    .http_status_as_error(false)
+                    .timeout_global(Some(Duration::from_secs(3600)))
+                    .build(),
+            ),
+            base: url.trim_end_matches('/').to_string(),
+            auth: format!("Bearer {token}"),
+        }
+    }
+
+    /// The answer to `GET path`: `None` for 404, an error for anything but 200.
+    fn get(&self, path: &str) -> anyhow::Result<Option<ureq::http::Response<ureq::Body>>> {
+        let base = &self.base;
+        let mut response = self
+            .agent
             .get(format!("{base}{path}"))
-            .header("Authorization", &auth)
+            .header("Authorization", &self.auth)
             .call()
             .with_context(|| format!("reaching {base}"))?;
-        let status = response.status().as_u16();
-        if status != 200 {
-            let mut response = response;
-            let text = response.body_mut().read_to_string().unwrap_or_default();
-            bail!("{base}{path} answered {status}: {text}");
+        match response.status().as_u16() {
+            200 => Ok(Some(response)),
+            404 => Ok(None),
+            status => {
+                let text = response.body_mut().read_to_string().unwrap_or_default();
+                bail!("{base}{path} answered {status}: {text}")
+            }
         }
-        Ok(response)
-    };
-    let mut response = get("/v1/actions")?;
-    let actions: Vec<ActionRecord> = serde_json::from_slice(
-        &response
+    }
+
+    fn json<T: serde::de::DeserializeOwned>(&self, path: &str) -> anyhow::Result<Option<T>> {
+        let Some(mut response) = self.get(path)? else {
+            return Ok(None);
+        };
+        let bytes = response
             .body_mut()
             .with_config()
             .limit(1 << 30)
-            .read_to_vec()?,
-    )
-    .context("the list of actions")?;
+            .read_to_vec()?;
+        Ok(Some(
+            serde_json::from_slice(&bytes).with_context(|| format!("{}{path}", self.base))?,
+        ))
+    }
+
+    /// Every finished stage the remote store has.
+    pub fn actions(&self) -> anyhow::Result<Vec<ActionRecord>> {
+        self.json("/v1/actions")?
+            .ok_or_else(|| anyhow::anyhow!("{} has no /v1/actions", self.base))
+    }
+
+    /// The remote store's record of stage `key`, if it has one.
+    pub fn action(&self, key: &Digest) -> anyhow::Result<Option<ActionRecord>> {
+        self.json(&format!("/v1/actions/{}", key.hex()))
+    }
+
+    /// One artifact, verified as it streams in.
+    pub fn artifact(&self, digest: &Digest) -> anyhow::Result<Artifact> {
+        let mut response = self
+            .get(&format!("/v1/artifacts/{}", digest.hex()))?
+            .ok_or_else(|| anyhow::anyhow!("{} has no artifact {}", self.base, digest.short()))?;
+        let mut reader = response.body_mut().with_config().limit(u64::MAX).reader();
+        let (mut artifacts, _) = read_frame(&mut reader, u64::MAX)?;
+        match artifacts.pop() {
+            Some(a) if artifacts.is_empty() && a.digest() == *digest => Ok(a),
+            _ => bail!(
+                "{} sent something else for artifact {}",
+                self.base,
+                digest.short()
+            ),
+        }
+    }
+
+    /// Copies the remote stage `action` into `dest` (outputs verified); `Err` names why not.
+    fn import(&self, action: &ActionRecord, dest: &Store) -> Result<u64, String> {
+        let mut outputs = vec![];
+        for (name, digest) in &action.outputs {
+            match self.artifact(digest) {
+                Ok(a) => outputs.push(a),
+                Err(e) => return Err(format!("output '{name}': {e:#}")),
+            }
+        }
+        dest.import_action(action, &outputs)
+            .map_err(|e| format!("{e}"))?;
+        Ok(outputs.iter().map(|a| a.bytes.len() as u64).sum())
+    }
+}
+
+/// Copies every finished stage of the store served at `url` that `dest` lacks (outputs
+/// verified as they arrive and against the action record; one transaction per stage).
+pub fn pull_from(url: &str, token: &str, dest: &Store) -> anyhow::Result<ImportReport> {
+    let remote = RemoteStore::new(url, token);
     let mut report = ImportReport::default();
-    for action in actions {
+    for action in remote.actions()? {
         if dest.action(&action.key)?.is_some() {
             report.already_present += 1;
             continue;
         }
-        let mut outputs = vec![];
-        let mut problem = None;
-        for (name, digest) in &action.outputs {
-            let fetched = get(&format!("/v1/artifacts/{}", digest.hex())).and_then(|mut r| {
-                let mut reader = r.body_mut().with_config().limit(u64::MAX).reader();
-                read_frame(&mut reader, u64::MAX)
-            });
-            match fetched {
-                Ok((mut artifacts, _)) => match artifacts.pop() {
-                    Some(a) if artifacts.is_empty() && a.digest() == *digest => outputs.push(a),
-                    _ => problem = Some(format!("output '{name}' arrived as something else")),
-                },
-                Err(e) => problem = Some(format!("output '{name}': {e:#}")),
+        match remote.import(&action, dest) {
+            Ok(bytes) => {
+                report.copied += 1;
+                report.bytes += bytes;
             }
-            if problem.is_some() {
-                break;
-            }
-        }
-        if let Some(problem) = problem {
-            report.skipped.push(format!(
+            Err(problem) => report.skipped.push(format!(
                 "{} ({}): {problem}",
                 action.stage,
                 action.key.short()
-            ));
+            )),
+        }
+    }
+    Ok(report)
+}
+
+/// `run --remote-cache URL`: before the run, resolves the plan's stage keys in topological
+/// order as far as this store and the remote one know their outputs, and copies from the
+/// remote every stage this store lacks, so the run answers them from its cache. (Stages
+/// whose inputs only this run will produce are not looked up: their keys are not known yet.)
+pub fn prefetch(plan: &Plan, dest: &Store, remote: &RemoteStore) -> anyhow::Result<ImportReport> {
+    let mut report = ImportReport::default();
+    let mut outputs: Vec<Option<std::collections::BTreeMap<String, Digest>>> =
+        vec![None; plan.stages.len()];
+    for (i, stage) in plan.stages.iter().enumerate() {
+        let mut digests = std::collections::BTreeMap::new();
+        let mut known = true;
+        for (name, edges) in &stage.inputs {
+            let mut list = vec![];
+            for edge in edges {
+                match outputs[edge.from]
+                    .as_ref()
+                    .and_then(|o| o.get(&edge.output))
+                {
+                    Some(d) => list.push(*d),
+                    None => known = false,
+                }
+            }
+            digests.insert(name.clone(), list);
+        }
+        if !known {
             continue;
         }
-        dest.import_action(&action, &outputs)?;
-        report.copied += 1;
-        report.bytes += outputs.iter().map(|a| a.bytes.len() as u64).sum::<u64>();
+        let key = deeprepair_pipeline::key::stage_key_with_fingerprint(
+            &stage.kind,
+            &stage.version,
+            &stage.params,
+            &digests,
+            stage.fingerprint.as_deref(),
+        );
+        if let Some(action) = dest.action(&key)? {
+            let mut present = true;
+            for d in action.outputs.values() {
+                present &= dest.artifact_record(d)?.is_some();
+            }
+            if present {
+                report.already_present += 1;
+                outputs[i] = Some(action.outputs);
+                continue;
+            }
+        }
+        let Some(action) = remote.action(&key)? else {
+            continue;
+        };
+        match remote.import(&action, dest) {
+            Ok(bytes) => {
+                report.copied += 1;
+                report.bytes += bytes;
+                outputs[i] = Some(action.outputs);
+            }
+            Err(problem) => report.skipped.push(format!("{}: {problem}", stage.path)),
+        }
     }
     Ok(report)
 }
