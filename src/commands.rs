@@ -887,7 +887,9 @@ pub fn gc(args: GcArgs) -> anyhow::Result<ExitCode> {
 
 #[derive(Args)]
 pub struct PushArgs {
-    /// The store file to copy into (created if missing; no other writer may hold it).
+    /// The store to copy into: a store file (created if missing; no other writer may hold
+    /// it), or the URL of a `deeprepair serve --writable` (its token in
+    /// $DEEPREPAIR_SERVE_TOKEN).
     dest: PathBuf,
     #[command(flatten)]
     store: StoreArgs,
@@ -906,6 +908,9 @@ pub struct PullArgs {
 pub struct ServeArgs {
     #[command(flatten)]
     store: StoreArgs,
+    /// Also take stages pushed to it (`push URL`); the store is then opened as its writer.
+    #[arg(long)]
+    writable: bool,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8390")]
     listen: std::net::SocketAddr,
@@ -914,10 +919,17 @@ pub struct ServeArgs {
 pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     use deeprepair_workers::serve::SERVE_TOKEN_ENV;
     let path = store_path(args.store.store.clone(), args.store.manifest.as_deref());
-    if !path.exists() {
+    if !path.exists() && !args.writable {
         anyhow::bail!("no store at {}", path.display());
     }
-    let store = Arc::new(Store::open_read_only(&path)?);
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let store = Arc::new(if args.writable {
+        Store::open_writer(&path)?
+    } else {
+        Store::open_read_only(&path)?
+    });
     let token = match std::env::var(SERVE_TOKEN_ENV) {
         Ok(token) => token,
         Err(_) => {
@@ -926,10 +938,15 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             token
         }
     };
-    let server = deeprepair_workers::serve::serve(store, args.listen, token)?;
+    let server = deeprepair_workers::serve::serve(store, args.listen, token, args.writable)?;
     println!(
-        "serving {} read-only at http://{}",
+        "serving {} {} at http://{}",
         path.display(),
+        if args.writable {
+            "read-write"
+        } else {
+            "read-only"
+        },
         server.addr
     );
     use std::io::Write;
@@ -990,7 +1007,25 @@ fn remote_cache_prefetch(
 
 pub fn push(args: PushArgs) -> anyhow::Result<ExitCode> {
     let here = store_path(args.store.store.clone(), args.store.manifest.as_deref());
-    import(&here, &args.dest)
+    let dest = args.dest.to_string_lossy();
+    if !(dest.starts_with("http://") || dest.starts_with("https://")) {
+        return import(&here, &args.dest);
+    }
+    use deeprepair_workers::serve::SERVE_TOKEN_ENV;
+    let token = std::env::var(SERVE_TOKEN_ENV).map_err(|_| {
+        anyhow::anyhow!("${SERVE_TOKEN_ENV} is not set (the token `serve` printed)")
+    })?;
+    if !here.exists() {
+        anyhow::bail!("no store at {}", here.display());
+    }
+    let source = Store::open_read_only(&here)?;
+    let report = deeprepair_workers::serve::push_to(&source, &dest, &token)?;
+    print_import(&report, &here.display().to_string(), &dest);
+    Ok(if report.skipped.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 pub fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {

@@ -210,3 +210,79 @@ fn pull_over_http_from_a_served_store() {
     );
     assert_eq!(outputs(&m2), expected);
 }
+
+/// Starts `deeprepair serve` on `store` (extra args), returns it and its URL.
+fn start_serve(
+    store: &std::path::Path,
+    token: &str,
+    extra: &[&str],
+) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut server = bin()
+        .env("DEEPREPAIR_SERVE_TOKEN", token)
+        .args(["serve", "--listen", "127.0.0.1:0", "--store"])
+        .arg(store)
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(server.stdout.take().unwrap()).lines();
+    let url = loop {
+        let line = lines.next().expect("serve printed its address").unwrap();
+        if let Some(at) = line.find("http://") {
+            break line[at..].trim().to_string();
+        }
+    };
+    (server, url)
+}
+
+#[test]
+fn push_over_http_to_a_writable_served_store() {
+    let first = Scratch::new();
+    let m1 = first.write("sweep.yaml", SWEEP);
+    run_json(&m1);
+    let expected = outputs(&m1);
+    let token = "another-test-token-of-length";
+    let push = |url: &str| {
+        bin()
+            .env("DEEPREPAIR_SERVE_TOKEN", token)
+            .args(["push", url, "--store"])
+            .arg(first.store())
+            .output()
+            .unwrap()
+    };
+    // A read-only server refuses pushes.
+    let other = Scratch::new();
+    run_json(&other.write("sweep.yaml", &SWEEP.replace("[1, 2, 3]", "[9]")));
+    let (mut read_only, url) = start_serve(&other.store(), token, &[]);
+    let out = push(&url);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("403") && err.contains("read-only"), "{err}");
+    let _ = read_only.kill();
+    let _ = read_only.wait();
+    // A writable one (a fresh store) takes them; a run on it executes nothing.
+    let second = Scratch::new();
+    let m2 = second.write("sweep.yaml", SWEEP);
+    let (mut writable, url) = start_serve(&second.store(), token, &["--writable"]);
+    let out = push(&url);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("copied 5 stages"), "{said}");
+    // Pushing again sends nothing.
+    let said = String::from_utf8_lossy(&push(&url).stdout).into_owned();
+    assert!(said.contains("copied 0 stages"), "{said}");
+    let _ = writable.kill();
+    let _ = writable.wait();
+    let summary = run_json(&m2);
+    assert_eq!(
+        summary["executed"].as_array().unwrap().len(),
+        0,
+        "{summary}"
+    );
+    assert_eq!(outputs(&m2), expected);
+}

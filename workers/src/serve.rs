@@ -6,12 +6,14 @@
 //! | `GET /v1/actions` | 200 JSON list of every [`ActionRecord`] |
 //! | `GET /v1/actions/{key}` | 200 the [`ActionRecord`] of that stage key; 404 |
 //! | `GET /v1/artifacts/{digest}` | 200 frame of one artifact (streamed from the store's chunks); 404 |
+//! | `POST /v1/actions` frame: the action record (JSON) then its outputs | 200 stored; 403 read-only; 400 malformed or not matching the record |
 //!
 //! Every request carries `Authorization: Bearer <token>` (401 otherwise, checked from the
-//! headers by one middleware); the server never writes the store.
+//! headers by one middleware, before any body is read); only a server started writable
+//! (`serve --writable`) takes `POST /v1/actions` (what `push URL` sends).
 
 use crate::coordinator::{artifact_frame, store_call};
-use crate::protocol::read_frame;
+use crate::protocol::{frame_head_of, read_frame, FrameDecoder};
 use anyhow::{bail, Context};
 use axum::extract::{Path, Request, State};
 use axum::http::StatusCode;
@@ -31,7 +33,11 @@ pub const SERVE_TOKEN_ENV: &str = "DEEPREPAIR_SERVE_TOKEN";
 struct Served {
     store: Arc<Store>,
     token: String,
+    writable: bool,
 }
+
+/// The largest `push` of one stage a writable server takes.
+pub const MAX_PUSH: u64 = 64 << 30;
 
 /// A running `serve`: its address; dropping it stops the server.
 pub struct Server {
@@ -60,8 +66,14 @@ impl Server {
     }
 }
 
-/// Serves `store` read-only on `listen` to holders of `token`.
-pub fn serve(store: Arc<Store>, listen: SocketAddr, token: String) -> anyhow::Result<Server> {
+/// Serves `store` on `listen` to holders of `token`: read-only, or taking pushed stages when
+/// `writable` (the store must then be opened as the writer).
+pub fn serve(
+    store: Arc<Store>,
+    listen: SocketAddr,
+    token: String,
+    writable: bool,
+) -> anyhow::Result<Server> {
     if token.len() < 16 {
         bail!("the serve token must have at least 16 characters");
     }
@@ -69,9 +81,13 @@ pub fn serve(store: Arc<Store>, listen: SocketAddr, token: String) -> anyhow::Re
         .with_context(|| format!("cannot listen on {listen}"))?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
-    let served = Arc::new(Served { store, token });
+    let served = Arc::new(Served {
+        store,
+        token,
+        writable,
+    });
     let app = Router::new()
-        .route("/v1/actions", get(actions))
+        .route("/v1/actions", get(actions).post(receive))
         .route("/v1/actions/{key}", get(action))
         .route("/v1/artifacts/{digest}", get(artifact))
         .layer(from_fn_with_state(served.clone(), require_token))
@@ -127,6 +143,64 @@ async fn require_token(
 async fn actions(State(served): State<Arc<Served>>) -> Response {
     match store_call(&served.store, |store| store.actions()).await {
         Ok(actions) => Json(actions).into_response(),
+        Err(response) => response,
+    }
+}
+
+/// A pushed stage: a frame whose first artifact is the action record (JSON) and the rest its
+/// outputs, decoded and verified as it arrives, then imported in one transaction.
+async fn receive(State(served): State<Arc<Served>>, body: axum::body::Body) -> Response {
+    use http_body_util::BodyExt;
+    if !served.writable {
+        return (
+            StatusCode::FORBIDDEN,
+            "this store is served read-only (serve --writable takes pushes)",
+        )
+            .into_response();
+    }
+    let mut decoder = FrameDecoder::new(MAX_PUSH);
+    let mut body = body;
+    while let Some(frame) = body.frame().await {
+        let data = match frame {
+            Ok(frame) => match frame.into_data() {
+                Ok(data) => data,
+                Err(_) => continue,
+            },
+            Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}")).into_response(),
+        };
+        if let Err(e) = decoder.push(&data) {
+            return (StatusCode::BAD_REQUEST, format!("{e}")).into_response();
+        }
+    }
+    let mut artifacts = match decoder.finish() {
+        Ok((artifacts, _)) => artifacts,
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("{e}")).into_response(),
+    };
+    if artifacts.is_empty() {
+        return (StatusCode::BAD_REQUEST, "no action record in the frame").into_response();
+    }
+    let record = artifacts.remove(0);
+    let action: ActionRecord = match serde_json::from_slice(&record.bytes) {
+        Ok(action) => action,
+        Err(e) => {
+            return (StatusCode::BAD_REQUEST, format!("the action record: {e}")).into_response()
+        }
+    };
+    let key = action.key;
+    match store_call(&served.store, move |store| {
+        if store.action(&action.key)?.is_some() {
+            return Ok(false);
+        }
+        store.import_action(&action, &artifacts).map(|()| true)
+    })
+    .await
+    {
+        Ok(true) => StatusCode::OK.into_response(),
+        Ok(false) => (
+            StatusCode::OK,
+            format!("stage {} was already here", key.short()),
+        )
+            .into_response(),
         Err(response) => response,
     }
 }
@@ -234,6 +308,42 @@ impl RemoteStore {
         }
     }
 
+    /// Sends one finished stage (its record and outputs) to a writable server.
+    pub fn push_action(&self, action: &ActionRecord, outputs: &[Artifact]) -> anyhow::Result<()> {
+        // The record, then the outputs' own bytes (not copied into one buffer).
+        let record = Artifact::json(
+            deeprepair_pipeline::ArtifactKind::Text,
+            &serde_json::to_value(action)?,
+        );
+        let described: Vec<_> = std::iter::once(&record)
+            .chain(outputs)
+            .map(|a| (a.header.clone(), a.digest(), a.bytes.len() as u64))
+            .collect();
+        let head = frame_head_of(&described, &[]);
+        let mut pieces = vec![head.as_slice(), record.bytes.as_slice()];
+        pieces.extend(outputs.iter().map(|a| a.bytes.as_slice()));
+        let len: usize = pieces.iter().map(|p| p.len()).sum();
+        let mut reader = crate::worker::PiecesReader::new(pieces);
+        let mut response = self
+            .agent
+            .post(format!("{}/v1/actions", self.base))
+            .header("Authorization", &self.auth)
+            .header("Content-Length", len.to_string())
+            .header("Expect", "100-continue")
+            .send(ureq::SendBody::from_reader(&mut reader))
+            .with_context(|| format!("reaching {}", self.base))?;
+        let status = response.status().as_u16();
+        if status != 200 {
+            let text = response.body_mut().read_to_string().unwrap_or_default();
+            bail!(
+                "{} refused stage {}: {status} {text}",
+                self.base,
+                action.stage
+            );
+        }
+        Ok(())
+    }
+
     /// Copies the remote stage `action` into `dest` (outputs verified); `Err` names why not.
     fn import(&self, action: &ActionRecord, dest: &Store) -> Result<u64, String> {
         let mut outputs = vec![];
@@ -330,6 +440,41 @@ pub fn prefetch(plan: &Plan, dest: &Store, remote: &RemoteStore) -> anyhow::Resu
             }
             Err(problem) => report.skipped.push(format!("{}: {problem}", stage.path)),
         }
+    }
+    Ok(report)
+}
+
+/// Sends every finished stage of `from` that the writable server at `url` lacks.
+pub fn push_to(from: &Store, url: &str, token: &str) -> anyhow::Result<ImportReport> {
+    let remote = RemoteStore::new(url, token);
+    let mut report = ImportReport::default();
+    for action in from.actions()? {
+        if remote.action(&action.key)?.is_some() {
+            report.already_present += 1;
+            continue;
+        }
+        let mut outputs = vec![];
+        let mut problem = None;
+        for (name, digest) in &action.outputs {
+            match from.get_artifact(digest) {
+                Ok(a) => outputs.push(a),
+                Err(e) => {
+                    problem = Some(format!("output '{name}': {e}"));
+                    break;
+                }
+            }
+        }
+        if let Some(problem) = problem {
+            report.skipped.push(format!(
+                "{} ({}): {problem}",
+                action.stage,
+                action.key.short()
+            ));
+            continue;
+        }
+        remote.push_action(&action, &outputs)?;
+        report.copied += 1;
+        report.bytes += outputs.iter().map(|a| a.bytes.len() as u64).sum::<u64>();
     }
     Ok(report)
 }

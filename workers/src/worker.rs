@@ -33,9 +33,15 @@ impl Claim {
 }
 
 /// Reads a list of byte slices one after another (a frame's head and artifacts, unjoined).
-struct PiecesReader<'a> {
+pub(crate) struct PiecesReader<'a> {
     pieces: Vec<&'a [u8]>,
     at: usize,
+}
+
+impl<'a> PiecesReader<'a> {
+    pub(crate) fn new(pieces: Vec<&'a [u8]>) -> PiecesReader<'a> {
+        PiecesReader { pieces, at: 0 }
+    }
 }
 
 impl std::io::Read for PiecesReader<'_> {
