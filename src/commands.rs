@@ -162,6 +162,20 @@ pub struct RunArgs {
     /// step, no progress update) before it counts as hung and is retried (default: never).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     stall_timeout: Option<u64>,
+    /// Serve workers over HTTPS with this PEM certificate (chain) instead of plain HTTP;
+    /// workers trust exactly it (or $DEEPREPAIR_TLS_CA). Slurm jobs must see the same path.
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of `--tls-cert`.
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// A `deeprepair serve` URL whose finished stages answer this run's stages before they
+    /// would execute (copied here, verified); its token in $DEEPREPAIR_SERVE_TOKEN.
+    #[arg(long)]
+    remote_cache: Option<String>,
+    /// The largest upload (a stage's outputs, a checkpoint) a worker may send, in MiB.
+    #[arg(long, default_value_t = deeprepair_workers::coordinator::DEFAULT_MAX_UPLOAD >> 20)]
+    max_upload_mib: u64,
     /// Keep running independent stages after a failure.
     #[arg(long)]
     keep_going: bool,
@@ -188,6 +202,8 @@ struct RemoteSetup {
     advertise: Option<String>,
     lease_timeout: std::time::Duration,
     stall_timeout: Option<std::time::Duration>,
+    max_upload: u64,
+    tls: Option<deeprepair_workers::coordinator::TlsFiles>,
     log_dir: PathBuf,
 }
 
@@ -219,8 +235,12 @@ impl RemoteSetup {
                     .unwrap_or_else(|_| "localhost".into())
             })
         });
-        let coordinator =
-            Coordinator::start(store, listen, advertise.as_deref(), self.lease_timeout)?;
+        let server = deeprepair_workers::coordinator::ServerOptions {
+            lease_timeout: self.lease_timeout,
+            max_upload: self.max_upload,
+            tls: self.tls,
+        };
+        let coordinator = Coordinator::start_with(store, listen, advertise.as_deref(), server)?;
         coordinator.set_stall_timeout(self.stall_timeout);
         tracing::info!("coordinator listening at {}", coordinator.url());
         let dispatcher: Arc<dyn deeprepair_pipeline::Dispatcher> = match self.slurm {
@@ -274,6 +294,20 @@ pub struct WorkerArgs {
     /// Exit after this many seconds without work.
     #[arg(long)]
     idle_exit: Option<u64>,
+    /// Read inputs through a cache in this folder (on the node's disk, or on a filesystem the
+    /// workers share), so each artifact is fetched once per cache, not once per stage.
+    /// `run` passes its environment on to workers and Slurm jobs, so setting
+    /// $DEEPREPAIR_CACHE_DIR for `run` gives every worker the cache.
+    #[arg(long, env = deeprepair_workers::cache::CACHE_DIR_ENV)]
+    cache_dir: Option<PathBuf>,
+    /// PEM certificates to trust for an `https://` coordinator (`run --tls-cert` sets this
+    /// for the workers it starts).
+    #[arg(long, env = deeprepair_workers::protocol::TLS_CA_ENV)]
+    tls_ca: Option<PathBuf>,
+    /// The cache's bound in MiB; least recently used entries are removed beyond it.
+    #[arg(long, env = deeprepair_workers::cache::CACHE_MAX_ENV,
+          default_value_t = deeprepair_workers::cache::DEFAULT_MAX_MIB)]
+    cache_max_mib: u64,
 }
 
 pub fn worker(args: WorkerArgs, registry: &Registry) -> anyhow::Result<ExitCode> {
@@ -297,8 +331,33 @@ pub fn worker(args: WorkerArgs, registry: &Registry) -> anyhow::Result<ExitCode>
         gpu: args.gpu,
         task,
         idle_exit: args.idle_exit.map(std::time::Duration::from_secs),
+        tls_ca: match &args.tls_ca {
+            Some(path) => Some(
+                std::fs::read(path)
+                    .map_err(|e| anyhow::anyhow!("cannot read --tls-ca {}: {e}", path.display()))?,
+            ),
+            None => None,
+        },
+        cache: match &args.cache_dir {
+            Some(dir) => Some(Arc::new(deeprepair_workers::cache::ArtifactCache::open(
+                dir,
+                args.cache_max_mib.saturating_mul(1 << 20),
+            )?)),
+            None => None,
+        },
     };
     let summary = deeprepair_workers::worker::run_worker(&options, registry)?;
+    if let Some(cache) = &options.cache {
+        let c = cache.stats();
+        tracing::info!(
+            "artifact cache {}: {} hits, {} fetched, {} corrupt entries refetched, {} evicted",
+            cache.dir().display(),
+            c.hits,
+            c.fetched,
+            c.corrupt,
+            c.evicted
+        );
+    }
     tracing::info!(
         "worker {} done: {} succeeded, {} failed",
         options.name,
@@ -312,6 +371,9 @@ pub fn run(args: RunArgs, registry: &Registry) -> anyhow::Result<ExitCode> {
     let plan = plan_file_with_vars(&args.manifest, registry, &args.vars.map()?)?;
     let path = store_path(args.store, Some(&args.manifest));
     let store = Arc::new(Store::open_writer(&path)?);
+    if let Some(url) = &args.remote_cache {
+        remote_cache_prefetch(&plan, &store, url)?;
+    }
     let gpus = deeprepair_workers::gpus_for_run(args.gpus.as_deref())?;
     let mut options = RunOptions {
         gpus: gpus.clone(),
@@ -361,6 +423,13 @@ pub fn run(args: RunArgs, registry: &Registry) -> anyhow::Result<ExitCode> {
         advertise: args.advertise,
         lease_timeout: std::time::Duration::from_secs(args.lease_timeout.max(1)),
         stall_timeout: args.stall_timeout.map(std::time::Duration::from_secs),
+        max_upload: args.max_upload_mib.saturating_mul(1 << 20),
+        tls: match (args.tls_cert, args.tls_key) {
+            (Some(cert), Some(key)) => {
+                Some(deeprepair_workers::coordinator::TlsFiles { cert, key })
+            }
+            _ => None,
+        },
         log_dir: path
             .parent()
             .map(|p| p.join("workers"))
@@ -856,6 +925,184 @@ pub fn gc(args: GcArgs) -> anyhow::Result<ExitCode> {
         store.compact()?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args)]
+pub struct PushArgs {
+    /// The store to copy into: a store file (created if missing; no other writer may hold
+    /// it), or the URL of a `deeprepair serve --writable` (its token in
+    /// $DEEPREPAIR_SERVE_TOKEN).
+    dest: PathBuf,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+#[derive(Args)]
+pub struct PullArgs {
+    /// The store to copy from: a store file (opened read-only: it may belong to a running
+    /// `run`), or the URL of a `deeprepair serve` (its token in $DEEPREPAIR_SERVE_TOKEN).
+    src: PathBuf,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+#[derive(Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    store: StoreArgs,
+    /// Also take stages pushed to it (`push URL`); the store is then opened as its writer.
+    #[arg(long)]
+    writable: bool,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8390")]
+    listen: std::net::SocketAddr,
+}
+
+pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    use deeprepair_workers::serve::SERVE_TOKEN_ENV;
+    let path = store_path(args.store.store.clone(), args.store.manifest.as_deref());
+    if !path.exists() && !args.writable {
+        anyhow::bail!("no store at {}", path.display());
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let store = Arc::new(if args.writable {
+        Store::open_writer(&path)?
+    } else {
+        Store::open_read_only(&path)?
+    });
+    let token = match std::env::var(SERVE_TOKEN_ENV) {
+        Ok(token) => token,
+        Err(_) => {
+            let token = deeprepair_workers::new_secret()?;
+            println!("token (give it to `pull` in ${SERVE_TOKEN_ENV}): {token}");
+            token
+        }
+    };
+    let server = deeprepair_workers::serve::serve(store, args.listen, token, args.writable)?;
+    println!(
+        "serving {} {} at http://{}",
+        path.display(),
+        if args.writable {
+            "read-write"
+        } else {
+            "read-only"
+        },
+        server.addr
+    );
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    server.wait();
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Copies `from`'s finished stages into `to` and says what happened.
+fn import(from: &std::path::Path, to: &std::path::Path) -> anyhow::Result<ExitCode> {
+    if !from.exists() {
+        anyhow::bail!("no store at {}", from.display());
+    }
+    if from.canonicalize().ok() == to.canonicalize().ok() {
+        anyhow::bail!("{} is the same store as {}", from.display(), to.display());
+    }
+    let source = Store::open_read_only(from)?;
+    if let Some(parent) = to.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let dest = Store::open_writer(to)?;
+    let report = dest.import_actions(&source)?;
+    print_import(
+        &report,
+        &from.display().to_string(),
+        &to.display().to_string(),
+    );
+    Ok(if report.skipped.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// `run --remote-cache URL`: copies the plan's stages the remote store has finished.
+fn remote_cache_prefetch(
+    plan: &deeprepair_pipeline::Plan,
+    store: &Store,
+    url: &str,
+) -> anyhow::Result<()> {
+    use deeprepair_workers::serve::{prefetch, RemoteStore, SERVE_TOKEN_ENV};
+    let token = std::env::var(SERVE_TOKEN_ENV).map_err(|_| {
+        anyhow::anyhow!("--remote-cache needs ${SERVE_TOKEN_ENV} (the token `serve` printed)")
+    })?;
+    let report = prefetch(plan, store, &RemoteStore::new(url, &token))
+        .with_context(|| format!("consulting the remote cache {url}"))?;
+    tracing::info!(
+        "remote cache {url}: {} stages copied ({:.1} MiB), {} already here",
+        report.copied,
+        report.bytes as f64 / (1 << 20) as f64,
+        report.already_present
+    );
+    for skipped in &report.skipped {
+        tracing::warn!("remote cache: not copied: {skipped}");
+    }
+    Ok(())
+}
+
+pub fn push(args: PushArgs) -> anyhow::Result<ExitCode> {
+    let here = store_path(args.store.store.clone(), args.store.manifest.as_deref());
+    let dest = args.dest.to_string_lossy();
+    if !(dest.starts_with("http://") || dest.starts_with("https://")) {
+        return import(&here, &args.dest);
+    }
+    use deeprepair_workers::serve::SERVE_TOKEN_ENV;
+    let token = std::env::var(SERVE_TOKEN_ENV).map_err(|_| {
+        anyhow::anyhow!("${SERVE_TOKEN_ENV} is not set (the token `serve` printed)")
+    })?;
+    if !here.exists() {
+        anyhow::bail!("no store at {}", here.display());
+    }
+    let source = Store::open_read_only(&here)?;
+    let report = deeprepair_workers::serve::push_to(&source, &dest, &token)?;
+    print_import(&report, &here.display().to_string(), &dest);
+    Ok(if report.skipped.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+pub fn pull(args: PullArgs) -> anyhow::Result<ExitCode> {
+    let here = store_path(args.store.store.clone(), args.store.manifest.as_deref());
+    let src = args.src.to_string_lossy();
+    if !(src.starts_with("http://") || src.starts_with("https://")) {
+        return import(&args.src, &here);
+    }
+    use deeprepair_workers::serve::SERVE_TOKEN_ENV;
+    let token = std::env::var(SERVE_TOKEN_ENV).map_err(|_| {
+        anyhow::anyhow!("${SERVE_TOKEN_ENV} is not set (the token `serve` printed)")
+    })?;
+    if let Some(parent) = here.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let dest = Store::open_writer(&here)?;
+    let report = deeprepair_workers::serve::pull_from(&src, &token, &dest)?;
+    print_import(&report, &src, &here.display().to_string());
+    Ok(if report.skipped.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn print_import(report: &deeprepair_pipeline::store::ImportReport, from: &str, to: &str) {
+    println!(
+        "copied {} stages ({:.1} MiB of outputs, digests verified) from {from} to {to}; {} already there",
+        report.copied,
+        report.bytes as f64 / (1 << 20) as f64,
+        report.already_present
+    );
+    for skipped in &report.skipped {
+        println!("  not copied: {skipped}");
+    }
 }
 
 #[derive(Args)]

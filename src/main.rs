@@ -46,6 +46,13 @@ enum Command {
     Verify(commands::VerifyArgs),
     /// Drop what no kept run reaches.
     Gc(commands::GcArgs),
+    /// Copy this store's finished stages (action records and their verified outputs) into
+    /// another store file, so a run there executes none of them again.
+    Push(commands::PushArgs),
+    /// Copy another store's finished stages into this store (a store file, or a `serve` URL).
+    Pull(commands::PullArgs),
+    /// Serve this store read-only over HTTP, for `pull http://…` on other machines.
+    Serve(commands::ServeArgs),
     /// The stage kinds this binary knows, with their params, inputs and outputs.
     Kinds,
     /// Benchmarks that print a table.
@@ -93,6 +100,9 @@ fn main() -> ExitCode {
         Command::Inspect(a) => commands::inspect(a),
         Command::Export(a) => commands::export(a),
         Command::Gc(a) => commands::gc(a),
+        Command::Push(a) => commands::push(a),
+        Command::Pull(a) => commands::pull(a),
+        Command::Serve(a) => commands::serve(a),
         Command::Ui(a) => commands::ui(a),
         Command::Verify(a) => commands::verify(a),
         Command::Kinds => commands::kinds(&registry),

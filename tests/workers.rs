@@ -423,3 +423,138 @@ fn a_stage_past_its_time_limit_is_revoked() {
     let text = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{text}");
 }
+
+/// One 2 MB input read by six stages (two worker processes).
+const SHARED_INPUT: &str = r#"
+grid:
+  seed: [1, 2, 3, 4, 5, 6]
+stages:
+  source:
+    kind: util.work
+    params: {steps: 1, size: 2000000}
+  eval:
+    kind: util.work
+    over: [seed]
+    inputs: {after: source}
+    params: {steps: 2}
+"#;
+
+/// Runs `manifest` on two CPU workers (with `cache` as their cache folder, if any); returns
+/// how many input artifacts and bytes the coordinator sent, from its closing log line.
+fn run_counting_transfers(
+    manifest: &std::path::Path,
+    cache: Option<&std::path::Path>,
+) -> (u64, u64) {
+    let mut cmd = bin();
+    cmd.env("DEEPREPAIR_LOG", "info")
+        .env_remove("DEEPREPAIR_CACHE_DIR")
+        .args(["run", "--plain", "-j", "2", "--workers", "2"])
+        .arg(manifest);
+    if let Some(dir) = cache {
+        cmd.env("DEEPREPAIR_CACHE_DIR", dir);
+    }
+    let out = cmd.output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "run failed:\n{log}");
+    let line = log
+        .lines()
+        .find(|l| l.contains("data plane: sent"))
+        .unwrap_or_else(|| panic!("no data plane line in:\n{log}"));
+    let numbers: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    // "... sent N input artifacts (B bytes) to workers, received U uploads (R bytes);
+    // checkpoints in T write transactions"
+    let n = numbers.len();
+    (numbers[n - 5], numbers[n - 4])
+}
+
+#[test]
+fn a_shared_cache_fetches_each_input_once_per_node_and_refetches_a_corrupt_entry() {
+    let expected = in_process_outputs(SHARED_INPUT);
+    // Without a cache, each of the six stages downloads the input.
+    let s = Scratch::new();
+    let m = s.write("p.yaml", SHARED_INPUT);
+    let (sent, bytes) = run_counting_transfers(&m, None);
+    assert_eq!(sent, 6, "one download per stage without a cache");
+    assert!(bytes > 6 * 2_000_000, "{bytes}");
+    assert_eq!(outputs(&m), expected);
+
+    // With one cache folder for both workers (one node): one download in all.
+    let s = Scratch::new();
+    let m = s.write("p.yaml", SHARED_INPUT);
+    let cache = s.path().join("cache");
+    let (sent, bytes) = run_counting_transfers(&m, Some(&cache));
+    assert_eq!(sent, 1, "one download per node with the cache");
+    assert!(bytes < 2 * 2_000_000, "{bytes}");
+    assert_eq!(outputs(&m), expected, "same artifacts through the cache");
+    let logs: String = ["cpu0", "cpu1"]
+        .iter()
+        .map(|w| {
+            std::fs::read_to_string(s.path().join(format!(".deeprepair/workers/{w}.log")))
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(logs.matches("artifact cache: fetched").count(), 1, "{logs}");
+
+    // Flip a byte of the cached input; new stages reading it detect that and fetch it again.
+    let entry = std::fs::read_dir(&cache)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "frame"))
+        .expect("a cache entry");
+    let mut bytes = std::fs::read(&entry).unwrap();
+    let middle = bytes.len() - 1000;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&entry, &bytes).unwrap();
+    let more = SHARED_INPUT.replace("[1, 2, 3, 4, 5, 6]", "[7, 8, 9]");
+    let m = s.write("p.yaml", &more);
+    let (sent, _) = run_counting_transfers(&m, Some(&cache));
+    assert_eq!(sent, 1, "the corrupt entry was fetched again, once");
+    let logs: String = ["cpu0", "cpu1"]
+        .iter()
+        .map(|w| {
+            std::fs::read_to_string(s.path().join(format!(".deeprepair/workers/{w}.log")))
+                .unwrap_or_default()
+        })
+        .collect();
+    assert!(logs.contains("is corrupt"), "{logs}");
+    assert_eq!(outputs(&m), in_process_outputs(&more));
+}
+
+#[test]
+fn workers_over_tls_produce_the_in_process_artifacts() {
+    let expected = in_process_outputs(SHARED_INPUT);
+    let s = Scratch::new();
+    let m = s.write("p.yaml", SHARED_INPUT);
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_string()]).unwrap();
+    let cert_path = s.write("cert.pem", &cert.cert.pem());
+    let key_path = s.write("key.pem", &cert.signing_key.serialize_pem());
+    let out = bin()
+        .env("DEEPREPAIR_LOG", "info")
+        .env_remove("DEEPREPAIR_TLS_CA")
+        .args(["run", "--plain", "-j", "2", "--workers", "2", "--tls-cert"])
+        .arg(&cert_path)
+        .arg("--tls-key")
+        .arg(&key_path)
+        .arg(&m)
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("coordinator listening at https://"), "{log}");
+    assert_eq!(outputs(&m), expected);
+    // A missing key file is a clear error before anything runs.
+    let out = bin()
+        .args(["run", "--workers", "1", "--tls-cert"])
+        .arg(&cert_path)
+        .args(["--tls-key", "/nonexistent/key.pem"])
+        .arg(&m)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot use TLS certificate"), "{err}");
+}

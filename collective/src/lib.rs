@@ -19,3 +19,11 @@ pub(crate) fn unguessable_hex() -> anyhow::Result<String> {
         .map_err(|e| anyhow::anyhow!("the operating system's random source failed: {e}"))?;
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
+
+/// Compares two secrets in time that does not depend on where they differ.
+pub(crate) fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    // Lengths are public (every secret is 32 hex digits); the contents are compared in
+    // constant time.
+    given.len() == expected.len() && bool::from(given.ct_eq(expected))
+}

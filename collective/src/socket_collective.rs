@@ -122,7 +122,9 @@ impl SocketCollective {
             stream.set_read_timeout(Some(Duration::from_secs(10)))?;
             let mut hello = vec![0u8; secret.len() + 4];
             // A stranger (or a stale rank of an earlier attempt) is dropped, not trusted.
-            if stream.read_exact(&mut hello).is_err() || hello[..secret.len()] != *secret {
+            if stream.read_exact(&mut hello).is_err()
+                || !crate::same_secret(&hello[..secret.len()], secret)
+            {
                 continue;
             }
             let r = u32::from_le_bytes(hello[secret.len()..].try_into().expect("4 bytes")) as usize;

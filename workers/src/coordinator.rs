@@ -15,22 +15,31 @@
 //! while waiting for each other. The ranks meet through `exchange` (rank 0 publishes its
 //! address or NCCL id). When one rank fails, the gang is abandoned: the other ranks are told
 //! to cancel and their exchanges are refused; the executor retries the whole stage.
+//!
+//! Access: one middleware checks the run's token on every request from its headers, before
+//! any body is read; a second checks, on every `/v1/leases/{id}/…` request, the secret that
+//! lease was given when it was claimed (both compared in constant time). Bodies are limited
+//! per route: control messages to [`CONTROL_LIMIT`], checkpoints and outputs to
+//! [`ServerOptions::max_upload`]; outputs are decoded and verified as they stream in, held
+//! once. An upload that is malformed, corrupt or too large releases its lease at once.
 
 use crate::protocol::{
-    decode_frame, encode_frame, Claim, ClaimRequest, ExchangePost, ExchangeReply, Failure,
-    GangMember, Heartbeat, HeartbeatReply, WorkerInfo,
+    frame_head_of, Claim, ClaimRequest, ExchangePost, ExchangeReply, Failure, FrameDecoder,
+    FrameError, GangMember, Heartbeat, HeartbeatReply, WorkerInfo, LEASE_HEADER,
 };
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{from_fn_with_state, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use deeprepair_pipeline::kind::{ProgressSink, StageError, Task};
 use deeprepair_pipeline::{Digest, RemoteOutcome, Store};
+use http_body_util::BodyExt;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -57,6 +66,8 @@ struct Job {
 
 struct Lease {
     job: Job,
+    /// Proves a request comes from the worker that claimed the lease ([`LEASE_HEADER`]).
+    secret: String,
     worker: WorkerInfo,
     last_beat: Instant,
     lines: Vec<String>,
@@ -97,6 +108,66 @@ struct Hub {
     /// A leased stage whose progress has not moved for this long is hung: its lease is
     /// revoked (transient). `None`: no watchdog.
     stall_timeout: Mutex<Option<Duration>>,
+    max_upload: u64,
+    traffic: TrafficCounters,
+    /// To the checkpoint writer thread ([`checkpoint_writer`]).
+    checkpoints: Mutex<mpsc::Sender<CheckpointWrite>>,
+}
+
+/// The largest control message (claim, heartbeat, failure, exchange) the server reads.
+pub const CONTROL_LIMIT: usize = 8 << 20;
+
+/// The default largest upload (a stage's outputs, a checkpoint): 16 GiB.
+pub const DEFAULT_MAX_UPLOAD: u64 = 16 << 30;
+
+/// How the server is set up.
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    /// No heartbeat for this long revokes a lease.
+    pub lease_timeout: Duration,
+    /// The largest upload a worker may send (a stage's outputs frame, a checkpoint).
+    pub max_upload: u64,
+    /// Serve HTTPS with this certificate chain and key (PEM files) instead of plain HTTP.
+    pub tls: Option<TlsFiles>,
+}
+
+/// A PEM certificate chain and its private key.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+}
+
+impl ServerOptions {
+    pub fn new(lease_timeout: Duration) -> ServerOptions {
+        ServerOptions {
+            lease_timeout,
+            max_upload: DEFAULT_MAX_UPLOAD,
+            tls: None,
+        }
+    }
+}
+
+#[derive(Default)]
+struct TrafficCounters {
+    artifacts_served: AtomicU64,
+    bytes_served: AtomicU64,
+    uploads: AtomicU64,
+    bytes_received: AtomicU64,
+    checkpoint_transactions: AtomicU64,
+}
+
+/// What crossed the wire so far (artifact bodies only; control messages are not counted).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Input artifacts sent to workers, and their bytes.
+    pub artifacts_served: u64,
+    pub bytes_served: u64,
+    /// Outputs frames and checkpoints received, and their bytes.
+    pub uploads: u64,
+    pub bytes_received: u64,
+    /// Write transactions the checkpoints took (fewer than checkpoints when batched).
+    pub checkpoint_transactions: u64,
 }
 
 impl Hub {
@@ -119,6 +190,8 @@ pub type StuckRankHook = Box<dyn Fn(&WorkerInfo) + Send + Sync>;
 pub struct Coordinator {
     hub: Arc<Hub>,
     url: String,
+    /// The certificate workers must trust (the one served), when serving HTTPS.
+    tls_ca: Option<std::path::PathBuf>,
     stuck_rank: Mutex<Option<StuckRankHook>>,
     shutdown: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
     server: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -133,6 +206,18 @@ impl Coordinator {
         advertise: Option<&str>,
         lease_timeout: Duration,
     ) -> anyhow::Result<Arc<Coordinator>> {
+        Self::start_with(store, bind, advertise, ServerOptions::new(lease_timeout))
+    }
+
+    /// [`Coordinator::start`] with every option.
+    pub fn start_with(
+        store: Arc<Store>,
+        bind: SocketAddr,
+        advertise: Option<&str>,
+        options: ServerOptions,
+    ) -> anyhow::Result<Arc<Coordinator>> {
+        // No token, no server: never one made from guessable inputs.
+        let token = crate::unguessable_hex()?;
         let listener = std::net::TcpListener::bind(bind)
             .map_err(|e| anyhow::anyhow!("coordinator cannot listen on {bind}: {e}"))?;
         listener.set_nonblocking(true)?;
@@ -140,28 +225,53 @@ impl Coordinator {
         let host = advertise
             .map(str::to_string)
             .unwrap_or_else(|| local.ip().to_string());
-        let url = format!("http://{host}:{}", local.port());
+        let (checkpoints, queue) = mpsc::channel();
+        let writer_store = store.clone();
+        let scheme = if options.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        let url = format!("{scheme}://{host}:{}", local.port());
         let hub = Arc::new(Hub {
             state: Mutex::new(HubState::default()),
             queued: tokio::sync::Notify::new(),
             exchanged: tokio::sync::Notify::new(),
             store,
-            token: crate::unguessable_hex(),
-            lease_timeout,
+            token,
+            lease_timeout: options.lease_timeout,
+            max_upload: options.max_upload,
+            traffic: TrafficCounters::default(),
+            checkpoints: Mutex::new(checkpoints),
             stall_timeout: Mutex::new(None),
         });
-        let app = Router::new()
-            .route("/v1/claim", post(claim))
+        {
+            let hub = Arc::downgrade(&hub);
+            std::thread::Builder::new()
+                .name("checkpoint-writer".into())
+                .spawn(move || checkpoint_writer(hub, writer_store, queue))?;
+        }
+        let upload_limit = usize::try_from(options.max_upload).unwrap_or(usize::MAX);
+        // Routes about one lease: the caller must hold it.
+        let leased = Router::new()
             .route("/v1/leases/{id}/heartbeat", post(heartbeat))
             .route("/v1/leases/{id}/complete", post(complete))
             .route("/v1/leases/{id}/fail", post(fail))
             .route("/v1/leases/{id}/exchange", post(exchange))
             .route(
                 "/v1/leases/{id}/checkpoint",
-                get(load_checkpoint).put(save_checkpoint),
+                get(load_checkpoint)
+                    .put(save_checkpoint)
+                    .layer(DefaultBodyLimit::max(upload_limit)),
             )
-            .route("/v1/artifacts/{digest}", get(artifact))
-            .layer(DefaultBodyLimit::disable())
+            .route("/v1/leases/{id}/artifacts/{digest}", get(artifact))
+            .route_layer(from_fn_with_state(hub.clone(), require_lease));
+        let app = Router::new()
+            .route("/v1/claim", post(claim))
+            .merge(leased)
+            // Outermost: the token, checked from the headers before any body is read.
+            .layer(DefaultBodyLimit::max(CONTROL_LIMIT))
+            .layer(from_fn_with_state(hub.clone(), require_token))
             .with_state(hub.clone());
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -169,10 +279,49 @@ impl Coordinator {
             .thread_name("coordinator-http")
             .enable_all()
             .build()?;
+        // Loaded here, so a bad certificate or key stops `run` at once with the reason.
+        let tls = match &options.tls {
+            Some(files) => Some(
+                runtime
+                    .block_on(axum_server::tls_rustls::RustlsConfig::from_pem_file(
+                        &files.cert,
+                        &files.key,
+                    ))
+                    .map_err(|e| {
+                        anyhow::anyhow!(
+                            "cannot use TLS certificate {} with key {}: {e}",
+                            files.cert.display(),
+                            files.key.display()
+                        )
+                    })?,
+            ),
+            None => None,
+        };
+        let tls_ca = options.tls.as_ref().map(|files| files.cert.clone());
         let server = std::thread::Builder::new()
             .name("coordinator".into())
             .spawn(move || {
                 runtime.block_on(async move {
+                    if let Some(config) = tls {
+                        let server = match axum_server::from_tcp_rustls(listener, config) {
+                            Ok(server) => server,
+                            Err(e) => {
+                                tracing::error!("coordinator listener: {e}");
+                                return;
+                            }
+                        };
+                        let handle = axum_server::Handle::new();
+                        let stopper = handle.clone();
+                        tokio::spawn(async move {
+                            let _ = rx.await;
+                            stopper.graceful_shutdown(Some(Duration::from_secs(5)));
+                        });
+                        let serve = server.handle(handle).serve(app.into_make_service());
+                        if let Err(e) = serve.await {
+                            tracing::error!("coordinator server: {e}");
+                        }
+                        return;
+                    }
                     let listener = match tokio::net::TcpListener::from_std(listener) {
                         Ok(l) => l,
                         Err(e) => {
@@ -191,6 +340,7 @@ impl Coordinator {
         Ok(Arc::new(Coordinator {
             hub,
             url,
+            tls_ca,
             stuck_rank: Mutex::new(None),
             shutdown: Mutex::new(Some(tx)),
             server: Mutex::new(Some(server)),
@@ -209,9 +359,27 @@ impl Coordinator {
         &self.url
     }
 
+    /// The certificate file workers should trust (pass it in [`crate::protocol::TLS_CA_ENV`]),
+    /// when the coordinator serves HTTPS.
+    pub fn tls_ca(&self) -> Option<&std::path::Path> {
+        self.tls_ca.as_deref()
+    }
+
     /// The bearer token workers must present (pass it in [`crate::protocol::TOKEN_ENV`]).
     pub fn token(&self) -> &str {
         &self.hub.token
+    }
+
+    /// Artifact bytes moved so far.
+    pub fn traffic(&self) -> Traffic {
+        let t = &self.hub.traffic;
+        Traffic {
+            artifacts_served: t.artifacts_served.load(Ordering::Relaxed),
+            bytes_served: t.bytes_served.load(Ordering::Relaxed),
+            uploads: t.uploads.load(Ordering::Relaxed),
+            bytes_received: t.bytes_received.load(Ordering::Relaxed),
+            checkpoint_transactions: t.checkpoint_transactions.load(Ordering::Relaxed),
+        }
     }
 
     /// Queues a task for the workers `route` allows.
@@ -622,6 +790,16 @@ fn gang_failure(
 
 impl Drop for Coordinator {
     fn drop(&mut self) {
+        let t = self.traffic();
+        tracing::info!(
+            "data plane: sent {} input artifacts ({} bytes) to workers, received {} uploads \
+             ({} bytes); checkpoints in {} write transactions",
+            t.artifacts_served,
+            t.bytes_served,
+            t.uploads,
+            t.bytes_received,
+            t.checkpoint_transactions
+        );
         if let Some(tx) = self.shutdown.lock().ok().and_then(|mut s| s.take()) {
             let _ = tx.send(());
         }
@@ -634,13 +812,49 @@ impl Drop for Coordinator {
 fn authorized(hub: &Hub, headers: &HeaderMap) -> bool {
     headers
         .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| t == hub.token)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+        .is_some_and(|t| crate::same_secret(t, hub.token.as_bytes()))
 }
 
-fn refuse() -> Response {
-    (StatusCode::UNAUTHORIZED, "missing or wrong worker token").into_response()
+/// Every request: the run's token, from the headers, before the body is touched (a request
+/// without it is answered 401 and its body never read).
+async fn require_token(State(hub): State<Arc<Hub>>, request: Request, next: Next) -> Response {
+    if !authorized(&hub, request.headers()) {
+        return (StatusCode::UNAUTHORIZED, "missing or wrong worker token").into_response();
+    }
+    next.run(request).await
+}
+
+/// Every `/v1/leases/{id}/…` request: the secret of that lease, given to the worker that
+/// claimed it. 410 when the lease is not held (revoked, ended), 403 for a wrong secret.
+async fn require_lease(
+    State(hub): State<Arc<Hub>>,
+    Path(params): Path<HashMap<String, String>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let Some(id) = params.get("id").and_then(|id| id.parse::<u64>().ok()) else {
+        return (StatusCode::BAD_REQUEST, "not a lease id").into_response();
+    };
+    let given = request
+        .headers()
+        .get(LEASE_HEADER)
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
+    let held = hub
+        .lock()
+        .leases
+        .get(&id)
+        .map(|lease| crate::same_secret(given, lease.secret.as_bytes()));
+    match held {
+        None => gone(id),
+        Some(false) => (
+            StatusCode::FORBIDDEN,
+            format!("lease {id} is held by another worker (missing or wrong lease secret)"),
+        )
+            .into_response(),
+        Some(true) => next.run(request).await,
+    }
 }
 
 fn gone(id: u64) -> Response {
@@ -656,14 +870,7 @@ fn takes(route: &Route, req: &ClaimRequest, task: &Task) -> bool {
     }
 }
 
-async fn claim(
-    State(hub): State<Arc<Hub>>,
-    headers: HeaderMap,
-    Json(req): Json<ClaimRequest>,
-) -> Response {
-    if !authorized(&hub, &headers) {
-        return refuse();
-    }
+async fn claim(State(hub): State<Arc<Hub>>, Json(req): Json<ClaimRequest>) -> Response {
     let deadline = Instant::now() + Duration::from_millis(req.wait_ms.min(30_000));
     loop {
         // Registered before looking, so a job queued in between still wakes this claim.
@@ -677,9 +884,18 @@ async fn claim(
                 .iter()
                 .position(|j| takes(&j.route, &req, &j.task))
             {
+                // Fail closed: without OS randomness no lease is handed out.
+                let secret = match crate::unguessable_hex() {
+                    Ok(secret) => secret,
+                    Err(e) => {
+                        tracing::error!("{e:#}");
+                        return (StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")).into_response();
+                    }
+                };
                 let job = state.queue.remove(pos).expect("position is valid");
                 let claim = Claim {
                     lease: job.id,
+                    secret: secret.clone(),
                     task: job.task.clone(),
                     threads: job.threads,
                     gpus: job.gpus.clone(),
@@ -690,6 +906,7 @@ async fn claim(
                     job.id,
                     Lease {
                         job,
+                        secret,
                         worker: req.worker.clone(),
                         last_beat: Instant::now(),
                         lines: vec![],
@@ -713,13 +930,9 @@ async fn claim(
 
 async fn heartbeat(
     State(hub): State<Arc<Hub>>,
-    headers: HeaderMap,
     Path(id): Path<u64>,
     Json(beat): Json<Heartbeat>,
 ) -> Response {
-    if !authorized(&hub, &headers) {
-        return refuse();
-    }
     let mut state = hub.lock();
     let Some(lease) = state.leases.get_mut(&id) else {
         return gone(id);
@@ -738,21 +951,84 @@ async fn heartbeat(
     .into_response()
 }
 
+/// Ends a leased job now with `error` (an upload that cannot be taken): the executor retries
+/// a transient one elsewhere instead of waiting for the lease to time out.
+fn release(hub: &Hub, id: u64, error: StageError) {
+    if let Some(lease) = hub.lock().leases.remove(&id) {
+        tracing::warn!("lease {id} of {} released: {error}", lease.job.task.stage);
+        let _ = lease.job.reply.send(JobEnd::Failed(error));
+    }
+}
+
+/// The outputs frame, decoded and verified as it streams in (held once, never twice).
 async fn complete(
     State(hub): State<Arc<Hub>>,
-    headers: HeaderMap,
     Path(id): Path<u64>,
-    body: Bytes,
+    headers: HeaderMap,
+    body: Body,
 ) -> Response {
-    if !authorized(&hub, &headers) {
-        return refuse();
-    }
-    let decoded = tokio::task::spawn_blocking(move || decode_frame(&body)).await;
-    let (artifacts, log_tail) = match decoded {
-        Ok(Ok(d)) => d,
-        Ok(Err(e)) => return (StatusCode::BAD_REQUEST, format!("{e:#}")).into_response(),
-        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    let worker = hub
+        .lock()
+        .leases
+        .get(&id)
+        .map(|l| l.worker.label())
+        .unwrap_or_default();
+    let too_large = |hub: &Hub, limit: u64| {
+        let message = format!(
+            "the outputs from {worker} are larger than the upload limit of {limit} bytes \
+             (raise it with `run --max-upload-mib`)"
+        );
+        release(hub, id, StageError::Fatal(anyhow::anyhow!("{message}")));
+        (StatusCode::PAYLOAD_TOO_LARGE, message).into_response()
     };
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > hub.max_upload) {
+        return too_large(&hub, hub.max_upload);
+    }
+    let mut decoder = FrameDecoder::new(hub.max_upload);
+    let mut body = body;
+    let mut received = 0u64;
+    let failure = loop {
+        match body.frame().await {
+            None => break None,
+            Some(Err(e)) => {
+                break Some(FrameError::Malformed(format!("the upload broke off: {e}")))
+            }
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    received += data.len() as u64;
+                    if let Err(e) = decoder.push(&data) {
+                        break Some(e);
+                    }
+                }
+            }
+        }
+    };
+    let decoded = match failure {
+        None => decoder.finish(),
+        Some(e) => Err(e),
+    };
+    let (artifacts, log_tail) = match decoded {
+        Ok(d) => d,
+        Err(FrameError::TooLarge { limit }) => return too_large(&hub, limit),
+        Err(FrameError::Malformed(e)) => {
+            // Transient: a transfer that went wrong may go right on another attempt.
+            let message = format!("the outputs from {worker} arrived malformed: {e}");
+            release(
+                &hub,
+                id,
+                StageError::Transient(anyhow::anyhow!("{message}")),
+            );
+            return (StatusCode::BAD_REQUEST, message).into_response();
+        }
+    };
+    hub.traffic.uploads.fetch_add(1, Ordering::Relaxed);
+    hub.traffic
+        .bytes_received
+        .fetch_add(received, Ordering::Relaxed);
     let Some(lease) = hub.lock().leases.remove(&id) else {
         return gone(id);
     };
@@ -766,13 +1042,9 @@ async fn complete(
 
 async fn fail(
     State(hub): State<Arc<Hub>>,
-    headers: HeaderMap,
     Path(id): Path<u64>,
     Json(failure): Json<Failure>,
 ) -> Response {
-    if !authorized(&hub, &headers) {
-        return refuse();
-    }
     let Some(lease) = hub.lock().leases.remove(&id) else {
         return gone(id);
     };
@@ -792,13 +1064,9 @@ async fn fail(
 /// A gang member posts its payload and waits (up to 10 s per request) for the others'.
 async fn exchange(
     State(hub): State<Arc<Hub>>,
-    headers: HeaderMap,
     Path(id): Path<u64>,
     Json(post): Json<ExchangePost>,
 ) -> Response {
-    if !authorized(&hub, &headers) {
-        return refuse();
-    }
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let woken = hub.exchanged.notified();
@@ -868,25 +1136,29 @@ async fn with_store<T: Send + 'static>(
     call: impl FnOnce(&Store) -> Result<T, deeprepair_pipeline::StoreError> + Send + 'static,
     ok: impl FnOnce(T) -> Response,
 ) -> Response {
-    let store = hub.store.clone();
-    match tokio::task::spawn_blocking(move || call(&store)).await {
-        Ok(Ok(value)) => ok(value),
-        Ok(Err(deeprepair_pipeline::StoreError::NotFound(what))) => {
-            (StatusCode::NOT_FOUND, format!("no {what}")).into_response()
-        }
-        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    match store_call(&hub.store, call).await {
+        Ok(value) => ok(value),
+        Err(response) => response,
     }
 }
 
-async fn load_checkpoint(
-    State(hub): State<Arc<Hub>>,
-    headers: HeaderMap,
-    Path(id): Path<u64>,
-) -> Response {
-    if !authorized(&hub, &headers) {
-        return refuse();
+/// [`with_store`]'s call, its errors as responses.
+pub(crate) async fn store_call<T: Send + 'static>(
+    store: &Arc<Store>,
+    call: impl FnOnce(&Store) -> Result<T, deeprepair_pipeline::StoreError> + Send + 'static,
+) -> Result<T, Response> {
+    let store = store.clone();
+    match tokio::task::spawn_blocking(move || call(&store)).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(deeprepair_pipeline::StoreError::NotFound(what))) => {
+            Err((StatusCode::NOT_FOUND, format!("no {what}")).into_response())
+        }
+        Ok(Err(e)) => Err((StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()),
+        Err(e) => Err((StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response()),
     }
+}
+
+async fn load_checkpoint(State(hub): State<Arc<Hub>>, Path(id): Path<u64>) -> Response {
     let Some(key) = leased_key(&hub, id) else {
         return gone(id);
     };
@@ -903,41 +1175,194 @@ async fn load_checkpoint(
 
 async fn save_checkpoint(
     State(hub): State<Arc<Hub>>,
-    headers: HeaderMap,
     Path(id): Path<u64>,
     body: Bytes,
 ) -> Response {
-    if !authorized(&hub, &headers) {
-        return refuse();
-    }
     let Some(key) = leased_key(&hub, id) else {
         return gone(id);
     };
-    with_store(
-        &hub,
-        move |store| store.save_checkpoint(&key, &body),
-        |()| StatusCode::OK.into_response(),
-    )
-    .await
+    hub.traffic.uploads.fetch_add(1, Ordering::Relaxed);
+    hub.traffic
+        .bytes_received
+        .fetch_add(body.len() as u64, Ordering::Relaxed);
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    let queued = hub
+        .checkpoints
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .send(CheckpointWrite { key, body, reply });
+    if queued.is_err() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the checkpoint writer stopped",
+        )
+            .into_response();
+    }
+    match answer.await {
+        Ok(Ok(())) => StatusCode::OK.into_response(),
+        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the checkpoint writer stopped",
+        )
+            .into_response(),
+    }
 }
 
+/// A checkpoint for the writer thread, and where its result goes.
+struct CheckpointWrite {
+    key: Digest,
+    body: Bytes,
+    reply: tokio::sync::oneshot::Sender<Result<(), String>>,
+}
+
+/// The most checkpoint bytes written in one transaction.
+const CHECKPOINT_BATCH_BYTES: usize = 1 << 30;
+
+/// Writes checkpoints as they come, batching those that arrived while the previous write was
+/// under way into one transaction (one fsync for many stages' epochs), until every sender
+/// is gone.
+fn checkpoint_writer(
+    hub: std::sync::Weak<Hub>,
+    store: Arc<Store>,
+    queue: mpsc::Receiver<CheckpointWrite>,
+) {
+    while let Ok(first) = queue.recv() {
+        let mut batch = vec![first];
+        let mut bytes = batch[0].body.len();
+        while bytes < CHECKPOINT_BATCH_BYTES {
+            match queue.try_recv() {
+                Ok(next) => {
+                    bytes += next.body.len();
+                    batch.push(next);
+                }
+                Err(_) => break,
+            }
+        }
+        let writes: Vec<(Digest, &[u8])> = batch.iter().map(|w| (w.key, &w.body[..])).collect();
+        let result = store.save_checkpoints(&writes).map_err(|e| e.to_string());
+        if let Some(hub) = hub.upgrade() {
+            hub.traffic
+                .checkpoint_transactions
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        if batch.len() > 1 {
+            tracing::debug!("{} checkpoints ({bytes} bytes) in one write", batch.len());
+        }
+        for write in batch {
+            let _ = write.reply.send(result.clone());
+        }
+    }
+}
+
+/// One input of the lease's task, as a frame streamed from the store's bytes (not copied).
 async fn artifact(
     State(hub): State<Arc<Hub>>,
-    headers: HeaderMap,
-    Path(digest): Path<String>,
+    Path((id, digest)): Path<(u64, String)>,
 ) -> Response {
-    if !authorized(&hub, &headers) {
-        return refuse();
-    }
     let Some(digest) = Digest::from_hex(&digest) else {
         return (StatusCode::BAD_REQUEST, "not a digest").into_response();
     };
-    with_store(
-        &hub,
-        move |store| store.get_artifact(&digest),
-        |a| encode_frame(&[a], &[]).into_response(),
+    let is_input = hub.lock().leases.get(&id).map(|l| {
+        l.job
+            .task
+            .inputs
+            .values()
+            .flatten()
+            .any(|input| input.digest == digest)
+    });
+    match is_input {
+        None => return gone(id),
+        Some(false) => {
+            return (
+                StatusCode::FORBIDDEN,
+                format!(
+                    "artifact {} is not an input of lease {id}'s task",
+                    digest.short()
+                ),
+            )
+                .into_response()
+        }
+        Some(true) => {}
+    }
+    match artifact_frame(&hub.store, digest).await {
+        Ok((response, len)) => {
+            hub.traffic.artifacts_served.fetch_add(1, Ordering::Relaxed);
+            hub.traffic.bytes_served.fetch_add(len, Ordering::Relaxed);
+            response
+        }
+        Err(response) => response,
+    }
+}
+
+/// One artifact as a frame: the record first (a missing artifact is a plain 404), then the
+/// bytes chunk by chunk from the store (each chunk verified, and the whole at the end),
+/// straight onto the wire: the server never holds the artifact whole. Also the frame's length.
+pub(crate) async fn artifact_frame(
+    store: &Arc<Store>,
+    digest: Digest,
+) -> Result<(Response, u64), Response> {
+    let record = match store_call(store, move |store| store.artifact_record(&digest)).await? {
+        Some(record) => record,
+        None => {
+            return Err((
+                StatusCode::NOT_FOUND,
+                format!("no artifact {}", digest.short()),
+            )
+                .into_response())
+        }
+    };
+    let head = frame_head_of(&[(record.header.clone(), digest, record.size)], &[]);
+    let len = head.len() as u64 + record.size;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(2);
+    let store = store.clone();
+    tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        if tx.blocking_send(Ok(Bytes::from(head))).is_err() {
+            return;
+        }
+        let mut reader = match store.reader(&record) {
+            Ok(reader) => reader,
+            Err(e) => {
+                let _ = tx.blocking_send(Err(std::io::Error::other(e)));
+                return;
+            }
+        };
+        loop {
+            let mut piece = vec![0u8; 4 << 20];
+            let mut filled = 0;
+            // Fill whole pieces (the reader returns a chunk's worth at a time).
+            while filled < piece.len() {
+                match reader.read(&mut piece[filled..]) {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        tracing::error!("serving artifact {}: {e}", record.digest.short());
+                        // An error ends the body early: the worker sees a cut-short frame.
+                        let _ = tx.blocking_send(Err(e));
+                        return;
+                    }
+                }
+            }
+            if filled == 0 {
+                return;
+            }
+            piece.truncate(filled);
+            if tx.blocking_send(Ok(Bytes::from(piece))).is_err() {
+                return; // the worker went away
+            }
+        }
+    });
+    let body = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    let response = (
+        [(axum::http::header::CONTENT_LENGTH, len.to_string())],
+        Body::from_stream(body),
     )
-    .await
+        .into_response();
+    Ok((response, len))
 }
 
 #[cfg(test)]
@@ -1029,7 +1454,7 @@ mod tests {
             let client = client.clone();
             std::thread::spawn(move || {
                 let mut cancel_seen = false;
-                while let Ok(Some(reply)) = client.heartbeat(second.lease, &Heartbeat::default()) {
+                while let Ok(Some(reply)) = client.heartbeat(&second.key(), &Heartbeat::default()) {
                     cancel_seen |= reply.cancel;
                     std::thread::sleep(Duration::from_millis(100));
                 }
@@ -1042,7 +1467,7 @@ mod tests {
             cancelled: false,
             log_tail: vec![],
         };
-        assert!(client.fail(first.lease, &failure).unwrap());
+        assert!(client.fail(&first.key(), &failure).unwrap());
         let started = Instant::now();
         let result = coordinator.wait_gang(tickets, &Quiet, &AtomicBool::new(false), |_, _| None);
         let e = result.unwrap_err();

@@ -2,34 +2,46 @@
 //! collectives ranks reduce over are `deeprepair-collective`.)
 //!
 //! - [`protocol`], [`coordinator`], [`worker`]: the HTTP protocol, its server (in front of the
-//!   run's store) and its client (`deeprepair worker`).
+//!   run's store) and its client (`deeprepair worker`); [`cache`]: the worker-side cache of
+//!   input artifacts, keyed by digest; [`serve`]: a store served read-only, and pulling from it.
 //! - [`local`]: worker processes on this machine, one per GPU or N on the CPU.
 //! - [`slurm`]: one Slurm job per stage.
 
+pub mod cache;
 pub mod coordinator;
 pub mod local;
 pub mod protocol;
+pub mod serve;
 pub mod slurm;
 pub mod worker;
 
 use thiserror::Error;
 
-/// 32 hex digits no one outside this process can guess (worker tokens, a gang's TCP secret):
-/// BLAKE3 over the kernel's random UUID, the pid, the clock and an address.
-pub(crate) fn unguessable_hex() -> String {
-    let mut hasher = blake3::Hasher::new();
-    hasher.update(&std::process::id().to_le_bytes());
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    hasher.update(&now.as_nanos().to_le_bytes());
-    // Address-space layout adds entropy the clock and pid lack.
-    let stack_probe = 0u8;
-    hasher.update(&(&stack_probe as *const u8 as usize).to_le_bytes());
-    if let Ok(bytes) = std::fs::read("/proc/sys/kernel/random/uuid") {
-        hasher.update(&bytes);
-    }
-    hasher.finalize().to_hex()[..32].to_string()
+/// 32 hex digits (128 bits) from the operating system's random number generator: worker
+/// tokens, lease secrets, a gang's TCP secret. Fails closed: when the OS cannot supply
+/// randomness there is no fallback to guessable inputs (pid, clock), the caller refuses.
+pub(crate) fn unguessable_hex() -> anyhow::Result<String> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "the operating system's random number generator is unavailable ({e}); \
+             refusing to make a guessable secret"
+        )
+    })?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// A fresh 128-bit secret (32 hex digits) from the OS RNG, for tokens made outside this crate.
+pub fn new_secret() -> anyhow::Result<String> {
+    unguessable_hex()
+}
+
+/// Compares two secrets in time that does not depend on where they differ.
+pub(crate) fn same_secret(given: &[u8], expected: &[u8]) -> bool {
+    use subtle::ConstantTimeEq;
+    // Lengths are public (every secret is 32 hex digits); the contents are compared in
+    // constant time.
+    given.len() == expected.len() && bool::from(given.ct_eq(expected))
 }
 
 #[derive(Debug, Error, PartialEq)]
@@ -88,5 +100,18 @@ mod tests {
             })
         );
         assert_eq!(gpus_for_run(None), Ok(vec![]));
+    }
+
+    #[test]
+    fn secrets_are_random_and_compared_whole() {
+        let a = unguessable_hex().unwrap();
+        let b = unguessable_hex().unwrap();
+        assert_eq!(a.len(), 32);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+        assert!(same_secret(a.as_bytes(), a.clone().as_bytes()));
+        assert!(!same_secret(a.as_bytes(), b.as_bytes()));
+        assert!(!same_secret(&a.as_bytes()[..31], a.as_bytes()));
+        assert!(!same_secret(b"", a.as_bytes()));
     }
 }

@@ -212,6 +212,9 @@ fn spawn(
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log);
+    if let Some(ca) = coordinator.tls_ca() {
+        cmd.env(crate::protocol::TLS_CA_ENV, ca);
+    }
     if let Some(g) = spec.gpu {
         cmd.arg("--gpu").arg(g.to_string());
         // The worker's process sees only its GPU, as ordinal 0.

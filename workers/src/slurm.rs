@@ -250,6 +250,9 @@ impl SlurmDispatcher {
             // The token reaches the job through its environment, not its command line.
             .arg(format!("--export=ALL,{TOKEN_ENV}"))
             .env(TOKEN_ENV, self.coordinator.token());
+        if let Some(ca) = self.coordinator.tls_ca() {
+            cmd.env(crate::protocol::TLS_CA_ENV, ca);
+        }
         // The run's `--sbatch-arg`s first: the stage's own requests below win over them.
         cmd.args(&o.extra_args);
         let c = &assignment.cluster;

@@ -232,6 +232,18 @@ pub struct CheckpointMeta {
     pub saved_ms: u64,
 }
 
+/// What [`Store::import_actions`] copied.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ImportReport {
+    /// Stages copied, and the bytes of their outputs.
+    pub copied: usize,
+    pub bytes: u64,
+    /// Stages this store already had.
+    pub already_present: usize,
+    /// Stages not copied, with why (outputs missing or corrupt in the source).
+    pub skipped: Vec<String>,
+}
+
 /// What `gc` found and (unless dry) removed.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct GcReport {
@@ -627,15 +639,90 @@ impl Store {
         })
     }
 
+    // ---- sharing results between stores -------------------------------------------------
+
+    /// Copies every finished stage of `from` that this store lacks: its action record and the
+    /// artifacts it produced, each read and verified from `from` and checked against the digest
+    /// the record names, written together in one transaction per stage (so a stage is either
+    /// wholly here or not). A stage whose outputs are missing or corrupt in `from` is skipped
+    /// and named. A run of this store then answers those stages from its cache.
+    pub fn import_actions(&self, from: &Store) -> StoreResult<ImportReport> {
+        let mut report = ImportReport::default();
+        for action in from.actions()? {
+            if self.action(&action.key)?.is_some() {
+                report.already_present += 1;
+                continue;
+            }
+            let mut outputs = vec![];
+            let mut problem = None;
+            for (name, digest) in &action.outputs {
+                match from.get_artifact(digest) {
+                    Ok(a) if a.digest() == *digest => outputs.push(a),
+                    Ok(_) => problem = Some(format!("output '{name}' does not match its digest")),
+                    Err(e) => problem = Some(format!("output '{name}': {e}")),
+                }
+                if problem.is_some() {
+                    break;
+                }
+            }
+            if let Some(problem) = problem {
+                report.skipped.push(format!(
+                    "{} ({}): {problem}",
+                    action.stage,
+                    action.key.short()
+                ));
+                continue;
+            }
+            self.import_action(&action, &outputs)?;
+            report.copied += 1;
+            report.bytes += outputs.iter().map(|a| a.bytes.len() as u64).sum::<u64>();
+        }
+        Ok(report)
+    }
+
+    /// Adds a finished stage from elsewhere: its outputs (each checked against the digest the
+    /// record names: a mismatch is `Corrupt`) and its action record, in one transaction.
+    pub fn import_action(&self, action: &ActionRecord, outputs: &[Artifact]) -> StoreResult<()> {
+        for (name, digest) in &action.outputs {
+            if !outputs.iter().any(|a| a.digest() == *digest) {
+                return Err(StoreError::Corrupt {
+                    digest: *digest,
+                    detail: format!(
+                        "output '{name}' of {} is not among the bytes given",
+                        action.stage
+                    ),
+                });
+            }
+        }
+        self.guarded(|| {
+            let txn = self.begin_write()?;
+            for artifact in outputs {
+                self.put_artifact_in(&txn, artifact)?;
+            }
+            txn.open_table(ACTIONS)
+                .in_store(&self.path)?
+                .insert(&action.key.0, json(action).as_slice())
+                .in_store(&self.path)?;
+            txn.commit().in_store(&self.path)
+        })
+    }
+
     // ---- checkpoints ---------------------------------------------------------------------
 
     /// Replaces the stage's checkpoint (one per stage key, not deduplicated: it is rewritten
     /// every epoch and dropped when the stage commits).
     pub fn save_checkpoint(&self, key: &Digest, bytes: &[u8]) -> StoreResult<()> {
+        self.save_checkpoints(&[(*key, bytes)])
+    }
+
+    /// Replaces several stages' checkpoints in one write transaction (one fsync for all: what
+    /// the coordinator does with checkpoints that arrive together). A key given twice keeps
+    /// its last bytes.
+    pub fn save_checkpoints(&self, checkpoints: &[(Digest, &[u8])]) -> StoreResult<()> {
         self.guarded(|| {
             let txn = self.begin_write()?;
-            self.delete_checkpoint_in(&txn, key)?;
-            {
+            for (key, bytes) in checkpoints {
+                self.delete_checkpoint_in(&txn, key)?;
                 let mut chunks = txn.open_table(CHECKPOINT_CHUNKS).in_store(&self.path)?;
                 for (i, chunk) in bytes.chunks(CHUNK_SIZE).enumerate() {
                     chunks
@@ -1124,5 +1211,20 @@ mod tests {
         store.save_checkpoint(&key, b"small").unwrap();
         assert_eq!(store.load_checkpoint(&key).unwrap().unwrap(), b"small");
         assert_eq!(store.checkpoint_meta(&key).unwrap().unwrap().chunks, 1);
+    }
+
+    #[test]
+    fn checkpoints_of_several_stages_commit_together_the_last_of_a_key_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open_writer(&dir.path().join("s.redb")).unwrap();
+        let (a, b) = (Digest::of(b"a"), Digest::of(b"b"));
+        store.save_checkpoint(&a, &vec![1u8; 5_000_000]).unwrap();
+        let big = vec![2u8; 5_000_000];
+        store
+            .save_checkpoints(&[(a, &b"first"[..]), (b, &big[..]), (a, &b"second"[..])])
+            .unwrap();
+        assert_eq!(store.load_checkpoint(&a).unwrap().unwrap(), b"second");
+        assert_eq!(store.load_checkpoint(&b).unwrap().unwrap(), big);
+        assert_eq!(store.checkpoint_meta(&a).unwrap().unwrap().chunks, 1);
     }
 }
