@@ -447,34 +447,9 @@ pub fn prefetch(plan: &Plan, dest: &Store, remote: &RemoteStore) -> anyhow::Resu
 /// Sends every finished stage of `from` that the writable server at `url` lacks.
 pub fn push_to(from: &Store, url: &str, token: &str) -> anyhow::Result<ImportReport> {
     let remote = RemoteStore::new(url, token);
-    let mut report = ImportReport::default();
-    for action in from.actions()? {
-        if remote.action(&action.key)?.is_some() {
-            report.already_present += 1;
-            continue;
-        }
-        let mut outputs = vec![];
-        let mut problem = None;
-        for (name, digest) in &action.outputs {
-            match from.get_artifact(digest) {
-                Ok(a) => outputs.push(a),
-                Err(e) => {
-                    problem = Some(format!("output '{name}': {e}"));
-                    break;
-                }
-            }
-        }
-        if let Some(problem) = problem {
-            report.skipped.push(format!(
-                "{} ({}): {problem}",
-                action.stage,
-                action.key.short()
-            ));
-            continue;
-        }
-        remote.push_action(&action, &outputs)?;
-        report.copied += 1;
-        report.bytes += outputs.iter().map(|a| a.bytes.len() as u64).sum::<u64>();
-    }
-    Ok(report)
+    deeprepair_pipeline::store::copy_actions::<anyhow::Error>(
+        from,
+        |key| Ok(remote.action(key)?.is_some()),
+        |action, outputs| remote.push_action(action, outputs),
+    )
 }

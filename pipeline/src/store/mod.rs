@@ -489,18 +489,9 @@ impl Store {
                 .artifact_record(digest)?
                 .ok_or_else(|| StoreError::NotFound(format!("artifact {digest}")))?;
             let mut bytes = Vec::with_capacity(record.size as usize);
-            self.reader(&record)?.read_to_end(&mut bytes).map_err(|e| {
-                match e
-                    .into_inner()
-                    .and_then(|inner| inner.downcast::<StoreError>().ok())
-                {
-                    Some(store_err) => *store_err,
-                    None => StoreError::Corrupt {
-                        digest: *digest,
-                        detail: "read failed".into(),
-                    },
-                }
-            })?;
+            self.reader(&record)?
+                .read_to_end(&mut bytes)
+                .map_err(|e| read_error(digest, e))?;
             Ok(Artifact {
                 header: record.header,
                 bytes,
@@ -533,18 +524,7 @@ impl Store {
                 .artifact_record(digest)?
                 .ok_or_else(|| StoreError::NotFound(format!("artifact {digest}")))?;
             let mut reader = self.reader(&record)?;
-            std::io::copy(&mut reader, &mut std::io::sink()).map_err(|e| {
-                match e
-                    .into_inner()
-                    .and_then(|inner| inner.downcast::<StoreError>().ok())
-                {
-                    Some(store_err) => *store_err,
-                    None => StoreError::Corrupt {
-                        digest: *digest,
-                        detail: "read failed".into(),
-                    },
-                }
-            })?;
+            std::io::copy(&mut reader, &mut std::io::sink()).map_err(|e| read_error(digest, e))?;
             Ok(())
         })
     }
@@ -647,37 +627,25 @@ impl Store {
     /// wholly here or not). A stage whose outputs are missing or corrupt in `from` is skipped
     /// and named. A run of this store then answers those stages from its cache.
     pub fn import_actions(&self, from: &Store) -> StoreResult<ImportReport> {
-        let mut report = ImportReport::default();
-        for action in from.actions()? {
-            if self.action(&action.key)?.is_some() {
-                report.already_present += 1;
-                continue;
-            }
-            let mut outputs = vec![];
-            let mut problem = None;
-            for (name, digest) in &action.outputs {
-                match from.get_artifact(digest) {
-                    Ok(a) if a.digest() == *digest => outputs.push(a),
-                    Ok(_) => problem = Some(format!("output '{name}' does not match its digest")),
-                    Err(e) => problem = Some(format!("output '{name}': {e}")),
-                }
-                if problem.is_some() {
-                    break;
-                }
-            }
-            if let Some(problem) = problem {
-                report.skipped.push(format!(
-                    "{} ({}): {problem}",
-                    action.stage,
-                    action.key.short()
-                ));
-                continue;
-            }
-            self.import_action(&action, &outputs)?;
-            report.copied += 1;
-            report.bytes += outputs.iter().map(|a| a.bytes.len() as u64).sum::<u64>();
-        }
-        Ok(report)
+        copy_actions(
+            from,
+            |key| Ok(self.action(key)?.is_some()),
+            |action, outputs| self.import_action(action, outputs),
+        )
+    }
+
+    /// The outputs `action` names, each read, verified and checked against the digest the
+    /// record gives it; the first problem, as text, otherwise.
+    pub fn verified_outputs(&self, action: &ActionRecord) -> Result<Vec<Artifact>, String> {
+        action
+            .outputs
+            .iter()
+            .map(|(name, digest)| match self.get_artifact(digest) {
+                Ok(a) if a.digest() == *digest => Ok(a),
+                Ok(_) => Err(format!("output '{name}' does not match its digest")),
+                Err(e) => Err(format!("output '{name}': {e}")),
+            })
+            .collect()
     }
 
     /// Adds a finished stage from elsewhere: its outputs (each checked against the digest the
@@ -1030,6 +998,52 @@ fn open_shared(path: &Path) -> Result<ReadOnlyDatabase, DatabaseError> {
             }
             other => return other,
         }
+    }
+}
+
+/// Every finished stage of `from` that `present` does not know, with its outputs read and
+/// verified, handed to `put` (one stage at a time); a stage whose outputs are missing or
+/// corrupt in `from` is skipped and named. `import_actions` and `push` share it.
+pub fn copy_actions<E: From<StoreError>>(
+    from: &Store,
+    mut present: impl FnMut(&Digest) -> Result<bool, E>,
+    mut put: impl FnMut(&ActionRecord, &[Artifact]) -> Result<(), E>,
+) -> Result<ImportReport, E> {
+    let mut report = ImportReport::default();
+    for action in from.actions()? {
+        if present(&action.key)? {
+            report.already_present += 1;
+            continue;
+        }
+        let outputs = match from.verified_outputs(&action) {
+            Ok(outputs) => outputs,
+            Err(problem) => {
+                report.skipped.push(format!(
+                    "{} ({}): {problem}",
+                    action.stage,
+                    action.key.short()
+                ));
+                continue;
+            }
+        };
+        put(&action, &outputs)?;
+        report.copied += 1;
+        report.bytes += outputs.iter().map(|a| a.bytes.len() as u64).sum::<u64>();
+    }
+    Ok(report)
+}
+
+/// The store error behind a failed artifact read (the reader wraps it in an `io::Error`).
+fn read_error(digest: &Digest, e: std::io::Error) -> StoreError {
+    match e
+        .into_inner()
+        .and_then(|inner| inner.downcast::<StoreError>().ok())
+    {
+        Some(store_err) => *store_err,
+        None => StoreError::Corrupt {
+            digest: *digest,
+            detail: "read failed".into(),
+        },
     }
 }
 
