@@ -790,7 +790,9 @@ impl<'a> Executor<'a> {
                 self.summary.skipped.push(path);
                 Next::Nothing
             }
-            Err(StageError::Transient(e)) if self.attempts[i] < self.options.retries => {
+            Err(StageError::Transient(e) | StageError::Released(e))
+                if self.attempts[i] < self.options.retries =>
+            {
                 self.attempts[i] += 1;
                 let delay = self.options.backoff * 2u32.pow(self.attempts[i] - 1);
                 self.progress.log(

@@ -182,6 +182,11 @@ pub enum StageError {
     Fatal(anyhow::Error),
     #[error("cancelled")]
     Cancelled,
+    /// A rank of a gang that stopped because another rank of its group failed: not the cause.
+    /// A gang's failure is its failing rank's (`workers::coordinator::gang_failure`); on its own
+    /// it is retried like a transient error.
+    #[error("{0:#}")]
+    Released(anyhow::Error),
 }
 
 impl From<anyhow::Error> for StageError {

@@ -35,6 +35,9 @@ pub fn train_data(ds: &deeprepair_data::Dataset) -> TrainData<'_> {
 pub fn stage_error(ctx: &StageCtx, e: anyhow::Error) -> StageError {
     if ctx.is_cancelled() {
         StageError::Cancelled
+    } else if deeprepair_collective::data_parallel::is_group_aborted(&e) {
+        // Another rank of this stage's gang failed first: that rank's error is the cause.
+        StageError::Released(e)
     } else {
         StageError::Fatal(e)
     }

@@ -762,11 +762,7 @@ fn gang_failure(
     if ends.len() == 1 {
         return ends.pop().expect("one end");
     }
-    let released = deeprepair_collective::data_parallel::GroupAborted.to_string();
-    let is_cause = |e: &StageError| match e {
-        StageError::Cancelled => false,
-        e => !e.to_string().contains(&released),
-    };
+    let is_cause = |e: &StageError| !matches!(e, StageError::Cancelled | StageError::Released(_));
     let errors: Vec<(usize, &StageError)> = failure_order
         .iter()
         .filter_map(|&r| ends[r].as_ref().err().map(|e| (r, e)))
@@ -1052,6 +1048,8 @@ async fn fail(
     let error = anyhow::anyhow!("{} (on {where_})", failure.error);
     let end = if failure.cancelled {
         StageError::Cancelled
+    } else if failure.released {
+        StageError::Released(error)
     } else if failure.transient {
         StageError::Transient(error)
     } else {
@@ -1368,26 +1366,27 @@ pub(crate) async fn artifact_frame(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use deeprepair_collective::data_parallel::GroupAborted;
 
     fn fatal(message: String) -> Result<RemoteOutcome, StageError> {
         Err(StageError::Fatal(anyhow::anyhow!(message)))
     }
 
+    /// What a rank released by another's failure reports (`Failure::released`).
+    fn released() -> Result<RemoteOutcome, StageError> {
+        Err(StageError::Released(anyhow::anyhow!(
+            "rank 0 closed its connection: another rank of the data-parallel group failed"
+        )))
+    }
+
     #[test]
     fn a_gang_reports_the_failing_rank_not_the_ones_it_released() {
-        let released = format!("rank 0 closed its connection: {GroupAborted}");
         // Rank 1's release arrived first; rank 0's own error is the cause.
-        let e = gang_failure(
-            vec![fatal("out of memory".into()), fatal(released.clone())],
-            &[1, 0],
-        )
-        .unwrap_err();
+        let e = gang_failure(vec![fatal("out of memory".into()), released()], &[1, 0]).unwrap_err();
         assert!(matches!(e, StageError::Fatal(_)), "{e}");
         assert!(e.to_string().contains("rank 0: out of memory"), "{e}");
         // A lost rank makes the gang's failure transient, so the stage is retried.
         let lost = Err(StageError::Transient(anyhow::anyhow!("worker cpu1 lost")));
-        let e = gang_failure(vec![fatal(released), lost], &[0, 1]).unwrap_err();
+        let e = gang_failure(vec![released(), lost], &[0, 1]).unwrap_err();
         assert!(matches!(e, StageError::Transient(_)), "{e}");
         assert!(
             e.to_string()
@@ -1465,6 +1464,7 @@ mod tests {
             error: "boom".into(),
             transient: false,
             cancelled: false,
+            released: false,
             log_tail: vec![],
         };
         assert!(client.fail(&first.key(), &failure).unwrap());

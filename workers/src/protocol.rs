@@ -121,6 +121,9 @@ pub struct Failure {
     pub error: String,
     pub transient: bool,
     pub cancelled: bool,
+    /// A gang rank released by another rank's failure (`StageError::Released`), not the cause.
+    #[serde(default)]
+    pub released: bool,
     pub log_tail: Vec<String>,
 }
 

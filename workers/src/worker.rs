@@ -676,6 +676,7 @@ fn run_claim(
                 ),
                 transient: false,
                 cancelled: false,
+                released: false,
                 log_tail: vec![],
             },
         )?;
@@ -781,6 +782,7 @@ fn run_claim(
                 error: e.to_string(),
                 transient: matches!(e, StageError::Transient(_)),
                 cancelled: matches!(e, StageError::Cancelled),
+                released: matches!(e, StageError::Released(_)),
                 log_tail,
             };
             client.fail(&lease, &failure).map(|taken| (taken, false))

@@ -122,6 +122,7 @@ fn a_worker_with_the_token_but_not_the_lease_can_do_nothing_with_it() {
             error: "forged".into(),
             transient: false,
             cancelled: false,
+            released: false,
             log_tail: vec![],
         };
         refused("fail", client.fail(&thief, &failure).unwrap_err());
