@@ -25,7 +25,7 @@
 
 use crate::protocol::{
     frame_head_of, Claim, ClaimRequest, ExchangePost, ExchangeReply, Failure, FrameDecoder,
-    FrameError, GangMember, Heartbeat, HeartbeatReply, WorkerInfo, LEASE_HEADER,
+    FrameError, GangMember, Heartbeat, HeartbeatReply, StageProgress, WorkerInfo, LEASE_HEADER,
 };
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, Request, State};
@@ -71,7 +71,7 @@ struct Lease {
     worker: WorkerInfo,
     last_beat: Instant,
     lines: Vec<String>,
-    progress: Option<(u64, u64, String)>,
+    progress: Option<StageProgress>,
     /// When the stage last reported progress that differs from before (or was leased).
     progressed: Instant,
     leased_at: Instant,
@@ -597,8 +597,8 @@ impl Coordinator {
                     progress.log(&ticket.stage, &format!("rank {rank}: {line}"));
                 }
             }
-            if let (Some((done, total, unit)), 0) = (&lease.progress, rank) {
-                progress.progress(&ticket.stage, *done, *total, unit);
+            if let (Some(p), 0) = (&lease.progress, rank) {
+                progress.progress(&ticket.stage, p.done, p.total, &p.unit);
             }
             let silent = lease.last_beat.elapsed();
             if silent > self.hub.lease_timeout {

@@ -106,8 +106,16 @@ pub struct ExchangeReply {
 pub struct Heartbeat {
     /// Log lines since the last heartbeat.
     pub lines: Vec<String>,
-    /// Latest (done, total, unit).
-    pub progress: Option<(u64, u64, String)>,
+    /// The latest progress report.
+    pub progress: Option<StageProgress>,
+}
+
+/// How far a stage is: `done` of `total` `unit`s (e.g. 3 of 10 epochs).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageProgress {
+    pub done: u64,
+    pub total: u64,
+    pub unit: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -7,7 +7,7 @@
 use crate::cache::ArtifactCache;
 use crate::protocol::{
     frame_parts, read_frame, Claim, ClaimRequest, ExchangePost, ExchangeReply, Failure, GangMember,
-    Heartbeat, HeartbeatReply, WorkerInfo, LEASE_HEADER,
+    Heartbeat, HeartbeatReply, StageProgress, WorkerInfo, LEASE_HEADER,
 };
 use anyhow::{bail, Context};
 use deeprepair_pipeline::kind::{ProgressSink, StageCtx, StageError, Task, TaskStore};
@@ -560,7 +560,11 @@ impl Outbox {
 impl ProgressSink for Outbox {
     fn progress(&self, _stage: &str, done: u64, total: u64, unit: &str) {
         if let Ok(mut b) = self.beat.lock() {
-            b.progress = Some((done, total, unit.to_string()));
+            b.progress = Some(StageProgress {
+                done,
+                total,
+                unit: unit.to_string(),
+            });
         }
     }
     fn log(&self, _stage: &str, line: &str) {
