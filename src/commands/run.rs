@@ -8,6 +8,7 @@ use deeprepair_pipeline::store::RunState;
 use deeprepair_pipeline::{
     plan_file_with_vars, progress::Progress, run_plan, Digest, Registry, RunOptions, Store,
 };
+use deeprepair_workers::backend::{Backend, Remote};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
@@ -103,88 +104,6 @@ pub struct RunArgs {
     /// Print the summary as JSON on stdout.
     #[arg(long)]
     pub(crate) json: bool,
-}
-
-/// Where stages run besides this process: worker processes (per GPU, CPU) or Slurm jobs.
-pub(crate) struct RemoteSetup {
-    pub(crate) gpus: Vec<u32>,
-    pub(crate) cpu_workers: usize,
-    pub(crate) slurm: Option<deeprepair_workers::slurm::SlurmOptions>,
-    pub(crate) listen: Option<std::net::SocketAddr>,
-    pub(crate) advertise: Option<String>,
-    pub(crate) lease_timeout: std::time::Duration,
-    pub(crate) stall_timeout: Option<std::time::Duration>,
-    pub(crate) max_upload: u64,
-    pub(crate) tls: Option<deeprepair_workers::coordinator::TlsFiles>,
-    pub(crate) log_dir: PathBuf,
-}
-
-impl RemoteSetup {
-    /// Starts the coordinator and the workers when any are wanted, and sets the run's
-    /// dispatcher.
-    pub(crate) fn start(
-        self,
-        store: Arc<Store>,
-        options: &mut RunOptions,
-    ) -> anyhow::Result<Option<Arc<dyn deeprepair_pipeline::Dispatcher>>> {
-        use deeprepair_workers::coordinator::Coordinator;
-        use deeprepair_workers::local::{LocalDispatcher, LocalPool, WorkerSpec};
-        if self.gpus.is_empty() && self.cpu_workers == 0 && self.slurm.is_none() {
-            return Ok(None);
-        }
-        let default_listen = if self.slurm.is_some() {
-            "0.0.0.0:0"
-        } else {
-            "127.0.0.1:0"
-        };
-        let listen = self
-            .listen
-            .unwrap_or_else(|| default_listen.parse().expect("a socket address"));
-        let advertise = self.advertise.or_else(|| {
-            (self.slurm.is_some() && listen.ip().is_unspecified()).then(|| {
-                std::fs::read_to_string("/proc/sys/kernel/hostname")
-                    .map(|h| h.trim().to_string())
-                    .unwrap_or_else(|_| "localhost".into())
-            })
-        });
-        let server = deeprepair_workers::coordinator::ServerOptions {
-            lease_timeout: self.lease_timeout,
-            max_upload: self.max_upload,
-            tls: self.tls,
-        };
-        let coordinator = Coordinator::start_with(store, listen, advertise.as_deref(), server)?;
-        coordinator.set_stall_timeout(self.stall_timeout);
-        tracing::info!("coordinator listening at {}", coordinator.url());
-        let dispatcher: Arc<dyn deeprepair_pipeline::Dispatcher> = match self.slurm {
-            Some(mut slurm) => {
-                std::fs::create_dir_all(&slurm.log_dir)?;
-                slurm.log_dir = slurm.log_dir.canonicalize()?;
-                Arc::new(deeprepair_workers::slurm::SlurmDispatcher::new(
-                    coordinator,
-                    slurm,
-                ))
-            }
-            None => {
-                let mut specs: Vec<WorkerSpec> = self
-                    .gpus
-                    .iter()
-                    .map(|&g| WorkerSpec {
-                        name: format!("gpu{g}"),
-                        gpu: Some(g),
-                    })
-                    .collect();
-                specs.extend((0..self.cpu_workers).map(|i| WorkerSpec {
-                    name: format!("cpu{i}"),
-                    gpu: None,
-                }));
-                let program = std::env::current_exe()?;
-                let pool = LocalPool::start(coordinator, program, specs, self.log_dir)?;
-                Arc::new(LocalDispatcher { pool })
-            }
-        };
-        options.dispatcher = Some(dispatcher.clone());
-        Ok(Some(dispatcher))
-    }
 }
 
 #[derive(Args)]
@@ -314,10 +233,9 @@ pub fn run(args: RunArgs, registry: &Registry) -> anyhow::Result<ExitCode> {
         ))
         .into());
     }
-    let remote = RemoteSetup {
-        gpus: if args.in_process { vec![] } else { gpus },
-        cpu_workers: args.workers,
-        slurm: args.slurm.then(|| deeprepair_workers::slurm::SlurmOptions {
+    let gpus = if args.in_process { vec![] } else { gpus };
+    let backend = if args.slurm {
+        Some(Backend::Slurm(deeprepair_workers::slurm::SlurmOptions {
             program: std::env::current_exe().unwrap_or_else(|_| "deeprepair".into()),
             log_dir: path
                 .parent()
@@ -330,25 +248,44 @@ pub fn run(args: RunArgs, registry: &Registry) -> anyhow::Result<ExitCode> {
             max_jobs: args.max_jobs as usize,
             store_tag: store_tag(&path),
             submit_interval,
-        }),
-        listen: args.listen,
-        advertise: args.advertise,
-        lease_timeout: std::time::Duration::from_secs(args.lease_timeout.max(1)),
-        stall_timeout: args.stall_timeout.map(std::time::Duration::from_secs),
-        max_upload: args.max_upload_mib.saturating_mul(1 << 20),
-        tls: match (args.tls_cert, args.tls_key) {
-            (Some(cert), Some(key)) => {
-                Some(deeprepair_workers::coordinator::TlsFiles { cert, key })
-            }
-            _ => None,
-        },
-        log_dir: path
-            .parent()
-            .map(|p| p.join("workers"))
-            .unwrap_or_else(|| "workers".into()),
+        }))
+    } else if !gpus.is_empty() || args.workers > 0 {
+        Some(Backend::Local {
+            gpus,
+            cpu_workers: args.workers,
+            log_dir: path
+                .parent()
+                .map(|p| p.join("workers"))
+                .unwrap_or_else(|| "workers".into()),
+        })
+    } else {
+        None
     };
     // Kept alive for the whole run: dropping it stops the worker processes and the server.
-    let _dispatcher = remote.start(store.clone(), &mut options)?;
+    let _dispatcher = match backend {
+        None => None,
+        Some(backend) => {
+            let dispatcher = Remote {
+                backend,
+                listen: args.listen,
+                advertise: args.advertise,
+                server: deeprepair_workers::coordinator::ServerOptions {
+                    lease_timeout: std::time::Duration::from_secs(args.lease_timeout.max(1)),
+                    max_upload: args.max_upload_mib.saturating_mul(1 << 20),
+                    tls: match (args.tls_cert, args.tls_key) {
+                        (Some(cert), Some(key)) => {
+                            Some(deeprepair_workers::coordinator::TlsFiles { cert, key })
+                        }
+                        _ => None,
+                    },
+                },
+                stall_timeout: args.stall_timeout.map(std::time::Duration::from_secs),
+            }
+            .start(store.clone())?;
+            options.dispatcher = Some(dispatcher.clone());
+            Some(dispatcher)
+        }
+    };
     let progress = Arc::new(Progress::new(plan.stages.len() as u64, args.plain));
     let summary = run_plan(
         &plan,

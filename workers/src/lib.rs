@@ -6,7 +6,10 @@
 //!   input artifacts, keyed by digest; [`serve`]: a store served read-only, and pulling from it.
 //! - [`local`]: worker processes on this machine, one per GPU or N on the CPU.
 //! - [`slurm`]: one Slurm job per stage.
+//! - [`backend`]: which of those a run uses, and each one's policy (listen address, what
+//!   workers are told, the dispatcher).
 
+pub mod backend;
 pub mod cache;
 pub mod coordinator;
 pub mod local;
