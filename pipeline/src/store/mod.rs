@@ -393,6 +393,26 @@ impl Store {
         })
     }
 
+    /// Every record of `table`, decoded; one that does not decode is named by `what(key)`.
+    fn decode_all<K, T>(
+        &self,
+        table: TableDefinition<K, &'static [u8]>,
+        what: impl Fn(K::SelfType<'_>) -> String,
+    ) -> StoreResult<Vec<T>>
+    where
+        K: redb::Key + 'static,
+        T: serde::de::DeserializeOwned,
+    {
+        let txn = self.begin_read()?;
+        let table = txn.open_table(table).in_store(&self.path)?;
+        let mut out = vec![];
+        for entry in table.iter().in_store(&self.path)? {
+            let (k, v) = entry.in_store(&self.path)?;
+            out.push(self.decode(format_args!("{}", what(k.value())), v.value())?);
+        }
+        Ok(out)
+    }
+
     /// Runs a store operation so that a panic inside redb is a [`StoreError::Damaged`].
     fn guarded<T>(&self, op: impl FnOnce() -> StoreResult<T>) -> StoreResult<T> {
         catch_store_panic(&self.path, op)
@@ -530,19 +550,7 @@ impl Store {
     }
 
     pub fn artifacts(&self) -> StoreResult<Vec<ArtifactRecord>> {
-        self.guarded(|| {
-            let txn = self.begin_read()?;
-            let table = txn.open_table(ARTIFACTS).in_store(&self.path)?;
-            let mut out = vec![];
-            for entry in table.iter().in_store(&self.path)? {
-                let (k, v) = entry.in_store(&self.path)?;
-                out.push(self.decode(
-                    format_args!("artifact record {}", Digest(*k.value())),
-                    v.value(),
-                )?);
-            }
-            Ok(out)
-        })
+        self.guarded(|| self.decode_all(ARTIFACTS, |k| format!("artifact record {}", Digest(*k))))
     }
 
     /// Resolves a digest prefix (at least 4 hex digits) to artifact digests.
@@ -572,16 +580,7 @@ impl Store {
     }
 
     pub fn actions(&self) -> StoreResult<Vec<ActionRecord>> {
-        self.guarded(|| {
-            let txn = self.begin_read()?;
-            let table = txn.open_table(ACTIONS).in_store(&self.path)?;
-            let mut out = vec![];
-            for entry in table.iter().in_store(&self.path)? {
-                let (k, v) = entry.in_store(&self.path)?;
-                out.push(self.decode(format_args!("action {}", Digest(*k.value())), v.value())?);
-            }
-            Ok(out)
-        })
+        self.guarded(|| self.decode_all(ACTIONS, |k| format!("action {}", Digest(*k))))
     }
 
     /// Drops an action record whose outputs turned out corrupt, so the stage runs again.
@@ -847,16 +846,7 @@ impl Store {
     }
 
     pub fn runs(&self) -> StoreResult<Vec<RunRecord>> {
-        self.guarded(|| {
-            let txn = self.begin_read()?;
-            let table = txn.open_table(RUNS).in_store(&self.path)?;
-            let mut out = vec![];
-            for entry in table.iter().in_store(&self.path)? {
-                let (k, v) = entry.in_store(&self.path)?;
-                out.push(self.decode(format_args!("run record {}", k.value()), v.value())?);
-            }
-            Ok(out)
-        })
+        self.guarded(|| self.decode_all(RUNS, |k| format!("run record {k}")))
     }
 
     pub fn stage_runs(&self, run: u64) -> StoreResult<Vec<StageRunRecord>> {
