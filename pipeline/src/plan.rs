@@ -730,6 +730,58 @@ impl<'a> Expander<'a> {
 
     /// The instance of `template` at one `point` of its axes: params (base < matching
     /// overrides < the axis values), type-checked and validated; resources; fingerprint.
+    /// Layers the params of every override that matches this instance onto `params`;
+    /// returns their resource layers, applied once the params are known.
+    fn apply_overrides(
+        &self,
+        template: &Template<'a>,
+        spec_names: &[&str],
+        axis_values: &BTreeMap<String, Value>,
+        params: &mut Provenanced,
+    ) -> Result<Vec<&'a RawResources>, ManifestError> {
+        let Template {
+            name,
+            spanned,
+            axes,
+            ..
+        } = template;
+        let kind_name = &spanned.value.kind.value;
+        let mut override_resources = vec![];
+        for ov in &self.raw.overrides {
+            let ov_v = &ov.value;
+            if let Some(s) = &ov_v.stage {
+                if s.value != **name {
+                    continue;
+                }
+            }
+            let applies = ov_v.when.iter().all(|(axis, want)| {
+                axis_values
+                    .get(axis)
+                    .is_some_and(|have| *have == want.value)
+            });
+            if applies {
+                if let Some((axis, v)) = ov_v
+                    .params
+                    .iter()
+                    .find(|(k, _)| axes.iter().any(|(a, _)| a == k))
+                {
+                    return Err(self.err(
+                        &v.referenced,
+                        format!(
+                            "override sets param '{axis}' of stage '{name}', which is \
+                         over grid axis '{axis}': its values come from the grid"
+                        ),
+                    ));
+                }
+                self.layer(kind_name, spec_names, &ov_v.params, params)?;
+                if let Some(r) = &ov_v.resources {
+                    override_resources.push(&r.value);
+                }
+            }
+        }
+        Ok(override_resources)
+    }
+
     fn instance(
         &self,
         template: &Template<'a>,
@@ -764,40 +816,8 @@ impl<'a> Expander<'a> {
             format!("{name}[{}]", parts.join(","))
         };
         let mut params = base.clone();
-        // Resource layers of matching overrides, applied once the params are known.
-        let mut override_resources = vec![];
-        for ov in &raw.overrides {
-            let ov_v = &ov.value;
-            if let Some(s) = &ov_v.stage {
-                if s.value != **name {
-                    continue;
-                }
-            }
-            let applies = ov_v.when.iter().all(|(axis, want)| {
-                axis_values
-                    .get(axis)
-                    .is_some_and(|have| *have == want.value)
-            });
-            if applies {
-                if let Some((axis, v)) = ov_v
-                    .params
-                    .iter()
-                    .find(|(k, _)| axes.iter().any(|(a, _)| a == k))
-                {
-                    return Err(self.err(
-                        &v.referenced,
-                        format!(
-                            "override sets param '{axis}' of stage '{name}', which is \
-                             over grid axis '{axis}': its values come from the grid"
-                        ),
-                    ));
-                }
-                self.layer(kind_name, spec_names, &ov_v.params, &mut params)?;
-                if let Some(r) = &ov_v.resources {
-                    override_resources.push(&r.value);
-                }
-            }
-        }
+        let override_resources =
+            self.apply_overrides(template, spec_names, &axis_values, &mut params)?;
         for ((axis, _), v) in axes.iter().zip(&point) {
             if spec_names.contains(axis) {
                 params.insert(axis.to_string(), (v.value.clone(), Some(v.referenced)));

@@ -16,6 +16,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod pool;
+mod signals;
+
+use pool::{Claim, Pool};
+
 #[derive(Clone, Debug)]
 pub struct RunOptions {
     /// CPU thread slots shared by running stages.
@@ -135,6 +140,31 @@ struct Finished {
     remote: bool,
     outputs: BTreeMap<String, Digest>,
     worker: String,
+}
+
+/// The stages between "inputs done" and "launched".
+struct Queues {
+    /// Inputs done, not yet looked up in the action cache.
+    ready: VecDeque<usize>,
+    /// Cache misses waiting for room in the pool, in plan order.
+    queued: VecDeque<(usize, Task)>,
+    /// Transient failures waiting out their backoff.
+    delayed: Vec<(Instant, usize)>,
+}
+
+impl Queues {
+    /// Moves retries whose backoff has passed back to `ready`.
+    fn wake_delayed(&mut self, now: Instant) {
+        let ready = &mut self.ready;
+        self.delayed.retain(|&(at, i)| {
+            if at <= now {
+                ready.push_back(i);
+                false
+            } else {
+                true
+            }
+        });
+    }
 }
 
 /// Runs the plan to completion (or failure, or cancellation) and records it in the store.
@@ -387,166 +417,33 @@ impl<'a> Executor<'a> {
             d.begin_run(self.run.id)?;
         }
         if self.options.handle_ctrl_c {
-            let cancel = self.cancel.clone();
-            let dispatcher = self.options.dispatcher.clone();
-            let mut signals = Signals::new()?;
-            tokio::spawn(async move {
-                while let Some(name) = signals.next().await {
-                    if cancel.swap(true, Ordering::SeqCst) {
-                        eprintln!(
-                            "{name} again: exiting now (committed stages are kept; jobs elsewhere are cancelled)"
-                        );
-                        if let Some(d) = &dispatcher {
-                            d.abandon();
-                        }
-                        std::process::exit(130);
-                    }
-                    eprintln!("{name}: no new stages; running ones stop at their next checkpoint (Ctrl-C again to exit now)");
-                }
-            });
+            signals::watch(self.cancel.clone(), self.options.dispatcher.clone())?;
         }
-        let n = self.plan.stages.len();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Finished>();
-        let mut free_cpus = self.options.jobs.max(1);
-        let mut free_mem = self.options.mem_mb;
-        let share = self.options.gpu_share.unwrap_or(self.plan.gpu_share).max(1) as usize;
-        // GPU ordinal → free slots, in the order the user listed the GPUs.
-        let mut free_gpus: Vec<(u32, usize)> =
-            self.options.gpus.iter().map(|&g| (g, share)).collect();
-        let mut running = 0usize;
-        // Stages in flight on a dispatcher's own resources (Slurm jobs), and how many may be.
-        let remote_capacity = self
-            .options
-            .dispatcher
-            .as_ref()
-            .and_then(|d| d.remote_capacity());
-        let mut remote_running = 0usize;
+        let mut pool = Pool::new(self.options, self.plan.gpu_share);
         let mut last_flush = Instant::now();
-
-        // Stages whose inputs are done, not yet looked up in the action cache.
-        let mut ready: VecDeque<usize> = (0..n).filter(|&i| self.slots[i] == Slot::Ready).collect();
-        // Cache misses waiting for a resource slot, in plan order.
-        let mut queued: VecDeque<(usize, Task)> = VecDeque::new();
-        let mut delayed: Vec<(Instant, usize)> = vec![];
-
+        let mut queues = Queues {
+            ready: (0..self.plan.stages.len())
+                .filter(|&i| self.slots[i] == Slot::Ready)
+                .collect(),
+            queued: VecDeque::new(),
+            delayed: vec![],
+        };
         loop {
             let cancelled = self.cancel.load(Ordering::Relaxed);
             let now = Instant::now();
-            delayed.retain(|&(at, i)| {
-                if at <= now {
-                    ready.push_back(i);
-                    false
-                } else {
-                    true
-                }
-            });
-            while let Some(i) = ready.pop_front() {
-                let task = self.task(i);
-                self.records[i].key = Some(task.key);
-                if let Some(outputs) = self.cached_outputs(i, &task.key)? {
-                    self.records[i].state = StageState::Cached;
-                    self.records[i].outputs = outputs.clone();
-                    self.dirty.push(i);
-                    self.summary.cached.push(task.stage.clone());
-                    self.progress
-                        .stage_finished(&task.stage, StageState::Cached);
-                    self.slots[i] = Slot::Done(outputs);
-                    for d in self.release_dependents(i) {
-                        ready.push_back(d);
-                    }
-                } else {
-                    queued.push_back((i, task));
-                }
-            }
-            // Launch queued stages in order while slots are free (no overtaking, so a
-            // big stage is not starved by small ones).
-            while !cancelled && !self.stop_launching {
-                let Some((i, _)) = queued.front() else { break };
-                let i = *i;
-                let stage = &self.plan.stages[i];
-                // A stage that runs on the cluster's resources takes none of this machine's:
-                // only the dispatcher's capacity bounds it.
-                if let Some(capacity) = remote_capacity {
-                    let assignment = Assignment {
-                        cpus: stage.resources.cpus.max(1) as usize,
-                        mem_mb: stage.resources.mem_mb,
-                        gpus: vec![],
-                        resources: stage.resources,
-                        cluster: stage.cluster.clone(),
-                    };
-                    let accepted = self
-                        .options
-                        .dispatcher
-                        .as_ref()
-                        .is_some_and(|d| d.accepts(&assignment));
-                    if accepted {
-                        if remote_running >= capacity.max(1) {
-                            break;
-                        }
-                        let (i, task) = queued.pop_front().expect("front exists");
-                        remote_running += 1;
-                        running += 1;
-                        self.launch(i, task, assignment, "remote".into(), tx.clone());
-                        continue;
-                    }
-                }
-                let want_cpus =
-                    (stage.resources.cpus.max(1) as usize).min(self.options.jobs.max(1));
-                // A run without GPUs runs GPU stages on the CPU (the default device); a run
-                // with too few GPUs for a data-parallel stage is an error.
-                let want_gpus = if self.options.gpus.is_empty() {
-                    0
-                } else {
-                    stage.resources.gpus as usize
-                };
-                if want_gpus > self.options.gpus.len() {
-                    queued.pop_front();
-                    let have = self.options.gpus.len();
-                    self.fail(
-                        i,
-                        format!(
-                            "stage needs {want_gpus} GPU(s) but the run has {have} (pass --gpus)"
-                        ),
-                        vec![],
-                    );
-                    continue;
-                }
-                let want_mem = stage.resources.mem_mb.min(self.options.mem_mb);
-                // Distinct GPUs with a free slot, least loaded first (ties: listed order).
-                let mut candidates: Vec<usize> = (0..free_gpus.len())
-                    .filter(|&g| free_gpus[g].1 > 0)
-                    .collect();
-                candidates.sort_by_key(|&g| std::cmp::Reverse(free_gpus[g].1));
-                if want_cpus > free_cpus || want_gpus > candidates.len() || want_mem > free_mem {
-                    break;
-                }
-                let (i, task) = queued.pop_front().expect("front exists");
-                free_cpus -= want_cpus;
-                free_mem -= want_mem;
-                let gpus: Vec<u32> = candidates[..want_gpus]
-                    .iter()
-                    .map(|&g| {
-                        free_gpus[g].1 -= 1;
-                        free_gpus[g].0
-                    })
-                    .collect();
-                running += 1;
-                let worker = worker_name(&gpus);
-                let assignment = Assignment {
-                    cpus: want_cpus,
-                    mem_mb: want_mem,
-                    gpus,
-                    resources: stage.resources,
-                    cluster: stage.cluster.clone(),
-                };
-                self.launch(i, task, assignment, worker, tx.clone());
+            queues.wake_delayed(now);
+            self.answer_from_cache(&mut queues)?;
+            if !cancelled && !self.stop_launching {
+                self.launch_queued(&mut queues.queued, &mut pool, &tx);
             }
             if now.duration_since(last_flush) > Duration::from_millis(250) {
                 self.flush()?;
                 last_flush = Instant::now();
             }
             let stopping = cancelled || self.stop_launching;
-            if running == 0 && (stopping || (queued.is_empty() && delayed.is_empty())) {
+            let nothing_left = queues.queued.is_empty() && queues.delayed.is_empty();
+            if pool.running == 0 && (stopping || nothing_left) {
                 break;
             }
             // Wait for a stage to finish, or a tick (delayed retries, cancellation, flushing).
@@ -555,35 +452,70 @@ impl<'a> Executor<'a> {
                 _ = tokio::time::sleep(Duration::from_millis(100)) => None,
             };
             if let Some(f) = finished {
-                running -= 1;
-                if f.remote {
-                    remote_running -= 1;
-                    let i = f.index;
-                    match self.finish(f) {
-                        Next::Released(ds) => ready.extend(ds),
-                        Next::RetryAt(at) => delayed.push((at, i)),
-                        Next::Nothing => {}
-                    }
-                    continue;
-                }
-                free_cpus += f.cpus;
-                free_mem += f.mem_mb;
-                for g in &f.gpus {
-                    if let Some(slot) = free_gpus.iter_mut().find(|(id, _)| id == g) {
-                        slot.1 += 1;
-                    }
-                }
+                pool.release(&f);
                 let i = f.index;
                 match self.finish(f) {
-                    Next::Released(ds) => ready.extend(ds),
-                    Next::RetryAt(at) => delayed.push((at, i)),
+                    Next::Released(ds) => queues.ready.extend(ds),
+                    Next::RetryAt(at) => queues.delayed.push((at, i)),
                     Next::Nothing => {}
                 }
             }
         }
+        self.close(started)
+    }
 
+    /// Looks every ready stage up in the action cache: hits are done at once (and may make
+    /// more stages ready), misses join the launch queue.
+    fn answer_from_cache(&mut self, queues: &mut Queues) -> anyhow::Result<()> {
+        while let Some(i) = queues.ready.pop_front() {
+            let task = self.task(i);
+            self.records[i].key = Some(task.key);
+            if let Some(outputs) = self.cached_outputs(i, &task.key)? {
+                self.records[i].state = StageState::Cached;
+                self.records[i].outputs = outputs.clone();
+                self.dirty.push(i);
+                self.summary.cached.push(task.stage.clone());
+                self.progress
+                    .stage_finished(&task.stage, StageState::Cached);
+                self.slots[i] = Slot::Done(outputs);
+                for d in self.release_dependents(i) {
+                    queues.ready.push_back(d);
+                }
+            } else {
+                queues.queued.push_back((i, task));
+            }
+        }
+        Ok(())
+    }
+
+    /// Launches queued stages in order while the pool has room (no overtaking, so a big
+    /// stage is not starved by small ones).
+    fn launch_queued(
+        &mut self,
+        queued: &mut VecDeque<(usize, Task)>,
+        pool: &mut Pool,
+        tx: &tokio::sync::mpsc::UnboundedSender<Finished>,
+    ) {
+        while let Some(&(i, _)) = queued.front() {
+            match pool.claim(&self.plan.stages[i], self.options) {
+                Claim::Wait => break,
+                Claim::Refused(error) => {
+                    queued.pop_front();
+                    self.fail(i, error, vec![]);
+                }
+                Claim::Granted(assignment, worker) => {
+                    let (i, task) = queued.pop_front().expect("front exists");
+                    self.launch(i, task, *assignment, worker, tx.clone());
+                }
+            }
+        }
+    }
+
+    /// Ends the run: what never started is skipped, the records are flushed and the run's
+    /// outcome is recorded.
+    fn close(mut self, started: Instant) -> anyhow::Result<RunSummary> {
         let cancelled = self.cancel.load(Ordering::Relaxed);
-        for i in 0..n {
+        for i in 0..self.plan.stages.len() {
             if matches!(
                 self.slots[i],
                 Slot::Waiting | Slot::Ready | Slot::Delayed(_)
@@ -815,45 +747,6 @@ impl<'a> Executor<'a> {
                 Next::Nothing
             }
         }
-    }
-}
-
-/// The signals that stop a run: Ctrl-C (SIGINT), SIGTERM (`kill`, a batch system's time
-/// limit) and SIGHUP (the terminal went away). All mean the same: stop launching, let running
-/// stages stop at a safe point and cancel their jobs; the second one exits at once.
-struct Signals {
-    #[cfg(unix)]
-    term: tokio::signal::unix::Signal,
-    #[cfg(unix)]
-    hup: tokio::signal::unix::Signal,
-}
-
-impl Signals {
-    fn new() -> std::io::Result<Signals> {
-        #[cfg(unix)]
-        {
-            use tokio::signal::unix::{signal, SignalKind};
-            Ok(Signals {
-                term: signal(SignalKind::terminate())?,
-                hup: signal(SignalKind::hangup())?,
-            })
-        }
-        #[cfg(not(unix))]
-        Ok(Signals {})
-    }
-
-    /// The next signal's name; `None` when signals can no longer be received.
-    async fn next(&mut self) -> Option<&'static str> {
-        #[cfg(unix)]
-        {
-            tokio::select! {
-                r = tokio::signal::ctrl_c() => r.ok().map(|_| "interrupt"),
-                s = self.term.recv() => s.map(|_| "SIGTERM"),
-                s = self.hup.recv() => s.map(|_| "SIGHUP"),
-            }
-        }
-        #[cfg(not(unix))]
-        tokio::signal::ctrl_c().await.ok().map(|_| "interrupt")
     }
 }
 
