@@ -522,6 +522,9 @@ impl Gang for HttpGang {
 #[derive(Default)]
 struct Outbox {
     beat: Mutex<Heartbeat>,
+    /// Held while a heartbeat is taken and sent, so lines reach the coordinator in order
+    /// (the heartbeat thread and the final flush before the result both send).
+    sending: Mutex<()>,
 }
 
 /// The most log text one heartbeat carries (well under the coordinator's control-message
@@ -701,6 +704,7 @@ fn run_claim(
         );
         std::thread::spawn(move || loop {
             {
+                let _in_order = outbox.sending.lock().unwrap_or_else(|p| p.into_inner());
                 let beat = outbox.take();
                 match client.heartbeat(&lease, &beat) {
                     Ok(Some(reply)) => {
@@ -774,8 +778,18 @@ fn run_claim(
         tracing::warn!("lease {id} of {} was revoked; result dropped", task.stage);
         return Ok(false);
     }
-    // Heartbeats go on while the outputs upload (a slow upload must not lose its lease);
-    // lines logged after the last heartbeat ride in the log tail of the completion.
+    // Lines logged since the last heartbeat go now, before the result: the coordinator
+    // forwards what a finished job's lease still holds and nothing after.
+    {
+        let _in_order = outbox.sending.lock().unwrap_or_else(|p| p.into_inner());
+        let beat = outbox.take();
+        if !beat.lines.is_empty() {
+            if let Err(e) = client.heartbeat(&lease, &beat) {
+                tracing::warn!("heartbeat: {e:#}");
+            }
+        }
+    }
+    // Heartbeats go on while the outputs upload (a slow upload must not lose its lease).
     let reported = match outcome {
         Ok(artifacts) => client
             .complete(&lease, &artifacts, &log_tail)

@@ -172,7 +172,7 @@ pub(super) async fn heartbeat(
 pub(super) fn release(hub: &Hub, id: u64, error: StageError) {
     if let Some(lease) = hub.lock().leases.remove(&id) {
         tracing::warn!("lease {id} of {} released: {error}", lease.job.task.stage);
-        let _ = lease.job.reply.send(JobEnd::Failed(error));
+        let _ = lease.job.reply.send(JobEnd::Failed(error, lease.lines));
     }
 }
 
@@ -248,11 +248,12 @@ pub(super) async fn complete(
     let Some(lease) = hub.lock().leases.remove(&id) else {
         return gone(id);
     };
-    let _ = lease.job.reply.send(JobEnd::Done(RemoteOutcome {
+    let outcome = RemoteOutcome {
         artifacts,
         log_tail,
         worker: lease.worker.label(),
-    }));
+    };
+    let _ = lease.job.reply.send(JobEnd::Done(outcome, lease.lines));
     StatusCode::OK.into_response()
 }
 
@@ -275,7 +276,7 @@ pub(super) async fn fail(
     } else {
         StageError::Fatal(error)
     };
-    let _ = lease.job.reply.send(JobEnd::Failed(end));
+    let _ = lease.job.reply.send(JobEnd::Failed(end, lease.lines));
     StatusCode::OK.into_response()
 }
 

@@ -71,9 +71,27 @@ struct Lease {
     cancel: bool,
 }
 
+/// How a job ended, with the log lines its lease received but `wait` had not yet forwarded
+/// (a stage that ends between two looks would otherwise lose its last lines).
 enum JobEnd {
-    Done(RemoteOutcome),
-    Failed(StageError),
+    Done(RemoteOutcome, Vec<String>),
+    Failed(StageError, Vec<String>),
+}
+
+/// A worker's log lines as the stage's: rank 0's as they are, other ranks' prefixed.
+fn forward_lines(
+    progress: &dyn ProgressSink,
+    stage: &str,
+    rank: usize,
+    lines: impl IntoIterator<Item = String>,
+) {
+    for line in lines {
+        if rank == 0 {
+            progress.log(stage, &line);
+        } else {
+            progress.log(stage, &format!("rank {rank}: {line}"));
+        }
+    }
 }
 
 #[derive(Default)]
@@ -502,8 +520,14 @@ impl Coordinator {
                 }
                 let timeout = if gang { 0 } else { 200 };
                 let end = match ticket.replies.recv_timeout(Duration::from_millis(timeout)) {
-                    Ok(JobEnd::Done(outcome)) => Some(Ok(outcome)),
-                    Ok(JobEnd::Failed(e)) => Some(Err(e)),
+                    Ok(JobEnd::Done(outcome, lines)) => {
+                        forward_lines(progress, &ticket.stage, rank, lines);
+                        Some(Ok(outcome))
+                    }
+                    Ok(JobEnd::Failed(e, lines)) => {
+                        forward_lines(progress, &ticket.stage, rank, lines);
+                        Some(Err(e))
+                    }
                     Err(mpsc::RecvTimeoutError::Disconnected) => Some(Err(StageError::Transient(
                         anyhow::anyhow!("the coordinator dropped the job of {stage}"),
                     ))),
@@ -583,13 +607,7 @@ impl Coordinator {
         if let Some(id) = lease_id {
             let lease = state.leases.get_mut(&id).expect("found above");
             lease.cancel |= cancelled;
-            for line in lease.lines.drain(..) {
-                if rank == 0 {
-                    progress.log(&ticket.stage, &line);
-                } else {
-                    progress.log(&ticket.stage, &format!("rank {rank}: {line}"));
-                }
-            }
+            forward_lines(progress, &ticket.stage, rank, lease.lines.drain(..));
             if let (Some(p), 0) = (&lease.progress, rank) {
                 progress.progress(&ticket.stage, p.done, p.total, &p.unit);
             }
@@ -717,13 +735,11 @@ impl Coordinator {
             .collect();
         for id in ids {
             let lease = state.leases.remove(&id).expect("listed above");
-            let _ = lease
-                .job
-                .reply
-                .send(JobEnd::Failed(StageError::Transient(anyhow::anyhow!(
-                    "worker {} lost: {why}",
-                    lease.worker.label()
-                ))));
+            let error = StageError::Transient(anyhow::anyhow!(
+                "worker {} lost: {why}",
+                lease.worker.label()
+            ));
+            let _ = lease.job.reply.send(JobEnd::Failed(error, lease.lines));
         }
     }
 
@@ -917,5 +933,69 @@ mod tests {
         assert_eq!(*stuck.lock().unwrap(), vec!["b".to_string()]);
         // The stuck rank was told to cancel, then lost its lease.
         assert!(beating.join().unwrap(), "rank 1 was asked to cancel");
+    }
+
+    /// Over real HTTP: both ranks log a last line and end before `wait_gang` looks at them;
+    /// the lines still reach the stage's log (rank 1's prefixed), none lost with the lease.
+    #[test]
+    fn lines_a_job_logged_just_before_it_ended_are_forwarded() {
+        use crate::worker::Client;
+        #[derive(Default)]
+        struct Recorder(Mutex<Vec<String>>);
+        impl ProgressSink for Recorder {
+            fn progress(&self, _: &str, _: u64, _: u64, _: &str) {}
+            fn log(&self, _: &str, line: &str) {
+                self.0.lock().unwrap().push(line.to_string());
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open_writer(&dir.path().join("store.redb")).unwrap());
+        let coordinator = Coordinator::start(
+            store,
+            "127.0.0.1:0".parse().unwrap(),
+            None,
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        let task = Task {
+            key: Digest::of(b"gang"),
+            kind: "util.work".into(),
+            stage: "train".into(),
+            params: serde_json::json!({}),
+            inputs: Default::default(),
+            attempt: 0,
+        };
+        let tickets = coordinator.submit_gang(&task, vec![(Route::Any, vec![]); 2], 1);
+        let client = Client::new(coordinator.url(), coordinator.token());
+        for name in ["a", "b"] {
+            let req = ClaimRequest {
+                worker: WorkerInfo {
+                    name: name.into(),
+                    host: "test".into(),
+                    pid: 0,
+                    gpu: None,
+                },
+                task: None,
+                wait_ms: 1000,
+            };
+            let claim = client.claim(&req).unwrap().expect("a rank job");
+            let rank = claim.gang.expect("a gang member").rank;
+            let beat = Heartbeat {
+                lines: vec![format!("last line of rank {rank}")],
+                ..Heartbeat::default()
+            };
+            client.heartbeat(&claim.key(), &beat).unwrap();
+            assert!(client.complete(&claim.key(), &[], &[]).unwrap());
+        }
+        let recorder = Recorder::default();
+        coordinator
+            .wait_gang(tickets, &recorder, &AtomicBool::new(false), |_, _| None)
+            .unwrap();
+        let mut lines = recorder.0.into_inner().unwrap();
+        lines.sort();
+        assert_eq!(
+            lines,
+            vec!["last line of rank 0", "rank 1: last line of rank 1"]
+        );
     }
 }
