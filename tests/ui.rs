@@ -222,8 +222,17 @@ fn a_failed_stage_shows_why_with_its_log_and_inputs() {
 fn a_stage_shows_kind_version_params_key_inputs_outputs_and_its_siblings() {
     let f = fixture();
     let html = stage_page("eval[corruption=fog]");
+    let mut registry = deeprepair_pipeline::kind::Registry::new();
+    deeprepair_stages::register(&mut registry);
+    let version = registry
+        .get("evaluate")
+        .expect("evaluate is registered")
+        .version();
     assert!(
-        html.contains(r#"<strong id="stage-kind">evaluate</strong> version <strong>1</strong>"#)
+        html.contains(&format!(
+            r#"<strong id="stage-kind">evaluate</strong> version <strong>{version}</strong>"#
+        )),
+        "{html}"
     );
     assert!(
         html.contains(r#"<th>batch</th><td class="mono">256</td>"#),

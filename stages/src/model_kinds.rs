@@ -57,7 +57,9 @@ impl StageKind for PretrainKind {
         "pretrain"
     }
     fn version(&self) -> &'static str {
-        "2"
+        // 3: issue 13's CPU kernels (GEMM convolutions, fused BatchNorm + activation) change
+        // the floats; AllConvNet's max-pool gradient is no longer scaled by 1/4.
+        "3"
     }
     fn description(&self) -> &'static str {
         "trains the base model from scratch (SGD Nesterov, cosine, crop+flip, cross-entropy)"
@@ -271,7 +273,9 @@ impl StageKind for SelectFailuresKind {
         "select-failures"
     }
     fn version(&self) -> &'static str {
-        "1"
+        // 2: issue 13's CPU kernels (GEMM convolutions, fused eval-mode BatchNorm) change
+        // the floats.
+        "2"
     }
     fn description(&self) -> &'static str {
         "splits the model's failures on a corrupted set into collected (Dc_k) and unseen (De_k)"
@@ -393,7 +397,9 @@ impl StageKind for EvaluateKind {
         "evaluate"
     }
     fn version(&self) -> &'static str {
-        "1"
+        // 2: issue 13's CPU kernels (GEMM convolutions, fused eval-mode BatchNorm) change
+        // the floats.
+        "2"
     }
     fn description(&self) -> &'static str {
         "accuracy, per-class accuracy, confusion matrix and loss of a model on evaluation sets"

@@ -10,10 +10,10 @@
 //! `features.{i+1}.{weight,bias,running_mean,running_var}` for its BatchNorm, and
 //! `classifier.{weight,bias}`.
 
-use crate::fast_bn::{batch_norm, BatchNorm};
+use crate::fast_bn::{batch_norm, max_pool2, Activation, BatchNorm};
 use crate::fast_conv::Conv2d;
 use crate::{conv_init, Classifier};
-use candle_core::{Module, ModuleT, Result, Tensor};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{Conv2dConfig, Init, Linear, VarBuilder};
 
 /// One entry of the reference's `cfg` list.
@@ -54,7 +54,7 @@ pub struct AllConvNet {
 
 /// The reference's `GELU`: `sigmoid(1.702 x) * x`.
 pub fn gelu_sigmoid(xs: &Tensor) -> Result<Tensor> {
-    candle_nn::ops::sigmoid(&(xs * 1.702)?)? * xs
+    Activation::GeluSigmoid.apply_tensor(xs)
 }
 
 /// Conv2d with bias; weight ~ N(0, sqrt(2 / (k·k·out))) as the reference, bias candle's default.
@@ -127,10 +127,10 @@ impl Classifier for AllConvNet {
         for layer in &self.features {
             x = match layer {
                 Layer::ConvBnGelu(conv, bn) => {
-                    gelu_sigmoid(&bn.forward_t(&conv.forward(&x)?, train)?)?
+                    bn.forward_activated_t(&conv.forward(&x)?, train, Activation::GeluSigmoid)?
                 }
                 Layer::MaxPoolDropout => {
-                    let x = x.max_pool2d(2)?;
+                    let x = max_pool2(&x)?;
                     if train {
                         candle_nn::ops::dropout(&x, 0.5)?
                     } else {

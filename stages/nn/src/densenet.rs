@@ -16,7 +16,7 @@
 use crate::fast_bn::{batch_norm, BatchNorm};
 use crate::fast_conv::Conv2d;
 use crate::{conv_no_bias, Classifier};
-use candle_core::{Module, ModuleT, Result, Tensor};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 /// The reference constructor's arguments.
@@ -85,9 +85,9 @@ impl DenseLayer {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let mut out = self.conv1.forward(&self.bn1.forward_t(x, train)?.relu()?)?;
+        let mut out = self.conv1.forward(&self.bn1.forward_relu_t(x, train)?)?;
         if let Some((bn2, conv2)) = &self.bottleneck {
-            out = conv2.forward(&bn2.forward_t(&out, train)?.relu()?)?;
+            out = conv2.forward(&bn2.forward_relu_t(&out, train)?)?;
         }
         Tensor::cat(&[x, &out], 1)
     }
@@ -108,7 +108,7 @@ impl Transition {
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         self.conv1
-            .forward(&self.bn1.forward_t(x, train)?.relu()?)?
+            .forward(&self.bn1.forward_relu_t(x, train)?)?
             .avg_pool2d(2)
     }
 }
@@ -170,7 +170,7 @@ impl Classifier for DenseNet {
                 x = trans.forward_t(&x, train)?;
             }
         }
-        let x = self.bn1.forward_t(&x, train)?.relu()?.avg_pool2d(8)?;
+        let x = self.bn1.forward_relu_t(&x, train)?.avg_pool2d(8)?;
         self.fc.forward(&x.flatten_from(1)?)
     }
 }

@@ -1,14 +1,17 @@
-//! BatchNorm (training mode) and ReLU as fused CPU ops with hand-written backward passes.
+//! BatchNorm fused with the activation after it (identity, ReLU, AllConvNet's sigmoid-GELU),
+//! ReLU and 2×2 max-pool as CPU ops with hand-written backward passes.
 //!
 //! candle composes training-mode BatchNorm from a dozen broadcast ops and differentiates each:
 //! on 2 cores a `[128, 32, 32, 32]` forward+backward took ~600 ms, more than the convolution.
-//! Here the forward is two passes per channel and the backward the textbook three sums
-//! (`dβ = Σdy`, `dγ = Σdy·x̂`, `dx = γ/σ·(dy − dβ/M − x̂·dγ/M)`). Semantics are PyTorch's:
-//! biased variance to normalize, unbiased variance into the running average, `momentum` 0.1.
-//! Eval mode and non-CPU devices use candle's own layers, except CUDA f32 with the `cudnn`
-//! feature, which goes through cuDNN (`crate::cudnn_bn`, both modes); inside a
-//! [`crate::sync_bn::scope`] training mode uses the data-parallel group's statistics instead
-//! (any device, never cuDNN).
+//! Here the forward computes the batch statistics once (two passes per channel, kept for the
+//! running averages and the backward pass) and writes `act(x·scale + shift)` in one more; the
+//! backward recomputes the pre-activation from x, and is the textbook three sums (`dβ = Σdz`,
+//! `dγ = Σdz·x̂`, `dx = γ/σ·(dz − dβ/M − x̂·dγ/M)`). Eval mode is one pass with the running
+//! statistics. Semantics are PyTorch's: biased variance to normalize, unbiased variance into
+//! the running average, `momentum` 0.1. Non-CPU devices use candle's own layers, except CUDA
+//! f32 with the `cudnn` feature, which goes through cuDNN (`crate::cudnn_bn`, both modes);
+//! inside a [`crate::sync_bn::scope`] training mode uses the data-parallel group's statistics
+//! instead (any device, never cuDNN).
 
 use crate::sync_bn::BatchStatsReducer;
 use candle_core::{
@@ -59,9 +62,112 @@ fn dims_ncp(layout: &Layout) -> (usize, usize, usize) {
     (d[0], d[1], d[2..].iter().product())
 }
 
-/// y = γ·(x − μ)/σ + β with batch statistics. Args: x `[N, C, …]`, γ `[C]`, β `[C]`.
+/// Per channel `(scale, shift)` with `y = x·scale + shift`, and `1/σ`.
+fn affine(stats: &[(f64, f64)], gamma: &[f32], beta: &[f32], eps: f64) -> Vec<(f64, f64, f64)> {
+    stats
+        .iter()
+        .zip(gamma.iter().zip(beta))
+        .map(|(&(mean, var), (&g, &b))| {
+            let inv = 1.0 / (var + eps).sqrt();
+            let scale = g as f64 * inv;
+            (scale, b as f64 - mean * scale, inv)
+        })
+        .collect()
+}
+
+/// What follows a BatchNorm inside its fused op.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    Identity,
+    /// `max(z, 0)`.
+    Relu,
+    /// AugMix's AllConvNet GELU approximation `z·sigmoid(1.702 z)`.
+    GeluSigmoid,
+}
+
+impl Activation {
+    #[inline]
+    fn apply(self, z: f32) -> f32 {
+        match self {
+            Activation::Identity => z,
+            Activation::Relu => z.max(0.0),
+            Activation::GeluSigmoid => z / (1.0 + (-1.702 * z).exp()),
+        }
+    }
+
+    /// `d apply(z) / dz`.
+    #[inline]
+    fn derivative(self, z: f32) -> f32 {
+        match self {
+            Activation::Identity => 1.0,
+            Activation::Relu => {
+                if z > 0.0 {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+            Activation::GeluSigmoid => {
+                let s = 1.0 / (1.0 + (-1.702 * z).exp());
+                s + 1.702 * z * s * (1.0 - s)
+            }
+        }
+    }
+
+    /// The same with candle's ops, for devices without the fused op.
+    pub fn apply_tensor(self, z: &Tensor) -> Result<Tensor> {
+        match self {
+            Activation::Identity => Ok(z.clone()),
+            Activation::Relu => relu(z),
+            Activation::GeluSigmoid => candle_nn::ops::sigmoid(&(z * 1.702)?)? * z,
+        }
+    }
+
+    /// `d apply(z) / dz` with candle's ops (eval mode's rare backward pass).
+    fn derivative_tensor(self, z: &Tensor) -> Result<Tensor> {
+        match self {
+            Activation::Identity => z.ones_like(),
+            Activation::Relu => z.gt(0f32)?.to_dtype(z.dtype()),
+            Activation::GeluSigmoid => {
+                let s = candle_nn::ops::sigmoid(&(z * 1.702)?)?;
+                let one_minus = (1.0 - &s)?;
+                &s + ((z * 1.702)? * &s)? * one_minus
+            }
+        }
+    }
+}
+
+/// `z = x·scale + shift` per channel, then the activation.
+fn normalize(
+    x: &[f32],
+    c: usize,
+    p: usize,
+    coefficients: &[(f64, f64, f64)],
+    activation: Activation,
+) -> Vec<f32> {
+    let mut y = vec![0f32; x.len()];
+    y.par_chunks_mut(p)
+        .zip(x.par_chunks(p))
+        .enumerate()
+        .for_each(|(k, (yo, xi))| {
+            let (scale, shift, _) = coefficients[k % c];
+            let (scale, shift) = (scale as f32, shift as f32);
+            for (o, &v) in yo.iter_mut().zip(xi) {
+                *o = activation.apply(v * scale + shift);
+            }
+        });
+    y
+}
+
+/// `y = act(γ·(x − μ)/σ + β)` with batch statistics. Args: x
+/// `[N, C, …]`, γ `[C]`, β `[C]`. The forward pass computes the batch's statistics once and
+/// keeps them for the running averages and the backward pass.
 struct BatchNormTrain {
     eps: f64,
+    activation: Activation,
+    /// Per channel (mean, biased variance) of the batch, set by the forward pass (shared
+    /// with the caller, which updates the running averages from it).
+    stats: Arc<std::sync::OnceLock<Vec<(f64, f64)>>>,
 }
 
 impl CustomOp3 for BatchNormTrain {
@@ -80,20 +186,9 @@ impl CustomOp3 for BatchNormTrain {
     ) -> Result<(CpuStorage, Shape)> {
         let (x, gamma, beta) = (slice(xs, xl)?, slice(gs, gl)?, slice(bs, bl)?);
         let (n, c, p) = dims_ncp(xl);
-        let stats = channel_stats(x, n, c, p);
-        let mut y = vec![0f32; x.len()];
-        y.par_chunks_mut(p)
-            .zip(x.par_chunks(p))
-            .enumerate()
-            .for_each(|(k, (yo, xi))| {
-                let ch = k % c;
-                let (mean, var) = stats[ch];
-                let scale = gamma[ch] as f64 / (var + self.eps).sqrt();
-                let shift = beta[ch] as f64 - mean * scale;
-                for (o, &v) in yo.iter_mut().zip(xi) {
-                    *o = (v as f64 * scale + shift) as f32;
-                }
-            });
+        let stats = self.stats.get_or_init(|| channel_stats(x, n, c, p));
+        let coefficients = affine(stats, gamma, beta, self.eps);
+        let y = normalize(x, c, p, &coefficients, self.activation);
         Ok((CpuStorage::F32(y), xl.shape().clone()))
     }
 
@@ -101,17 +196,23 @@ impl CustomOp3 for BatchNormTrain {
         &self,
         x: &Tensor,
         gamma: &Tensor,
-        _beta: &Tensor,
-        _res: &Tensor,
+        beta: &Tensor,
+        _y: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let c = x.dim(1)?;
         let len = x.elem_count();
-        let packed = x.apply_op3_no_bwd(
-            gamma,
-            &grad.contiguous()?,
-            &BatchNormBackward { eps: self.eps },
-        )?;
+        let Some(stats) = self.stats.get() else {
+            candle_core::bail!("batch-norm backward before its forward pass");
+        };
+        let backward = BatchNormBackward {
+            eps: self.eps,
+            activation: self.activation,
+            stats: stats.clone(),
+            gamma: gamma.to_vec1::<f32>()?,
+            beta: beta.to_vec1::<f32>()?,
+        };
+        let packed = x.apply_op2_no_bwd(&grad.contiguous()?, &backward)?;
         let dx = packed.narrow(0, 0, len)?.reshape(x.shape())?;
         let dgamma = packed.narrow(0, len, c)?;
         let dbeta = packed.narrow(0, len + c, c)?;
@@ -119,12 +220,17 @@ impl CustomOp3 for BatchNormTrain {
     }
 }
 
-/// Args: x, γ, dy → `[dx…, dγ…, dβ…]` flattened.
+/// Args: x, dy → `[dx…, dγ…, dβ…]` flattened. `dy` first goes back through the activation,
+/// at the pre-activation `z` recomputed from x (cheaper than keeping it).
 struct BatchNormBackward {
     eps: f64,
+    activation: Activation,
+    stats: Vec<(f64, f64)>,
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
 }
 
-impl CustomOp3 for BatchNormBackward {
+impl CustomOp2 for BatchNormBackward {
     fn name(&self) -> &'static str {
         "batch-norm-train-backward"
     }
@@ -133,27 +239,35 @@ impl CustomOp3 for BatchNormBackward {
         &self,
         xs: &CpuStorage,
         xl: &Layout,
-        gs: &CpuStorage,
-        gl: &Layout,
         ds: &CpuStorage,
         dl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, gamma, dy) = (slice(xs, xl)?, slice(gs, gl)?, slice(ds, dl)?);
+        let (x, dy) = (slice(xs, xl)?, slice(ds, dl)?);
         let (n, c, p) = dims_ncp(xl);
         let m = (n * p) as f64;
-        let stats = channel_stats(x, n, c, p);
+        let coefficients = affine(&self.stats, &self.gamma, &self.beta, self.eps);
+        let activation = self.activation;
+        // dL/dz from dL/dy at channel `ch`.
+        let upstream = |ch: usize, g: f32, xv: f32| {
+            if activation == Activation::Identity {
+                return g;
+            }
+            let (scale, shift, _) = coefficients[ch];
+            g * activation.derivative(xv * scale as f32 + shift as f32)
+        };
         // Per channel: Σdy and Σdy·x̂.
         let sums: Vec<(f64, f64)> = (0..c)
             .into_par_iter()
             .map(|ch| {
-                let (mean, var) = stats[ch];
+                let (mean, var) = self.stats[ch];
                 let inv = 1.0 / (var + self.eps).sqrt();
                 let (mut sd, mut sdx) = (0f64, 0f64);
                 for i in 0..n {
                     let r = (i * c + ch) * p..(i * c + ch + 1) * p;
                     for (&g, &v) in dy[r.clone()].iter().zip(&x[r]) {
-                        sd += g as f64;
-                        sdx += g as f64 * (v as f64 - mean) * inv;
+                        let g = upstream(ch, g, v) as f64;
+                        sd += g;
+                        sdx += g * (v as f64 - mean) * inv;
                     }
                 }
                 (sd, sdx)
@@ -163,14 +277,18 @@ impl CustomOp3 for BatchNormBackward {
         let (dx, tail) = out.split_at_mut(x.len());
         dx.par_chunks_mut(p).enumerate().for_each(|(k, dxo)| {
             let ch = k % c;
-            let (mean, var) = stats[ch];
+            let (mean, var) = self.stats[ch];
             let inv = 1.0 / (var + self.eps).sqrt();
             let (sd, sdx) = sums[ch];
-            let g = gamma[ch] as f64 * inv;
+            let g = self.gamma[ch] as f64 * inv;
+            // dx = g·(dy − Σdy/M − x̂·Σdy·x̂/M), in f32 with x̂ formed first (no cancellation).
+            let (g, mean, inv) = (g as f32, mean as f32, inv as f32);
+            let (mean_dy, mean_dy_xhat) = ((sd / m) as f32, (sdx / m) as f32);
             let base = k * p;
-            for (j, o) in dxo.iter_mut().enumerate() {
-                let xhat = (x[base + j] as f64 - mean) * inv;
-                *o = (g * (dy[base + j] as f64 - sd / m - xhat * sdx / m)) as f32;
+            let (xr, dyr) = (&x[base..base + p], &dy[base..base + p]);
+            for ((o, &xv), &gv) in dxo.iter_mut().zip(xr).zip(dyr) {
+                let xhat = (xv - mean) * inv;
+                *o = g * (upstream(ch, gv, xv) - mean_dy - xhat * mean_dy_xhat);
             }
         });
         for ch in 0..c {
@@ -181,21 +299,73 @@ impl CustomOp3 for BatchNormBackward {
     }
 }
 
-/// Per-channel (mean, unbiased variance) as a `[2, C]` tensor, without gradient.
-struct Stats;
+/// Eval-mode `y = act(γ·(x − μ_running)/σ_running + β)` with the
+/// coefficients precomputed; differentiable in x, γ and β (FSGMix and SENSEI differentiate
+/// through a model in eval mode).
+struct BatchNormEval {
+    activation: Activation,
+    /// Per channel (running mean, running variance).
+    stats: Vec<(f64, f64)>,
+    eps: f64,
+}
 
-impl CustomOp1 for Stats {
+impl CustomOp3 for BatchNormEval {
     fn name(&self) -> &'static str {
-        "channel-stats"
+        "batch-norm-eval"
     }
 
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (n, c, p) = dims_ncp(l);
-        let stats = channel_stats(slice(s, l)?, n, c, p);
-        let m = (n * p) as f64;
-        let mut out: Vec<f32> = stats.iter().map(|s| s.0 as f32).collect();
-        out.extend(stats.iter().map(|s| (s.1 * m / (m - 1.0).max(1.0)) as f32));
-        Ok((CpuStorage::F32(out), Shape::from((2, c))))
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, gamma, beta) = (slice(xs, xl)?, slice(gs, gl)?, slice(bs, bl)?);
+        let (_, c, p) = dims_ncp(xl);
+        let coefficients = affine(&self.stats, gamma, beta, self.eps);
+        let y = normalize(x, c, p, &coefficients, self.activation);
+        Ok((CpuStorage::F32(y), xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // Rare (only when something differentiates through eval mode): composed from candle's
+        // ops rather than fused.
+        let c = x.dim(1)?;
+        let per_channel: Vec<usize> = (0..x.rank()).map(|d| if d == 1 { c } else { 1 }).collect();
+        let per_channel = per_channel.as_slice();
+        let dev = x.device();
+        let mean: Vec<f32> = self.stats.iter().map(|s| s.0 as f32).collect();
+        let inv: Vec<f32> = self
+            .stats
+            .iter()
+            .map(|s| (1.0 / (s.1 + self.eps).sqrt()) as f32)
+            .collect();
+        let mean = Tensor::new(mean, dev)?.reshape(per_channel)?;
+        let inv = Tensor::new(inv, dev)?.reshape(per_channel)?;
+        let xhat = x.broadcast_sub(&mean)?.broadcast_mul(&inv)?;
+        let z = xhat
+            .broadcast_mul(&gamma.reshape(per_channel)?)?
+            .broadcast_add(&beta.reshape(per_channel)?)?;
+        let dy = (grad * self.activation.derivative_tensor(&z)?)?;
+        let reduce = |t: &Tensor| -> Result<Tensor> {
+            let mut t = t.clone();
+            for d in (0..t.rank()).rev().filter(|&d| d != 1) {
+                t = t.sum(d)?;
+            }
+            Ok(t)
+        };
+        let dx = dy.broadcast_mul(&(gamma.reshape(per_channel)?.broadcast_mul(&inv)?))?;
+        Ok((Some(dx), Some(reduce(&(&dy * xhat)?)?), Some(reduce(&dy)?)))
     }
 }
 
@@ -283,8 +453,28 @@ impl BatchNorm {
     }
 }
 
-impl candle_core::ModuleT for BatchNorm {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+impl BatchNorm {
+    /// `relu(bn(x))`, fused into one op (and one backward op) on the CPU.
+    pub fn forward_relu_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_activated_t(x, train, Activation::Relu)
+    }
+
+    /// `activation(bn(x))`, fused into one op (and one backward op) on the CPU.
+    pub fn forward_activated_t(
+        &self,
+        x: &Tensor,
+        train: bool,
+        activation: Activation,
+    ) -> Result<Tensor> {
+        let fused = x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() >= 2;
+        if !fused || (train && crate::sync_bn::active().is_some()) {
+            return activation.apply_tensor(&self.forward_unfused(x, train)?);
+        }
+        self.forward_cpu(x, train, activation)
+    }
+
+    /// Any device: synchronized statistics, cuDNN, or candle's composed layer.
+    fn forward_unfused(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         if train {
             if let Some(reducer) = crate::sync_bn::active() {
                 return self.forward_synced(x, &reducer);
@@ -318,14 +508,56 @@ impl candle_core::ModuleT for BatchNorm {
                 crate::cudnn_bn::batch_norm_eval(x, &self.weight, &self.bias, mean, var, self.eps)
             };
         }
-        if !(train && x.device().is_cpu() && x.dtype() == DType::F32 && x.rank() >= 2) {
-            return self.inner.forward_t(x, train);
-        }
+        candle_core::ModuleT::forward_t(&self.inner, x, train)
+    }
+
+    /// The CPU's fused ops: batch statistics computed once per step, ReLU folded in.
+    fn forward_cpu(&self, x: &Tensor, train: bool, activation: Activation) -> Result<Tensor> {
         self.check_features(x)?;
         let x = x.contiguous()?;
-        let stats = x.detach().apply_op1_no_bwd(&Stats)?;
-        self.update_running(&stats.get(0)?, &stats.get(1)?)?;
-        x.apply_op3(&self.weight, &self.bias, BatchNormTrain { eps: self.eps })
+        if !train {
+            let mean = self.running_mean.as_tensor().to_vec1::<f32>()?;
+            let var = self.running_var.as_tensor().to_vec1::<f32>()?;
+            let op = BatchNormEval {
+                activation,
+                stats: mean
+                    .iter()
+                    .zip(&var)
+                    .map(|(&m, &v)| (m as f64, v as f64))
+                    .collect(),
+                eps: self.eps,
+            };
+            return x.apply_op3(&self.weight, &self.bias, op);
+        }
+        let stats = Arc::new(std::sync::OnceLock::new());
+        let op = BatchNormTrain {
+            eps: self.eps,
+            activation,
+            stats: stats.clone(),
+        };
+        let y = x.apply_op3(&self.weight, &self.bias, op)?;
+        let Some(stats) = stats.get() else {
+            candle_core::bail!("batch-norm forward pass left no statistics");
+        };
+        let m = (x.elem_count() / x.dim(1)?) as f64;
+        let unbiased = m / (m - 1.0).max(1.0);
+        let dev = x.device();
+        let mean = Tensor::new(stats.iter().map(|s| s.0 as f32).collect::<Vec<_>>(), dev)?;
+        let var = Tensor::new(
+            stats
+                .iter()
+                .map(|s| (s.1 * unbiased) as f32)
+                .collect::<Vec<_>>(),
+            dev,
+        )?;
+        self.update_running(&mean, &var)?;
+        Ok(y)
+    }
+}
+
+impl candle_core::ModuleT for BatchNorm {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_activated_t(x, train, Activation::Identity)
     }
 }
 
@@ -453,6 +685,68 @@ pub(crate) mod tests {
             let va = vm_a.data().lock().unwrap()[name].as_tensor().clone();
             let vb = vm_b.data().lock().unwrap()[name].as_tensor().clone();
             assert!(max_diff(&va, &vb) < 1e-5, "{name}: {va} vs {vb}");
+        }
+    }
+
+    /// Fused `act(bn(x))` against candle's BatchNorm then the composed activation: output,
+    /// gradients of x, γ and β, and (train mode) the running averages.
+    fn check_fused_against_candle(train: bool, activation: Activation) {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(
+            &(Tensor::randn(0f32, 2., (5, 3, 4, 6), &dev).unwrap() + 1.0).unwrap(),
+        )
+        .unwrap();
+        let vm_a = VarMap::new();
+        let vm_b = VarMap::new();
+        let ours = batch_norm(3, 1e-5, VarBuilder::from_varmap(&vm_a, DType::F32, &dev)).unwrap();
+        let theirs =
+            candle_nn::batch_norm(3, 1e-5, VarBuilder::from_varmap(&vm_b, DType::F32, &dev))
+                .unwrap();
+        for vm in [&vm_a, &vm_b] {
+            set_affine(vm);
+            // Running statistics away from their (0, 1) start, so eval mode tests them.
+            let data = vm.data().lock().unwrap();
+            data["running_mean"]
+                .set(&Tensor::new(&[0.3f32, -0.4, 1.1], &dev).unwrap())
+                .unwrap();
+            data["running_var"]
+                .set(&Tensor::new(&[2.0f32, 0.5, 1.3], &dev).unwrap())
+                .unwrap();
+        }
+        let w = Tensor::randn(0f32, 1., (5, 3, 4, 6), &dev).unwrap();
+        let ya = ours.forward_activated_t(&x, train, activation).unwrap();
+        let yb = activation
+            .apply_tensor(&theirs.forward_t(&x, train).unwrap())
+            .unwrap();
+        let case = format!("train {train}, {activation:?}");
+        assert!(max_diff(&ya, &yb) < 1e-4, "{case}: output");
+        let ga = (ya * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let gb = (yb * &w).unwrap().sum_all().unwrap().backward().unwrap();
+        let dx = max_diff(ga.get(&x).unwrap(), gb.get(&x).unwrap());
+        assert!(dx < 1e-4, "{case}: input gradient differs by {dx}");
+        for name in ["weight", "bias"] {
+            let va = vm_a.data().lock().unwrap()[name].clone();
+            let vb = vm_b.data().lock().unwrap()[name].clone();
+            let d = max_diff(ga.get(&va).unwrap(), gb.get(&vb).unwrap());
+            assert!(d < 1e-3, "{case}: {name} gradient differs by {d}");
+        }
+        for name in ["running_mean", "running_var"] {
+            let va = vm_a.data().lock().unwrap()[name].as_tensor().clone();
+            let vb = vm_b.data().lock().unwrap()[name].as_tensor().clone();
+            assert!(max_diff(&va, &vb) < 1e-5, "{case}: {name}: {va} vs {vb}");
+        }
+    }
+
+    #[test]
+    fn fused_activations_match_batch_norm_then_the_activation_in_both_modes() {
+        for train in [true, false] {
+            for activation in [
+                Activation::Identity,
+                Activation::Relu,
+                Activation::GeluSigmoid,
+            ] {
+                check_fused_against_candle(train, activation);
+            }
         }
     }
 

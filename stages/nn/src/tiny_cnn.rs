@@ -1,10 +1,10 @@
 //! tiny-cnn: three conv–BN–ReLU blocks (32, 64, 128 channels; 2×2 max-pool after the first
 //! two), global average pool, linear. ~94k parameters; fast enough to train on a laptop CPU.
 
-use crate::fast_bn::{batch_norm, max_pool2, relu, BatchNorm};
+use crate::fast_bn::{batch_norm, max_pool2, BatchNorm};
 use crate::fast_conv::Conv2d;
 use crate::Classifier;
-use candle_core::{Module, ModuleT, Result, Tensor};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{linear, Conv2dConfig, Linear, VarBuilder};
 
 pub struct TinyCnn {
@@ -42,7 +42,7 @@ impl Classifier for TinyCnn {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         let mut x = xs.clone();
         for (i, (conv, bn)) in self.convs.iter().enumerate() {
-            x = relu(&bn.forward_t(&conv.forward(&x)?, train)?)?;
+            x = bn.forward_relu_t(&conv.forward(&x)?, train)?;
             if i < 2 {
                 x = max_pool2(&x)?;
             }

@@ -8,7 +8,7 @@
 use crate::fast_bn::{batch_norm, BatchNorm};
 use crate::fast_conv::Conv2d;
 use crate::{conv_no_bias, Classifier};
-use candle_core::{Module, ModuleT, Result, Tensor};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 struct BasicBlock {
@@ -44,11 +44,8 @@ impl BasicBlock {
     }
 
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let act = self.bn1.forward_t(x, train)?.relu()?;
-        let out = self
-            .bn2
-            .forward_t(&self.conv1.forward(&act)?, train)?
-            .relu()?;
+        let act = self.bn1.forward_relu_t(x, train)?;
+        let out = self.bn2.forward_relu_t(&self.conv1.forward(&act)?, train)?;
         let out = self.conv2.forward(&out)?;
         match &self.conv_shortcut {
             // Width changes: the shortcut reads the activated input.
@@ -113,7 +110,7 @@ impl Classifier for WideResNet {
         for block in &self.blocks {
             x = block.forward_t(&x, train)?;
         }
-        let x = self.bn1.forward_t(&x, train)?.relu()?.avg_pool2d(8)?;
+        let x = self.bn1.forward_relu_t(&x, train)?.avg_pool2d(8)?;
         self.fc.forward(&x.flatten_from(1)?)
     }
 }

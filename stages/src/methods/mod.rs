@@ -144,7 +144,9 @@ impl StageKind for RepairKind {
     }
     fn version(&self) -> &'static str {
         // 2: DeepRepair's Algorithm 1 defaults, best-epoch keeping, the `ops` of augmix.
-        "2"
+        // 3: issue 13's CPU kernels (GEMM convolutions, fused BatchNorm + activation) change
+        // the floats; AllConvNet's max-pool gradient is no longer scaled by 1/4.
+        "3"
     }
     fn description(&self) -> &'static str {
         self.0.description()
