@@ -214,8 +214,10 @@ impl CustomOp3 for BatchNormTrain {
         };
         let packed = x.apply_op2_no_bwd(&grad.contiguous()?, &backward)?;
         let dx = packed.narrow(0, 0, len)?.reshape(x.shape())?;
-        let dgamma = packed.narrow(0, len, c)?;
-        let dbeta = packed.narrow(0, len + c, c)?;
+        // Copied out: γ's and β's gradients outlive the step (momentum), and a view would
+        // keep the whole activation-sized buffer alive with them.
+        let dgamma = packed.narrow(0, len, c)?.copy()?;
+        let dbeta = packed.narrow(0, len + c, c)?.copy()?;
         Ok((Some(dx), Some(dgamma), Some(dbeta)))
     }
 }

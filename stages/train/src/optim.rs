@@ -71,10 +71,14 @@ impl Sgd {
             let Some(grad) = grads.get(var.as_tensor()) else {
                 continue;
             };
+            // Detached: the update and the momentum buffer must not record ops (a buffer that
+            // did would keep every earlier step's buffer, and what they were computed from,
+            // alive for the whole run).
+            let grad = grad.detach();
             let mut g = if weight_decay != 0.0 {
-                (grad + (var.as_tensor() * weight_decay)?)?
+                (&grad + (var.as_tensor().detach() * weight_decay)?)?
             } else {
-                grad.clone()
+                grad
             };
             if momentum != 0.0 {
                 let buf = match self.buffers.get(name) {
@@ -107,6 +111,35 @@ impl Sgd {
 mod tests {
     use super::*;
     use candle_core::{DType, Device};
+
+    /// The momentum buffers record no ops: if they did, each step's buffer would reference the
+    /// previous one and its gradient, and a run's memory would grow with its steps (it did:
+    /// ~2.5 MB per tiny-cnn step, 616 MB after 200).
+    #[test]
+    fn momentum_buffers_do_not_keep_earlier_steps_alive() {
+        let varmap = VarMap::new();
+        let p = varmap
+            .get(
+                (3,),
+                "p",
+                candle_nn::Init::Const(1.0),
+                DType::F32,
+                &Device::Cpu,
+            )
+            .unwrap();
+        let mut opt = Sgd::new(&varmap, SgdConfig::default());
+        for _ in 0..3 {
+            let loss = (p.sqr().unwrap().sum_all().unwrap() * 0.5).unwrap();
+            let grads = loss.backward().unwrap();
+            assert!(grads.get(&p).is_some());
+            opt.step(&grads).unwrap();
+        }
+        let buffer = &opt.buffers()["p"];
+        assert!(
+            !buffer.track_op(),
+            "the momentum buffer records an op graph"
+        );
+    }
 
     /// Two steps on f(p) = ½·Σp², by hand: ∇ = p.
     #[test]

@@ -724,8 +724,6 @@ impl GradStore {
         self.0.insert(id, grad)
     }
 
-    /// Get the gradient tensor associated with the given tensor, or, if it does not exist,
-    /// insert a tensor of zeroes, with the same shape and type as the given tensors and return it
     /// Adds `grad` to `tensor`'s gradient; the first gradient to arrive is stored as it is
     /// instead of being added into fresh zeros (deeprepair's patch, see PATCHES.md).
     fn accumulate(&mut self, tensor: &Tensor, grad: &Tensor) -> Result<()> {
@@ -741,6 +739,8 @@ impl GradStore {
         Ok(())
     }
 
+    /// Get the gradient tensor associated with the given tensor, or, if it does not exist,
+    /// insert a tensor of zeroes, with the same shape and type as the given tensors and return it
     fn or_insert(&mut self, tensor: &Tensor) -> Result<&mut Tensor> {
         let grad = match self.0.entry(tensor.id()) {
             Entry::Occupied(entry) => entry.into_mut(),
