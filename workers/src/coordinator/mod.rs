@@ -865,20 +865,19 @@ mod tests {
         fn log(&self, _: &str, _: &str) {}
     }
 
-    /// Over real HTTP: rank 0 fails; rank 1 keeps heartbeating but never ends (as a rank stuck
-    /// in NCCL would). After the lease timeout it is revoked and its worker reported, the
-    /// gang fails with rank 0's error, and rank 1's late heartbeat is refused.
-    #[test]
-    fn a_rank_that_does_not_stop_after_its_gang_failed_is_revoked_and_reported() {
-        use crate::worker::Client;
+    /// A coordinator over real HTTP with a gang of two jobs submitted, and a client.
+    struct GangOfTwo {
+        _dir: tempfile::TempDir,
+        coordinator: Arc<Coordinator>,
+        tickets: Vec<Ticket>,
+        client: crate::worker::Client,
+    }
+
+    fn gang_of_two(lease_timeout: Duration) -> GangOfTwo {
         let dir = tempfile::tempdir().unwrap();
         let store = Arc::new(Store::open_writer(&dir.path().join("store.redb")).unwrap());
-        let timeout = Duration::from_millis(500);
         let coordinator =
-            Coordinator::start(store, "127.0.0.1:0".parse().unwrap(), None, timeout).unwrap();
-        let stuck = Arc::new(Mutex::new(vec![]));
-        let seen = stuck.clone();
-        coordinator.on_stuck_rank(Box::new(move |w| seen.lock().unwrap().push(w.name.clone())));
+            Coordinator::start(store, "127.0.0.1:0".parse().unwrap(), None, lease_timeout).unwrap();
         let task = Task {
             key: Digest::of(b"gang"),
             kind: "util.work".into(),
@@ -888,20 +887,45 @@ mod tests {
             attempt: 0,
         };
         let tickets = coordinator.submit_gang(&task, vec![(Route::Any, vec![]); 2], 1);
-        let client = Client::new(coordinator.url(), coordinator.token());
-        let claim = |name: &str| {
-            let req = ClaimRequest {
-                worker: WorkerInfo {
-                    name: name.into(),
-                    host: "test".into(),
-                    pid: 0,
-                    gpu: None,
-                },
-                task: None,
-                wait_ms: 1000,
-            };
-            client.claim(&req).unwrap().expect("a rank job")
+        let client = crate::worker::Client::new(coordinator.url(), coordinator.token());
+        GangOfTwo {
+            _dir: dir,
+            coordinator,
+            tickets,
+            client,
+        }
+    }
+
+    /// Claims the next rank's job as worker `name`.
+    fn claim_as(client: &crate::worker::Client, name: &str) -> crate::protocol::Claim {
+        let req = ClaimRequest {
+            worker: WorkerInfo {
+                name: name.into(),
+                host: "test".into(),
+                pid: 0,
+                gpu: None,
+            },
+            task: None,
+            wait_ms: 1000,
         };
+        client.claim(&req).unwrap().expect("a rank job")
+    }
+
+    /// Over real HTTP: rank 0 fails; rank 1 keeps heartbeating but never ends (as a rank stuck
+    /// in NCCL would). After the lease timeout it is revoked and its worker reported, the
+    /// gang fails with rank 0's error, and rank 1's late heartbeat is refused.
+    #[test]
+    fn a_rank_that_does_not_stop_after_its_gang_failed_is_revoked_and_reported() {
+        let GangOfTwo {
+            coordinator,
+            tickets,
+            client,
+            ..
+        } = gang_of_two(Duration::from_millis(500));
+        let stuck = Arc::new(Mutex::new(vec![]));
+        let seen = stuck.clone();
+        coordinator.on_stuck_rank(Box::new(move |w| seen.lock().unwrap().push(w.name.clone())));
+        let claim = |name: &str| claim_as(&client, name);
         let (first, second) = (claim("a"), claim("b"));
         assert_eq!(first.gang.map(|g| (g.rank, g.world)), Some((0, 2)));
         assert_eq!(second.gang.map(|g| (g.rank, g.world)), Some((1, 2)));
@@ -939,7 +963,6 @@ mod tests {
     /// the lines still reach the stage's log (rank 1's prefixed), none lost with the lease.
     #[test]
     fn lines_a_job_logged_just_before_it_ended_are_forwarded() {
-        use crate::worker::Client;
         #[derive(Default)]
         struct Recorder(Mutex<Vec<String>>);
         impl ProgressSink for Recorder {
@@ -948,37 +971,14 @@ mod tests {
                 self.0.lock().unwrap().push(line.to_string());
             }
         }
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open_writer(&dir.path().join("store.redb")).unwrap());
-        let coordinator = Coordinator::start(
-            store,
-            "127.0.0.1:0".parse().unwrap(),
-            None,
-            Duration::from_secs(30),
-        )
-        .unwrap();
-        let task = Task {
-            key: Digest::of(b"gang"),
-            kind: "util.work".into(),
-            stage: "train".into(),
-            params: serde_json::json!({}),
-            inputs: Default::default(),
-            attempt: 0,
-        };
-        let tickets = coordinator.submit_gang(&task, vec![(Route::Any, vec![]); 2], 1);
-        let client = Client::new(coordinator.url(), coordinator.token());
+        let GangOfTwo {
+            coordinator,
+            tickets,
+            client,
+            ..
+        } = gang_of_two(Duration::from_secs(30));
         for name in ["a", "b"] {
-            let req = ClaimRequest {
-                worker: WorkerInfo {
-                    name: name.into(),
-                    host: "test".into(),
-                    pid: 0,
-                    gpu: None,
-                },
-                task: None,
-                wait_ms: 1000,
-            };
-            let claim = client.claim(&req).unwrap().expect("a rank job");
+            let claim = claim_as(&client, name);
             let rank = claim.gang.expect("a gang member").rank;
             let beat = Heartbeat {
                 lines: vec![format!("last line of rank {rank}")],
