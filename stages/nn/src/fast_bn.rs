@@ -13,6 +13,7 @@
 //! inside a [`crate::sync_bn::scope`] training mode uses the data-parallel group's statistics
 //! instead (any device, never cuDNN).
 
+use crate::fast_conv::f32_slice as slice;
 use crate::sync_bn::BatchStatsReducer;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
@@ -20,17 +21,6 @@ use candle_core::{
 use candle_nn::{BatchNormConfig, VarBuilder};
 use rayon::prelude::*;
 use std::sync::Arc;
-
-fn slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
-    let data = match storage {
-        CpuStorage::F32(d) => d.as_slice(),
-        _ => candle_core::bail!("fast batch-norm supports f32 only"),
-    };
-    match layout.contiguous_offsets() {
-        Some((a, b)) => Ok(&data[a..b]),
-        None => candle_core::bail!("fast batch-norm needs contiguous tensors"),
-    }
-}
 
 /// Per-channel mean and biased variance of an `[N, C, P]` buffer.
 fn channel_stats(x: &[f32], n: usize, c: usize, p: usize) -> Vec<(f64, f64)> {

@@ -32,14 +32,16 @@ impl ConvGeometry {
     }
 }
 
-fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+/// A CPU tensor's f32 data as one slice: what every fused CPU op here (and in
+/// [`crate::fast_bn`]) reads; the callers make their inputs contiguous first.
+pub(crate) fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
     let data = match storage {
         CpuStorage::F32(d) => d.as_slice(),
-        _ => candle_core::bail!("fast conv supports f32 only"),
+        _ => candle_core::bail!("fused CPU ops take f32 tensors only"),
     };
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("fast conv needs a contiguous input"),
+        None => candle_core::bail!("fused CPU ops need contiguous inputs"),
     }
 }
 
