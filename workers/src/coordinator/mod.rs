@@ -78,6 +78,15 @@ enum JobEnd {
     Failed(StageError, Vec<String>),
 }
 
+/// A lease's worker as errors name it, with its rank when it is a gang member.
+fn worker_label(lease: &Lease, gang: bool, rank: usize) -> String {
+    if gang {
+        format!("{} (rank {rank})", lease.worker.label())
+    } else {
+        lease.worker.label()
+    }
+}
+
 /// A worker's log lines as the stage's: rank 0's as they are, other ranks' prefixed.
 fn forward_lines(
     progress: &dyn ProgressSink,
@@ -614,14 +623,9 @@ impl Coordinator {
             let silent = lease.last_beat.elapsed();
             if silent > self.hub.lease_timeout {
                 let lease = state.leases.remove(&id).expect("found above");
+                let worker = worker_label(&lease, gang, rank);
                 return Some(Err(StageError::Transient(anyhow::anyhow!(
-                    "worker {}{} lost: no heartbeat for {:.1}s",
-                    lease.worker.label(),
-                    if gang {
-                        format!(" (rank {rank})")
-                    } else {
-                        String::new()
-                    },
+                    "worker {worker} lost: no heartbeat for {:.1}s",
                     silent.as_secs_f64()
                 ))));
             }
@@ -634,22 +638,10 @@ impl Coordinator {
         if let (Some(&limit), Some(id)) = (state.limits.get(&ticket.id), lease_id) {
             let ran = state.leases[&id].leased_at.elapsed();
             if ran > limit {
-                let lease = state.leases.remove(&id).expect("found above");
-                drop(state);
-                // Its worker may not stop on its own (a hang): the local pool kills it.
-                let hook = self.stuck_rank.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(hook) = hook.as_ref() {
-                    hook(&lease.worker);
-                }
+                let worker = self.revoke_stuck(state, id, gang, rank);
                 return Some(Err(StageError::Transient(anyhow::anyhow!(
-                    "worker {}{} ran past the stage's time limit ({:.0}s); its lease was \
+                    "worker {worker} ran past the stage's time limit ({:.0}s); its lease was \
                      revoked",
-                    lease.worker.label(),
-                    if gang {
-                        format!(" (rank {rank})")
-                    } else {
-                        String::new()
-                    },
                     limit.as_secs_f64()
                 ))));
             }
@@ -657,22 +649,10 @@ impl Coordinator {
         if let (Some(limit), Some(id)) = (stall, lease_id) {
             let still = state.leases[&id].progressed.elapsed();
             if still > limit {
-                let lease = state.leases.remove(&id).expect("found above");
-                drop(state);
-                // A hung worker keeps its GPU: the local pool kills it (and restarts it).
-                let hook = self.stuck_rank.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(hook) = hook.as_ref() {
-                    hook(&lease.worker);
-                }
+                let worker = self.revoke_stuck(state, id, gang, rank);
                 return Some(Err(StageError::Transient(anyhow::anyhow!(
-                    "worker {}{} hung: no progress for {:.0}s (--stall-timeout); its lease \
+                    "worker {worker} hung: no progress for {:.0}s (--stall-timeout); its lease \
                      was revoked",
-                    lease.worker.label(),
-                    if gang {
-                        format!(" (rank {rank})")
-                    } else {
-                        String::new()
-                    },
                     still.as_secs_f64()
                 ))));
             }
@@ -683,6 +663,25 @@ impl Coordinator {
             return Some(Err(e));
         }
         None
+    }
+
+    /// Revokes a lease whose worker will not stop on its own (a hang, a time limit) and hands
+    /// the worker to the stuck-rank hook (the local pool kills and restarts it, freeing its
+    /// GPU); returns how to name the worker in the error.
+    fn revoke_stuck(
+        &self,
+        mut state: std::sync::MutexGuard<'_, HubState>,
+        id: u64,
+        gang: bool,
+        rank: usize,
+    ) -> String {
+        let lease = state.leases.remove(&id).expect("the caller found it");
+        drop(state);
+        let hook = self.stuck_rank.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(hook) = hook.as_ref() {
+            hook(&lease.worker);
+        }
+        worker_label(&lease, gang, rank)
     }
 
     /// Gives the jobs of these tickets a wall-clock limit, counted from when each is leased:
