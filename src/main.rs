@@ -2,6 +2,11 @@
 //! (`pipeline` for manifests/store/executor, `stages` for the ML stage kinds; `ml_commands`
 //! calls the data, corruption, model, training and report libraries directly).
 
+/// Large freed blocks (activations, gradients) are kept for the next training step instead of
+/// going back to the kernel and faulting in again: see `deeprepair-alloc`.
+#[global_allocator]
+static ALLOCATOR: deeprepair_alloc::BlockCache = deeprepair_alloc::BlockCache::new();
+
 mod commands;
 mod ml_commands;
 mod repair_command;
@@ -80,8 +85,25 @@ enum Command {
     Stylize(stylize_command::StylizeArgs),
 }
 
+/// `DEEPREPAIR_ALLOC_CACHE_MIB`: the most MiB the allocator keeps in freed blocks (0: none).
+fn configure_allocator() -> Result<(), String> {
+    const VAR: &str = "DEEPREPAIR_ALLOC_CACHE_MIB";
+    let Ok(value) = std::env::var(VAR) else {
+        return Ok(());
+    };
+    let mib: usize = value.trim().parse().map_err(|_| {
+        format!("{VAR}: expected a whole number of MiB (0 turns the cache off), got {value:?}")
+    })?;
+    ALLOCATOR.set_limit_bytes(mib.saturating_mul(1 << 20));
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(message) = configure_allocator() {
+        eprintln!("error: {message}");
+        return ExitCode::from(2);
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_env("DEEPREPAIR_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt()
