@@ -13,7 +13,7 @@
 //! inside a [`crate::sync_bn::scope`] training mode uses the data-parallel group's statistics
 //! instead (any device, never cuDNN).
 
-use crate::fast_conv::f32_slice as slice;
+use crate::fast_conv::{f32_slice as slice, output_buffer};
 use crate::sync_bn::BatchStatsReducer;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
@@ -135,7 +135,7 @@ fn normalize(
     coefficients: &[(f64, f64, f64)],
     activation: Activation,
 ) -> Vec<f32> {
-    let mut y = vec![0f32; x.len()];
+    let mut y = output_buffer(x.len());
     y.par_chunks_mut(p)
         .zip(x.par_chunks(p))
         .enumerate()
@@ -265,7 +265,7 @@ impl CustomOp2 for BatchNormBackward {
                 (sd, sdx)
             })
             .collect();
-        let mut out = vec![0f32; x.len() + 2 * c];
+        let mut out = output_buffer(x.len() + 2 * c);
         let (dx, tail) = out.split_at_mut(x.len());
         dx.par_chunks_mut(p).enumerate().for_each(|(k, dxo)| {
             let ch = k % c;
@@ -770,7 +770,7 @@ impl CustomOp1 for MaxPool2 {
         let d = l.dims();
         let (h, w) = (d[2], d[3]);
         let (ho, wo) = (h / 2, w / 2);
-        let mut y = vec![0f32; d[0] * d[1] * ho * wo];
+        let mut y = output_buffer(d[0] * d[1] * ho * wo);
         y.par_chunks_mut(ho * wo)
             .zip(x.par_chunks(h * w))
             .for_each(|(yo, xi)| {

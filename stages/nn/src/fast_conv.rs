@@ -45,6 +45,20 @@ pub(crate) fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout) -> Result<
     }
 }
 
+/// An output buffer of `len` floats, not zeroed: every fused CPU op here (and in
+/// [`crate::fast_bn`]) that takes one writes each element before anything reads it. Outputs
+/// are mostly blocks the allocator hands out again, so a zeroing pass would be pure cost
+/// (8 % of tiny-cnn's training step).
+pub(crate) fn output_buffer(len: usize) -> Vec<f32> {
+    let mut buffer = Vec::with_capacity(len);
+    // SAFETY: the capacity is `len`; callers overwrite every element before reading (see above).
+    #[allow(clippy::uninit_vec)]
+    unsafe {
+        buffer.set_len(len)
+    };
+    buffer
+}
+
 /// A row-major matrix operand: `rows × cols` stored row-major, or (`transposed`) the
 /// transpose of a row-major `cols × rows` matrix.
 #[derive(Clone, Copy)]
@@ -241,7 +255,7 @@ impl CustomOp2 for Conv {
         let (ho, wo) = g.out_hw();
         let (rows, pixels) = (g.rows(), g.pixels_out());
         let per_in = g.channels * g.height * g.width;
-        let mut y = vec![0f32; n * cout * pixels];
+        let mut y = output_buffer(n * cout * pixels);
         let weights = Operand {
             data: w,
             transposed: false,
@@ -314,7 +328,7 @@ impl CustomOp2 for ConvInputGrad {
         let cout = wl.dims()[0];
         let (rows, pixels) = (g.rows(), g.pixels_out());
         let per_in = g.channels * g.height * g.width;
-        let mut dx = vec![0f32; n * per_in];
+        let mut dx = output_buffer(n * per_in);
         let weights_t = Operand {
             data: w,
             transposed: true,
@@ -370,7 +384,7 @@ impl CustomOp2 for ConvWeightGrad {
         let (rows, pixels) = (g.rows(), g.pixels_out());
         let per_in = g.channels * g.height * g.width;
         let groups = n.div_ceil(WEIGHT_GRAD_IMAGES);
-        let mut partial = vec![0f32; groups * cout * rows];
+        let mut partial = output_buffer(groups * cout * rows);
         partial
             .par_chunks_mut(cout * rows)
             .enumerate()
@@ -753,7 +767,7 @@ impl CustomOp2 for AddChannelBias {
         let (y, b) = (f32_slice(ys, yl)?, f32_slice(bs, bl)?);
         let c = b.len();
         let plane: usize = yl.dims()[2..].iter().product();
-        let mut out = vec![0f32; y.len()];
+        let mut out = output_buffer(y.len());
         out.par_chunks_mut(plane)
             .zip(y.par_chunks(plane))
             .enumerate()
