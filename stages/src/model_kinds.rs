@@ -59,7 +59,8 @@ impl StageKind for PretrainKind {
     fn version(&self) -> &'static str {
         // 3: issue 13's CPU kernels (GEMM convolutions, fused BatchNorm + activation) change
         // the floats; AllConvNet's max-pool gradient is no longer scaled by 1/4.
-        "3"
+        // 4: stride-1 convolutions as shifted GEMMs (taps) sum in another order.
+        "4"
     }
     fn description(&self) -> &'static str {
         "trains the base model from scratch (SGD Nesterov, cosine, crop+flip, cross-entropy)"
@@ -275,7 +276,8 @@ impl StageKind for SelectFailuresKind {
     fn version(&self) -> &'static str {
         // 2: issue 13's CPU kernels (GEMM convolutions, fused eval-mode BatchNorm) change
         // the floats.
-        "2"
+        // 3: stride-1 convolutions as shifted GEMMs (taps) sum in another order.
+        "3"
     }
     fn description(&self) -> &'static str {
         "splits the model's failures on a corrupted set into collected (Dc_k) and unseen (De_k)"
@@ -399,7 +401,8 @@ impl StageKind for EvaluateKind {
     fn version(&self) -> &'static str {
         // 2: issue 13's CPU kernels (GEMM convolutions, fused eval-mode BatchNorm) change
         // the floats.
-        "2"
+        // 3: stride-1 convolutions as shifted GEMMs (taps) sum in another order.
+        "3"
     }
     fn description(&self) -> &'static str {
         "accuracy, per-class accuracy, confusion matrix and loss of a model on evaluation sets"

@@ -1,14 +1,23 @@
-//! Convolution on the CPU as per-image im2col + GEMM, forward and backward.
+//! Convolution on the CPU as per-image GEMMs, forward and backward.
 //!
 //! candle's CPU `conv2d` is correct but its backward runs `conv_transpose2d` as direct loops and
 //! goes through slow strided copies: on 2 cores tiny-cnn trained at ~60 images/s. Here one
-//! custom op does the whole convolution: per image (images in parallel), the columns
-//! `[C·k·k, Ho·Wo]` go into a reused per-thread buffer and one GEMM `W × cols` writes the NCHW
-//! output in place. Its gradient is two more such ops (`Wᵀ × dy` then col2im; `Σ dy × colsᵀ`),
-//! recomputing the columns rather than keeping a batch of them: an earlier version built the
-//! whole batch's columns as one tensor (9× the input for 3×3) and spent as much time allocating
-//! and relayouting as in GEMM. On CUDA the native `conv2d` is used, or, in a build with the
-//! `cudnn` feature, [`crate::cudnn_conv`] (unless `DEEPREPAIR_CUDNN=0`).
+//! custom op does the whole convolution, images in parallel, in one of two ways:
+//! - **taps** (stride 1, at least [`TAP_MIN_CHANNELS`] input channels: every 3×3 layer of the
+//!   models but their stems): the image is copied once, zero-padded, into a reused per-thread
+//!   buffer, and each of the `k·k` kernel taps is one GEMM `W_tap[Cout, C] × padded planes
+//!   shifted by the tap`, accumulated on a padded-width output grid whose spare columns are
+//!   dropped. The input gradient is the same pass over `dy` with the flipped, transposed
+//!   kernel; the weight gradient is one GEMM per tap against the same shifted views.
+//! - **im2col** (strided and 1×1 convolutions, thin inputs): the columns `[C·k·k, Ho·Wo]` go
+//!   into a reused per-thread buffer and one GEMM `W × cols` writes the NCHW output in place;
+//!   the gradient is two more such ops (`Wᵀ × dy` then col2im; `Σ dy × colsᵀ`).
+//!
+//! Both recompute what they need in the backward pass rather than keeping a batch of columns:
+//! an earlier version built the whole batch's columns as one tensor (9× the input for 3×3) and
+//! spent as much time allocating and relayouting as in GEMM. On CUDA the native `conv2d` is
+//! used, or, in a build with the `cudnn` feature, [`crate::cudnn_conv`] (unless
+//! `DEEPREPAIR_CUDNN=0`).
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -67,6 +76,36 @@ struct Operand<'a> {
     transposed: bool,
 }
 
+/// A matrix in a slice: element `(i, j)` at `i·row_stride + j·col_stride`.
+#[derive(Clone, Copy)]
+struct Strided<'a> {
+    data: &'a [f32],
+    row_stride: usize,
+    col_stride: usize,
+}
+
+impl<'a> Strided<'a> {
+    fn from(operand: Operand<'a>, rows: usize, cols: usize) -> Self {
+        let (row_stride, col_stride) = if operand.transposed {
+            (1, rows)
+        } else {
+            (cols, 1)
+        };
+        Strided {
+            data: operand.data,
+            row_stride,
+            col_stride,
+        }
+    }
+
+    /// Whether every element of a `rows × cols` matrix lies inside the slice.
+    fn covers(&self, rows: usize, cols: usize) -> bool {
+        rows == 0
+            || cols == 0
+            || (rows - 1) * self.row_stride + (cols - 1) * self.col_stride < self.data.len()
+    }
+}
+
 /// `dst[m×n] = a[m×k] · b[k×n]` (or `+=` with `accumulate`), on this thread: the callers
 /// parallelize over images, whose GEMMs are each big enough for the AVX-512 microkernels.
 fn gemm(
@@ -76,9 +115,21 @@ fn gemm(
     b: Operand,
     accumulate: bool,
 ) {
-    assert!(dst.len() >= m * n && a.data.len() >= m * k && b.data.len() >= k * n);
-    let (a_rs, a_cs) = if a.transposed { (1, m) } else { (k, 1) };
-    let (b_rs, b_cs) = if b.transposed { (1, k) } else { (n, 1) };
+    let (a, b) = (Strided::from(a, m, k), Strided::from(b, k, n));
+    gemm_strided(dst, n, (m, n, k), a, b, accumulate)
+}
+
+/// [`gemm`] with any strides; `dst` is row-major with rows `dst_row_stride` apart.
+fn gemm_strided(
+    dst: &mut [f32],
+    dst_row_stride: usize,
+    (m, n, k): (usize, usize, usize),
+    a: Strided,
+    b: Strided,
+    accumulate: bool,
+) {
+    let dst_covered = m == 0 || n == 0 || (m - 1) * dst_row_stride + n <= dst.len();
+    assert!(dst_covered && a.covers(m, k) && b.covers(k, n));
     // SAFETY: the assert above keeps every index the strides reach inside the slices, and
     // `dst` does not alias the operands (it is a distinct `&mut`).
     unsafe {
@@ -88,14 +139,14 @@ fn gemm(
             k,
             dst.as_mut_ptr(),
             1,
-            n as isize,
+            dst_row_stride as isize,
             accumulate,
             a.data.as_ptr(),
-            a_cs as isize,
-            a_rs as isize,
+            a.col_stride as isize,
+            a.row_stride as isize,
             b.data.as_ptr(),
-            b_cs as isize,
-            b_rs as isize,
+            b.col_stride as isize,
+            b.row_stride as isize,
             1.0,
             1.0,
             false,
@@ -209,20 +260,206 @@ impl ConvGeometry {
     }
 }
 
+/// Stride-1 convolutions reading at least this many channels run as shifted GEMMs (each
+/// tap's GEMM is that deep; the 3-channel stem keeps im2col).
+const TAP_MIN_CHANNELS: usize = 8;
+
+/// Stride-1 convolutions as `k·k` shifted GEMMs ("taps") over a zero-padded copy of the
+/// image, with no columns: on the padded-width grid (`Ho` rows of `Wp = W + 2p` outputs, the
+/// last `k − 1` of each spare) tap `(ky, kx)` reads the padded planes shifted by
+/// `ky·Wp + kx`, a plain strided matrix. im2col wrote and read back `k·k` copies of the
+/// image per pass (and col2im scattered them back), which cost as much as the GEMMs' packing.
+impl ConvGeometry {
+    fn uses_taps(&self) -> bool {
+        self.stride == 1 && self.kernel > 1 && self.channels >= TAP_MIN_CHANNELS
+    }
+
+    fn padded_hw(&self) -> (usize, usize) {
+        (
+            self.height + 2 * self.padding,
+            self.width + 2 * self.padding,
+        )
+    }
+
+    /// Floats of a padded image: its planes, then `k − 1` zeros that the last output row's
+    /// spare columns read past the last plane.
+    fn padded_len(&self) -> usize {
+        let (hp, wp) = self.padded_hw();
+        self.channels * hp * wp + self.kernel - 1
+    }
+
+    /// Outputs per channel on the padded-width grid.
+    fn wide_pixels(&self) -> usize {
+        self.out_hw().0 * self.padded_hw().1
+    }
+
+    /// One image `[C, H, W]` → `padded` (every element written).
+    fn pad_into(&self, x: &[f32], padded: &mut [f32]) {
+        let (hp, wp) = self.padded_hw();
+        let (h, w, p) = (self.height, self.width, self.padding);
+        let (planes, tail) = padded.split_at_mut(self.channels * hp * wp);
+        for (dst, src) in planes.chunks_exact_mut(hp * wp).zip(x.chunks_exact(h * w)) {
+            dst[..p * wp].fill(0.0);
+            dst[(p + h) * wp..].fill(0.0);
+            for (row, src) in dst[p * wp..].chunks_exact_mut(wp).zip(src.chunks_exact(w)) {
+                row[..p].fill(0.0);
+                row[p + w..].fill(0.0);
+                // Rows are short (8-32 here): a plain loop beats memcpy's call.
+                for (d, &v) in row[p..p + w].iter_mut().zip(src) {
+                    *d = v;
+                }
+            }
+        }
+        tail.fill(0.0);
+    }
+
+    /// The padded planes shifted to tap `(ky, kx)`, as a `C × (Ho·Wp)` matrix.
+    fn tap_view<'a>(&self, padded: &'a [f32], ky: usize, kx: usize) -> Strided<'a> {
+        let (hp, wp) = self.padded_hw();
+        Strided {
+            data: &padded[ky * wp + kx..],
+            row_stride: hp * wp,
+            col_stride: 1,
+        }
+    }
+
+    /// `wide[Cout, Ho·Wp] = Σ_taps taps[t] · shifted_t`, with `taps` tap-major
+    /// `[k·k, Cout, C]` (see [`tap_major`]).
+    fn taps_forward(&self, taps: &[f32], cout: usize, padded: &[f32], wide: &mut [f32]) {
+        let (k, c, pixels) = (self.kernel, self.channels, self.wide_pixels());
+        for ky in 0..k {
+            for kx in 0..k {
+                let t = ky * k + kx;
+                let weights = Strided {
+                    data: &taps[t * cout * c..][..cout * c],
+                    row_stride: c,
+                    col_stride: 1,
+                };
+                let shifted = self.tap_view(padded, ky, kx);
+                gemm_strided(wide, pixels, (cout, pixels, c), weights, shifted, t > 0);
+            }
+        }
+    }
+
+    /// `acc[t] (+)= dy_wide[Cout, Ho·Wp] × shifted_tᵀ` for every tap: the weight gradient of
+    /// one image, tap-major `[k·k, Cout, C]`. `dy_wide` is zero in the spare columns.
+    fn taps_weight_grad(
+        &self,
+        dy_wide: &[f32],
+        cout: usize,
+        padded: &[f32],
+        acc: &mut [f32],
+        accumulate: bool,
+    ) {
+        let (k, c, pixels) = (self.kernel, self.channels, self.wide_pixels());
+        let dy = Strided {
+            data: dy_wide,
+            row_stride: pixels,
+            col_stride: 1,
+        };
+        for ky in 0..k {
+            for kx in 0..k {
+                let t = ky * k + kx;
+                let view = self.tap_view(padded, ky, kx);
+                let shifted_t = Strided {
+                    data: view.data,
+                    row_stride: view.col_stride,
+                    col_stride: view.row_stride,
+                };
+                let acc_t = &mut acc[t * cout * c..][..cout * c];
+                gemm_strided(acc_t, c, (cout, c, pixels), dy, shifted_t, accumulate);
+            }
+        }
+    }
+
+    /// The wide grid `[C', Ho·Wp]` → `[C', Ho, Wo]` (the spare columns dropped).
+    fn narrow_wide(&self, wide: &[f32], out: &mut [f32]) {
+        let (wp, wo) = (self.padded_hw().1, self.out_hw().1);
+        for (dst, src) in out.chunks_exact_mut(wo).zip(wide.chunks_exact(wp)) {
+            for (d, &v) in dst.iter_mut().zip(src) {
+                *d = v;
+            }
+        }
+    }
+
+    /// `[C', Ho, Wo]` → the wide grid `[C', Ho·Wp]`, zeros in the spare columns.
+    fn widen(&self, out: &[f32], wide: &mut [f32]) {
+        let (wp, wo) = (self.padded_hw().1, self.out_hw().1);
+        for (dst, src) in wide.chunks_exact_mut(wp).zip(out.chunks_exact(wo)) {
+            for (d, &v) in dst.iter_mut().zip(src) {
+                *d = v;
+            }
+            dst[wo..].fill(0.0);
+        }
+    }
+
+    /// The geometry whose tap forward pass is this convolution's input gradient: `dy`
+    /// (`Cout` channels) padded by `k − 1 − p` and correlated with the flipped, transposed
+    /// kernel gives `[C, H, W]`. `None` when that does not apply (stride > 1, p ≥ k).
+    fn input_grad_taps(&self, cout: usize) -> Option<ConvGeometry> {
+        let (ho, wo) = self.out_hw();
+        let padding = (self.kernel - 1).checked_sub(self.padding)?;
+        let g = ConvGeometry {
+            channels: cout,
+            height: ho,
+            width: wo,
+            kernel: self.kernel,
+            stride: 1,
+            padding,
+        };
+        (self.stride == 1 && g.uses_taps()).then_some(g)
+    }
+}
+
+/// `w[Cout, C, k, k]` → `[k·k, Cout, C]`.
+fn tap_major(w: &[f32], cout: usize, c: usize, taps: usize) -> Vec<f32> {
+    let mut out = output_buffer(w.len());
+    for (t, block) in out.chunks_exact_mut(cout * c).enumerate() {
+        for (i, o) in block.iter_mut().enumerate() {
+            *o = w[i * taps + t];
+        }
+    }
+    out
+}
+
+/// `w[Cout, C, k, k]` → `[k·k, C, Cout]` with the taps reversed: the kernel of the
+/// transposed convolution, tap-major.
+fn flipped_tap_major(w: &[f32], cout: usize, c: usize, taps: usize) -> Vec<f32> {
+    let mut out = output_buffer(w.len());
+    for (t, block) in out.chunks_exact_mut(c * cout).enumerate() {
+        for (ci, row) in block.chunks_exact_mut(cout).enumerate() {
+            for (co, o) in row.iter_mut().enumerate() {
+                *o = w[(co * c + ci) * taps + taps - 1 - t];
+            }
+        }
+    }
+    out
+}
+
 thread_local! {
-    /// Each rayon thread's column buffer, reused across images, layers and steps.
-    static COLUMNS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// Each rayon thread's scratch buffers (columns; or a padded image and a wide output),
+    /// reused across images, layers and steps.
+    static SCRATCH: std::cell::RefCell<[Vec<f32>; 2]> =
+        const { std::cell::RefCell::new([Vec::new(), Vec::new()]) };
+}
+
+/// Runs `f` with this thread's two scratch buffers sized to `first` and `second` floats.
+fn with_scratch<R>(first: usize, second: usize, f: impl FnOnce(&mut [f32], &mut [f32]) -> R) -> R {
+    SCRATCH.with(|cell| {
+        let mut buffers = cell.borrow_mut();
+        let [a, b] = &mut *buffers;
+        for (buffer, len) in [(&mut *a, first), (&mut *b, second)] {
+            if buffer.len() < len {
+                buffer.resize(len, 0.0);
+            }
+        }
+        f(&mut a[..first], &mut b[..second])
+    })
 }
 
 /// Runs `f` with this thread's column buffer sized to `len`.
 fn with_columns<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
-    COLUMNS.with(|cell| {
-        let mut buf = cell.borrow_mut();
-        if buf.len() < len {
-            buf.resize(len, 0.0);
-        }
-        f(&mut buf[..len])
-    })
+    with_scratch(len, 0, |cols, _| f(cols))
 }
 
 /// Images per partial weight gradient. Fixed, not per thread, so the sum's order (and the
@@ -256,6 +493,19 @@ impl CustomOp2 for Conv {
         let (rows, pixels) = (g.rows(), g.pixels_out());
         let per_in = g.channels * g.height * g.width;
         let mut y = output_buffer(n * cout * pixels);
+        if g.uses_taps() {
+            let taps = tap_major(w, cout, g.channels, g.kernel * g.kernel);
+            y.par_chunks_mut(cout * pixels)
+                .zip(x.par_chunks(per_in))
+                .for_each(|(yi, xi)| {
+                    with_scratch(g.padded_len(), cout * g.wide_pixels(), |padded, wide| {
+                        g.pad_into(xi, padded);
+                        g.taps_forward(&taps, cout, padded, wide);
+                        g.narrow_wide(wide, yi);
+                    })
+                });
+            return Ok((CpuStorage::F32(y), Shape::from((n, cout, ho, wo))));
+        }
         let weights = Operand {
             data: w,
             transposed: false,
@@ -329,6 +579,21 @@ impl CustomOp2 for ConvInputGrad {
         let (rows, pixels) = (g.rows(), g.pixels_out());
         let per_in = g.channels * g.height * g.width;
         let mut dx = output_buffer(n * per_in);
+        let shape = Shape::from((n, g.channels, g.height, g.width));
+        if let Some(gt) = g.input_grad_taps(cout) {
+            let taps = flipped_tap_major(w, cout, g.channels, g.kernel * g.kernel);
+            dx.par_chunks_mut(per_in)
+                .zip(dy.par_chunks(cout * pixels))
+                .for_each(|(dxi, dyi)| {
+                    let wide_len = g.channels * gt.wide_pixels();
+                    with_scratch(gt.padded_len(), wide_len, |padded, wide| {
+                        gt.pad_into(dyi, padded);
+                        gt.taps_forward(&taps, g.channels, padded, wide);
+                        gt.narrow_wide(wide, dxi);
+                    })
+                });
+            return Ok((CpuStorage::F32(dx), shape));
+        }
         let weights_t = Operand {
             data: w,
             transposed: true,
@@ -354,10 +619,7 @@ impl CustomOp2 for ConvInputGrad {
                     });
                 }
             });
-        Ok((
-            CpuStorage::F32(dx),
-            Shape::from((n, g.channels, g.height, g.width)),
-        ))
+        Ok((CpuStorage::F32(dx), shape))
     }
 }
 
@@ -385,6 +647,36 @@ impl CustomOp2 for ConvWeightGrad {
         let per_in = g.channels * g.height * g.width;
         let groups = n.div_ceil(WEIGHT_GRAD_IMAGES);
         let mut partial = output_buffer(groups * cout * rows);
+        let shape = Shape::from((cout, g.channels, g.kernel, g.kernel));
+        if g.uses_taps() {
+            partial
+                .par_chunks_mut(cout * rows)
+                .enumerate()
+                .for_each(|(group, acc)| {
+                    let images =
+                        group * WEIGHT_GRAD_IMAGES..((group + 1) * WEIGHT_GRAD_IMAGES).min(n);
+                    for (j, i) in images.enumerate() {
+                        let xi = &x[i * per_in..][..per_in];
+                        let dyi = &dy[i * cout * pixels..][..cout * pixels];
+                        let wide_len = cout * g.wide_pixels();
+                        with_scratch(g.padded_len(), wide_len, |padded, dy_wide| {
+                            g.pad_into(xi, padded);
+                            g.widen(dyi, dy_wide);
+                            g.taps_weight_grad(dy_wide, cout, padded, acc, j > 0);
+                        });
+                    }
+                });
+            let taps = g.kernel * g.kernel;
+            let summed = sum_in_order(&partial, cout * rows);
+            // Tap-major [k·k, Cout, C] → [Cout, C, k, k].
+            let mut dw = output_buffer(summed.len());
+            for (t, block) in summed.chunks_exact(cout * g.channels).enumerate() {
+                for (i, &v) in block.iter().enumerate() {
+                    dw[i * taps + t] = v;
+                }
+            }
+            return Ok((CpuStorage::F32(dw), shape));
+        }
         partial
             .par_chunks_mut(cout * rows)
             .enumerate()
@@ -415,17 +707,19 @@ impl CustomOp2 for ConvWeightGrad {
                     }
                 }
             });
-        let mut dw = partial[..cout * rows].to_vec();
-        for part in partial.chunks(cout * rows).skip(1) {
-            for (d, p) in dw.iter_mut().zip(part) {
-                *d += p;
-            }
-        }
-        Ok((
-            CpuStorage::F32(dw),
-            Shape::from((cout, g.channels, g.kernel, g.kernel)),
-        ))
+        Ok((CpuStorage::F32(sum_in_order(&partial, cout * rows)), shape))
     }
+}
+
+/// The partial sums `[groups, len]` added in order (the same bytes on any thread count).
+fn sum_in_order(partial: &[f32], len: usize) -> Vec<f32> {
+    let mut sum = partial[..len].to_vec();
+    for part in partial.chunks(len).skip(1) {
+        for (d, p) in sum.iter_mut().zip(part) {
+            *d += p;
+        }
+    }
+    sum
 }
 
 /// `conv2d(x, w)` without bias, groups 1, dilation 1; `x: [N, C, H, W]`, `w: [Cout, C, k, k]`.
@@ -520,6 +814,15 @@ mod tests {
             (19, 3, 4, 6, 5, 3, 1, 1),
             (2, 3, 4, 24, 24, 1, 1, 0),
             (5, 2, 2, 24, 24, 3, 2, 1),
+            // Shifted GEMMs (stride 1, ≥ TAP_MIN_CHANNELS): forward, both gradients by taps.
+            (3, 9, 10, 7, 6, 3, 1, 1),
+            (10, 12, 8, 6, 6, 5, 1, 2),
+            (2, 8, 12, 5, 5, 3, 1, 0),
+            (2, 10, 9, 5, 5, 3, 1, 2),
+            // Taps forward, but too few output channels for the input gradient's taps.
+            (2, 9, 3, 6, 6, 3, 1, 1),
+            // Padding ≥ k: the input gradient cannot be a padded correlation.
+            (2, 8, 8, 4, 4, 3, 1, 3),
         ] {
             check_against_candle(case);
         }
@@ -594,8 +897,9 @@ mod tests {
             let pad = rng.random_range(0..=k / 2 + 1);
             let case = (
                 rng.random_range(1..=18),
-                rng.random_range(1..=6),
-                rng.random_range(1..=6),
+                // Both sides of TAP_MIN_CHANNELS, for the input and the output.
+                rng.random_range(1..=12),
+                rng.random_range(1..=12),
                 rng.random_range(k.saturating_sub(2 * pad).max(1)..=11),
                 rng.random_range(k.saturating_sub(2 * pad).max(1)..=11),
                 k,
@@ -673,30 +977,38 @@ mod tests {
     #[test]
     fn the_weight_gradient_does_not_depend_on_the_thread_count() {
         let dev = Device::Cpu;
-        let x = Tensor::randn(0f32, 1., (37, 4, 9, 9), &dev).unwrap();
-        let dy = Tensor::randn(0f32, 1., (37, 6, 9, 9), &dev).unwrap();
-        let g = ConvGeometry {
-            channels: 4,
-            height: 9,
-            width: 9,
-            kernel: 3,
-            stride: 1,
-            padding: 1,
-        };
-        let grad_on = |threads: usize| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            pool.install(|| x.apply_op2_no_bwd(&dy, &ConvWeightGrad(g)).unwrap())
-                .flatten_all()
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap()
-        };
-        let one = grad_on(1);
-        for threads in [2, 3, 5] {
-            assert_eq!(one, grad_on(threads), "{threads} threads");
+        // Thin input: im2col; wide input: taps.
+        for channels in [4, TAP_MIN_CHANNELS + 1] {
+            let x = Tensor::randn(0f32, 1., (37, channels, 9, 9), &dev).unwrap();
+            let dy = Tensor::randn(0f32, 1., (37, 6, 9, 9), &dev).unwrap();
+            let g = ConvGeometry {
+                channels,
+                height: 9,
+                width: 9,
+                kernel: 3,
+                stride: 1,
+                padding: 1,
+            };
+            assert_eq!(g.uses_taps(), channels >= TAP_MIN_CHANNELS);
+            let grad_on = |threads: usize| {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                pool.install(|| x.apply_op2_no_bwd(&dy, &ConvWeightGrad(g)).unwrap())
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            let one = grad_on(1);
+            for threads in [2, 3, 5] {
+                assert_eq!(
+                    one,
+                    grad_on(threads),
+                    "{threads} threads, {channels} channels"
+                );
+            }
         }
     }
 }

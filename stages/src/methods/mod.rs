@@ -146,7 +146,8 @@ impl StageKind for RepairKind {
         // 2: DeepRepair's Algorithm 1 defaults, best-epoch keeping, the `ops` of augmix.
         // 3: issue 13's CPU kernels (GEMM convolutions, fused BatchNorm + activation) change
         // the floats; AllConvNet's max-pool gradient is no longer scaled by 1/4.
-        "3"
+        // 4: stride-1 convolutions as shifted GEMMs (taps) sum in another order.
+        "4"
     }
     fn description(&self) -> &'static str {
         self.0.description()
