@@ -57,8 +57,9 @@ pub(crate) fn active() -> Option<Arc<dyn BatchStatsReducer>> {
 /// The mean over ranks of `t` (`[k]`, f32), differentiable: its gradient is the mean over
 /// ranks of the upstream gradients.
 fn all_reduce_mean(t: &Tensor, reducer: &Arc<dyn BatchStatsReducer>) -> Result<Tensor> {
-    // A fresh contiguous buffer at offset 0, as the identity op's device copy assumes.
-    let t = t.contiguous()?.copy()?;
+    // A fresh contiguous buffer at offset 0, as the identity op's device copy assumes
+    // (`Tensor::copy` would clone the whole storage under a view, at the view's offset).
+    let t = t.force_contiguous()?;
     let marked = t.apply_op1(GradAllReduceMean {
         reducer: reducer.clone(),
     })?;
