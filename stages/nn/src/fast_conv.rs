@@ -493,19 +493,9 @@ impl CustomOp2 for Conv {
         let (rows, pixels) = (g.rows(), g.pixels_out());
         let per_in = g.channels * g.height * g.width;
         let mut y = output_buffer(n * cout * pixels);
-        if g.uses_taps() {
-            let taps = tap_major(w, cout, g.channels, g.kernel * g.kernel);
-            y.par_chunks_mut(cout * pixels)
-                .zip(x.par_chunks(per_in))
-                .for_each(|(yi, xi)| {
-                    with_scratch(g.padded_len(), cout * g.wide_pixels(), |padded, wide| {
-                        g.pad_into(xi, padded);
-                        g.taps_forward(&taps, cout, padded, wide);
-                        g.narrow_wide(wide, yi);
-                    })
-                });
-            return Ok((CpuStorage::F32(y), Shape::from((n, cout, ho, wo))));
-        }
+        let taps = g
+            .uses_taps()
+            .then(|| tap_major(w, cout, g.channels, g.kernel * g.kernel));
         let weights = Operand {
             data: w,
             transposed: false,
@@ -514,7 +504,13 @@ impl CustomOp2 for Conv {
             .zip(x.par_chunks(per_in))
             .for_each(|(yi, xi)| {
                 let dims = (cout, pixels, rows);
-                if g.is_pointwise() {
+                if let Some(taps) = &taps {
+                    with_scratch(g.padded_len(), cout * g.wide_pixels(), |padded, wide| {
+                        g.pad_into(xi, padded);
+                        g.taps_forward(taps, cout, padded, wide);
+                        g.narrow_wide(wide, yi);
+                    })
+                } else if g.is_pointwise() {
                     let cols = Operand {
                         data: xi,
                         transposed: false,
@@ -580,20 +576,10 @@ impl CustomOp2 for ConvInputGrad {
         let per_in = g.channels * g.height * g.width;
         let mut dx = output_buffer(n * per_in);
         let shape = Shape::from((n, g.channels, g.height, g.width));
-        if let Some(gt) = g.input_grad_taps(cout) {
+        let taps = g.input_grad_taps(cout).map(|gt| {
             let taps = flipped_tap_major(w, cout, g.channels, g.kernel * g.kernel);
-            dx.par_chunks_mut(per_in)
-                .zip(dy.par_chunks(cout * pixels))
-                .for_each(|(dxi, dyi)| {
-                    let wide_len = g.channels * gt.wide_pixels();
-                    with_scratch(gt.padded_len(), wide_len, |padded, wide| {
-                        gt.pad_into(dyi, padded);
-                        gt.taps_forward(&taps, g.channels, padded, wide);
-                        gt.narrow_wide(wide, dxi);
-                    })
-                });
-            return Ok((CpuStorage::F32(dx), shape));
-        }
+            (gt, taps)
+        });
         let weights_t = Operand {
             data: w,
             transposed: true,
@@ -601,6 +587,15 @@ impl CustomOp2 for ConvInputGrad {
         dx.par_chunks_mut(per_in)
             .zip(dy.par_chunks(cout * pixels))
             .for_each(|(dxi, dyi)| {
+                if let Some((gt, taps)) = &taps {
+                    let wide_len = g.channels * gt.wide_pixels();
+                    with_scratch(gt.padded_len(), wide_len, |padded, wide| {
+                        gt.pad_into(dyi, padded);
+                        gt.taps_forward(taps, g.channels, padded, wide);
+                        gt.narrow_wide(wide, dxi);
+                    });
+                    return;
+                }
                 let dims = (rows, pixels, cout);
                 let dyi = Operand {
                     data: dyi,
@@ -648,35 +643,6 @@ impl CustomOp2 for ConvWeightGrad {
         let groups = n.div_ceil(WEIGHT_GRAD_IMAGES);
         let mut partial = output_buffer(groups * cout * rows);
         let shape = Shape::from((cout, g.channels, g.kernel, g.kernel));
-        if g.uses_taps() {
-            partial
-                .par_chunks_mut(cout * rows)
-                .enumerate()
-                .for_each(|(group, acc)| {
-                    let images =
-                        group * WEIGHT_GRAD_IMAGES..((group + 1) * WEIGHT_GRAD_IMAGES).min(n);
-                    for (j, i) in images.enumerate() {
-                        let xi = &x[i * per_in..][..per_in];
-                        let dyi = &dy[i * cout * pixels..][..cout * pixels];
-                        let wide_len = cout * g.wide_pixels();
-                        with_scratch(g.padded_len(), wide_len, |padded, dy_wide| {
-                            g.pad_into(xi, padded);
-                            g.widen(dyi, dy_wide);
-                            g.taps_weight_grad(dy_wide, cout, padded, acc, j > 0);
-                        });
-                    }
-                });
-            let taps = g.kernel * g.kernel;
-            let summed = sum_in_order(&partial, cout * rows);
-            // Tap-major [k·k, Cout, C] → [Cout, C, k, k].
-            let mut dw = output_buffer(summed.len());
-            for (t, block) in summed.chunks_exact(cout * g.channels).enumerate() {
-                for (i, &v) in block.iter().enumerate() {
-                    dw[i * taps + t] = v;
-                }
-            }
-            return Ok((CpuStorage::F32(dw), shape));
-        }
         partial
             .par_chunks_mut(cout * rows)
             .enumerate()
@@ -684,8 +650,18 @@ impl CustomOp2 for ConvWeightGrad {
                 let images = group * WEIGHT_GRAD_IMAGES..((group + 1) * WEIGHT_GRAD_IMAGES).min(n);
                 for (j, i) in images.enumerate() {
                     let xi = &x[i * per_in..][..per_in];
+                    let dyi = &dy[i * cout * pixels..][..cout * pixels];
+                    if g.uses_taps() {
+                        let wide_len = cout * g.wide_pixels();
+                        with_scratch(g.padded_len(), wide_len, |padded, dy_wide| {
+                            g.pad_into(xi, padded);
+                            g.widen(dyi, dy_wide);
+                            g.taps_weight_grad(dy_wide, cout, padded, acc, j > 0);
+                        });
+                        continue;
+                    }
                     let dyi = Operand {
-                        data: &dy[i * cout * pixels..][..cout * pixels],
+                        data: dyi,
                         transposed: false,
                     };
                     let dims = (cout, rows, pixels);
@@ -707,7 +683,19 @@ impl CustomOp2 for ConvWeightGrad {
                     }
                 }
             });
-        Ok((CpuStorage::F32(sum_in_order(&partial, cout * rows)), shape))
+        let summed = sum_in_order(&partial, cout * rows);
+        if !g.uses_taps() {
+            return Ok((CpuStorage::F32(summed), shape));
+        }
+        // Tap-major [k·k, Cout, C] → [Cout, C, k, k].
+        let taps = g.kernel * g.kernel;
+        let mut dw = output_buffer(summed.len());
+        for (t, block) in summed.chunks_exact(cout * g.channels).enumerate() {
+            for (i, &v) in block.iter().enumerate() {
+                dw[i * taps + t] = v;
+            }
+        }
+        Ok((CpuStorage::F32(dw), shape))
     }
 }
 
