@@ -112,21 +112,19 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device};
 
+    /// A variable `name` of `len` elements, all `value`, registered in `varmap`.
+    fn constant(varmap: &VarMap, name: &str, len: usize, value: f64, dtype: DType) -> Tensor {
+        let init = candle_nn::Init::Const(value);
+        varmap.get((len,), name, init, dtype, &Device::Cpu).unwrap()
+    }
+
     /// The momentum buffers record no ops: if they did, each step's buffer would reference the
     /// previous one and its gradient, and a run's memory would grow with its steps (it did:
     /// ~2.5 MB per tiny-cnn step, 616 MB after 200).
     #[test]
     fn momentum_buffers_do_not_keep_earlier_steps_alive() {
         let varmap = VarMap::new();
-        let p = varmap
-            .get(
-                (3,),
-                "p",
-                candle_nn::Init::Const(1.0),
-                DType::F32,
-                &Device::Cpu,
-            )
-            .unwrap();
+        let p = constant(&varmap, "p", 3, 1.0, DType::F32);
         let mut opt = Sgd::new(&varmap, SgdConfig::default());
         for _ in 0..3 {
             let loss = (p.sqr().unwrap().sum_all().unwrap() * 0.5).unwrap();
@@ -145,15 +143,7 @@ mod tests {
     #[test]
     fn two_nesterov_steps_match_hand_computation() {
         let varmap = VarMap::new();
-        let p = varmap
-            .get(
-                (2,),
-                "p",
-                candle_nn::Init::Const(1.0),
-                DType::F64,
-                &Device::Cpu,
-            )
-            .unwrap();
+        let p = constant(&varmap, "p", 2, 1.0, DType::F64);
         let cfg = SgdConfig {
             lr: 0.1,
             momentum: 0.9,
@@ -183,24 +173,8 @@ mod tests {
     #[test]
     fn variables_without_gradient_are_untouched() {
         let varmap = VarMap::new();
-        let p = varmap
-            .get(
-                (1,),
-                "p",
-                candle_nn::Init::Const(2.0),
-                DType::F32,
-                &Device::Cpu,
-            )
-            .unwrap();
-        let q = varmap
-            .get(
-                (1,),
-                "running_mean",
-                candle_nn::Init::Const(3.0),
-                DType::F32,
-                &Device::Cpu,
-            )
-            .unwrap();
+        let p = constant(&varmap, "p", 1, 2.0, DType::F32);
+        let q = constant(&varmap, "running_mean", 1, 3.0, DType::F32);
         let mut opt = Sgd::new(&varmap, SgdConfig::default());
         let loss = p.sum_all().unwrap();
         opt.step(&loss.backward().unwrap()).unwrap();
